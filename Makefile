@@ -1,0 +1,44 @@
+# llava: local chat with images.  `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+LLAMA_CPP_VERSION := 0.3.36
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help install test lint fmt doctor docs clean
+
+help:
+	@echo "make install   create $(VENV), build llama-cpp-python (flags: scripts/llama-cmake-args.sh), install llava editable"
+	@echo "make test      install if needed, then run the test suite"
+	@echo "make lint      ruff and mypy --strict"
+	@echo "make fmt       format with ruff"
+	@echo "make doctor    install if needed, then run llava doctor (offline self-test)"
+	@echo "make clean     remove $(VENV) and caches"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-llama-cpp.sh scripts/llama-cmake-args.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	scripts/install-llama-cpp.sh $(VENV) $(LLAMA_CPP_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check llava_cli tests
+	$(BIN)/ruff format --check llava_cli tests
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format llava_cli tests
+	$(BIN)/ruff check --fix llava_cli tests
+
+doctor: $(STAMP)
+	$(BIN)/llava doctor
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

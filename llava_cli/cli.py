@@ -1,0 +1,261 @@
+"""The Typer app: wires commands to their modules and maps errors to messages and exit codes.
+
+No logic lives here, and nothing heavy is imported at module level: ``llava --help`` must not
+load llama.cpp, numpy or Pillow.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .errors import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    LlavaError,
+)
+
+app = typer.Typer(
+    name="llava",
+    help="Local chat with images: ask a LLaVA-style model about a photo, screenshot or scan.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_MODEL = "Model"
+_GEN = "Generation"
+_RUNTIME = "Runtime"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llava {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Local chat with images."""
+
+
+@app.command()
+def ask(
+    images: Annotated[
+        list[str],
+        typer.Argument(help="Image files (JPEG, PNG, WebP, GIF, BMP, TIFF), or - for stdin."),
+    ],
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt",
+            "-p",
+            help="The question. Default: text piped on stdin, else 'Describe this image.'",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(envvar="LLAVA_MODEL", help="Model GGUF path.", rich_help_panel=_MODEL),
+    ] = None,
+    mmproj: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LLAVA_MMPROJ",
+            help="Projector (mmproj) GGUF path. Default: the one *mmproj*.gguf beside the model.",
+            rich_help_panel=_MODEL,
+        ),
+    ] = None,
+    chat_format: Annotated[
+        str,
+        typer.Option(
+            envvar="LLAVA_CHAT_FORMAT",
+            help="auto (the model's template, else llava), gguf, or llava (LLaVA-1.5/Vicuna).",
+            rich_help_panel=_MODEL,
+        ),
+    ] = "auto",
+    system: Annotated[
+        str | None, typer.Option(envvar="LLAVA_SYSTEM", help="System prompt.", rich_help_panel=_GEN)
+    ] = None,
+    temperature: Annotated[
+        float,
+        typer.Option(envvar="LLAVA_TEMPERATURE", min=0.0, help="0 = greedy.", rich_help_panel=_GEN),
+    ] = 0.2,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=_GEN)] = 0.95,
+    top_k: Annotated[int, typer.Option(min=0, rich_help_panel=_GEN)] = 40,
+    min_p: Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=_GEN)] = 0.05,
+    repeat_penalty: Annotated[float, typer.Option(min=0.0, rich_help_panel=_GEN)] = 1.1,
+    seed: Annotated[
+        int | None,
+        typer.Option(envvar="LLAVA_SEED", min=0, help="Default: random.", rich_help_panel=_GEN),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            envvar="LLAVA_MAX_TOKENS", min=1, help="Default: until done.", rich_help_panel=_GEN
+        ),
+    ] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(help="Stop at this text (repeatable).", rich_help_panel=_GEN),
+    ] = None,
+    ctx: Annotated[
+        int | None,
+        typer.Option(
+            envvar="LLAVA_CTX",
+            min=64,
+            help="Context size in tokens. Default: 4096, or less if the model has less.",
+            rich_help_panel=_RUNTIME,
+        ),
+    ] = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            envvar="LLAVA_THREADS", min=0, help="0 = one per CPU.", rich_help_panel=_RUNTIME
+        ),
+    ] = 0,
+    gpu_layers: Annotated[
+        int,
+        typer.Option(
+            envvar="LLAVA_GPU_LAYERS",
+            min=-1,
+            help="Layers to offload to the GPU; -1 = all (where supported), 0 = none.",
+            rich_help_panel=_RUNTIME,
+        ),
+    ] = -1,
+    image_on_cpu: Annotated[
+        bool,
+        typer.Option(
+            envvar="LLAVA_IMAGE_ON_CPU",
+            help="Keep the image encoder on the CPU.",
+            rich_help_panel=_RUNTIME,
+        ),
+    ] = False,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            envvar="LLAVA_MAX_PIXELS",
+            min=1,
+            help="Refuse images with more pixels than this.",
+            rich_help_panel=_RUNTIME,
+        ),
+    ] = 100_000_000,
+    together: Annotated[
+        bool, typer.Option(help="Send all images in one prompt; one answer.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object per image (JSON Lines).")
+    ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", envvar="LLAVA_VERBOSE", help="Details and llama.cpp logs on stderr."
+        ),
+    ] = False,
+) -> None:
+    """Answer a question about each image, once. The answer alone goes to stdout."""
+    from .commands import ask as command
+
+    code = command.run(
+        command.AskOptions(
+            images=images,
+            prompt=prompt,
+            model=model,
+            mmproj=mmproj,
+            system=system,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            max_tokens=max_tokens,
+            stop=tuple(stop or ()),
+            ctx=ctx,
+            threads=threads,
+            gpu_layers=gpu_layers,
+            image_on_cpu=image_on_cpu,
+            chat_format=_check_choice("--chat-format", chat_format, ("auto", "gguf", "llava")),
+            max_pixels=max_pixels,
+            together=together,
+            json=json_out,
+            verbose=verbose,
+        )
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def doctor(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="llama.cpp logs on stderr.")
+    ] = False,
+) -> None:
+    """Check the installation: versions, backend, paths, and an offline self-test."""
+    from .commands import doctor as command
+
+    raise typer.Exit(command.run(verbose=verbose))
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> str:
+    from .errors import UsageError
+
+    if value not in choices:
+        raise UsageError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: the one place errors become messages and exit codes."""
+    import click
+
+    from . import render
+    from .config import debug_enabled
+
+    try:
+        code = app(args=argv, prog_name="llava", standalone_mode=False)
+    except LlavaError as exc:
+        if debug_enabled():
+            raise
+        render.error(exc.one_line())
+        code = exc.exit_code
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        code = EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        code = EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`llava ask … | head -1`): not an error worth a message.
+        _silence_stdout()
+        code = 0
+    except Exception as exc:
+        if debug_enabled():
+            raise
+        render.error(f"unexpected {type(exc).__name__}: {exc} — set LLAVA_DEBUG=1 for a traceback")
+        code = EXIT_RUNTIME
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _silence_stdout() -> None:
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+if __name__ == "__main__":
+    main()

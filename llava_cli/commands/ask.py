@@ -1,0 +1,215 @@
+"""``llava ask``: one answer per image (or one for all with ``--together``), for pipelines."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import render
+from ..config import DEFAULT_PROMPT
+from ..errors import EXIT_BAD_INPUT, EXIT_OK, BadInput, LlavaError, UsageError
+from ..images import DEFAULT_MAX_PIXELS, PreparedImage
+from ..modelref import ModelFiles, resolve
+
+if TYPE_CHECKING:
+    from ..conversation import Conversation
+    from ..engine import Completion, SamplingParams
+
+
+@dataclass(frozen=True)
+class AskOptions:
+    images: list[str]
+    prompt: str | None = None
+    model: str | None = None
+    mmproj: str | None = None
+    system: str | None = None
+    temperature: float = 0.2
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    ctx: int | None = None
+    threads: int = 0
+    gpu_layers: int = -1
+    image_on_cpu: bool = False
+    chat_format: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    together: bool = False
+    json: bool = False
+    verbose: bool = False
+
+
+@dataclass
+class _Runner:
+    """Loads the model on first use, so a batch of only bad images never pays for it."""
+
+    opts: AskOptions
+    files: ModelFiles
+    conversation: Conversation | None = None
+    failures: list[LlavaError] = field(default_factory=list)
+
+    def get(self) -> Conversation:
+        if self.conversation is None:
+            self.conversation = _load(self.opts, self.files)
+        return self.conversation
+
+    def close(self) -> None:
+        if self.conversation is not None:
+            self.conversation.loaded.close()
+            self.conversation = None
+
+
+def read_prompt(opts: AskOptions, stdin_is_terminal: bool) -> str:
+    """``-p``; else text piped on stdin (unless stdin carries an image); else the default."""
+    if opts.prompt is not None:
+        return opts.prompt
+    if "-" not in opts.images and not stdin_is_terminal:
+        piped = sys.stdin.read().strip()
+        if piped:
+            return piped
+    return DEFAULT_PROMPT
+
+
+def run(opts: AskOptions) -> int:
+    if not opts.images:
+        raise UsageError("no image given", "llava ask IMAGE... -p 'question'")
+    if opts.images.count("-") > 1:
+        raise UsageError("standard input ('-') can be read only once")
+    prompt = read_prompt(opts, sys.stdin.isatty())
+    runner = _Runner(opts, resolve(opts.model, opts.mmproj))
+    try:
+        if opts.together:
+            _answer_together(runner, prompt)
+        else:
+            for source in opts.images:
+                _answer_one(runner, source, prompt)
+    finally:
+        runner.close()
+    if not runner.failures:
+        return EXIT_OK
+    if any(isinstance(f, BadInput) for f in runner.failures):
+        return EXIT_BAD_INPUT
+    return runner.failures[0].exit_code
+
+
+def _prepare(source: str, opts: AskOptions) -> PreparedImage:
+    from .. import images
+
+    return images.load(source, max_pixels=opts.max_pixels)
+
+
+def _answer_one(runner: _Runner, source: str, prompt: str) -> None:
+    opts = runner.opts
+    try:
+        image = _prepare(source, opts)
+        completion = _ask(runner.get(), [image], prompt, opts)
+    except LlavaError as exc:
+        if len(opts.images) == 1 or not _is_per_image(exc):
+            raise
+        runner.failures.append(exc)
+        render.error(exc.one_line())
+        if opts.json:
+            render.json_line({"image": source, "error": exc.one_line(), "exit_code": exc.exit_code})
+        return
+    if opts.json:
+        render.json_line(
+            {"image": source, "sha256": image.sha256, **_record(runner.files, completion, prompt)}
+        )
+
+
+def _answer_together(runner: _Runner, prompt: str) -> None:
+    opts = runner.opts
+    prepared = [_prepare(source, opts) for source in opts.images]
+    completion = _ask(runner.get(), prepared, prompt, opts)
+    if opts.json:
+        images = [{"image": p.source, "sha256": p.sha256} for p in prepared]
+        render.json_line({"images": images, **_record(runner.files, completion, prompt)})
+
+
+def _is_per_image(exc: LlavaError) -> bool:
+    from ..errors import ContextOverflow, ImageError
+
+    return isinstance(exc, ImageError | ContextOverflow)
+
+
+def _load(opts: AskOptions, files: ModelFiles) -> Conversation:
+    from ..conversation import Conversation, RuntimeOptions, open_model
+
+    runtime = RuntimeOptions(
+        ctx=opts.ctx,
+        threads=opts.threads,
+        gpu_layers=opts.gpu_layers,
+        image_on_cpu=opts.image_on_cpu,
+        chat_format=opts.chat_format,
+        verbose=opts.verbose,
+    )
+    loaded = open_model(files.model, files.mmproj, runtime)
+    if opts.verbose:
+        render.info(
+            f"loaded {files.model.name} + {files.mmproj.name} in {loaded.engine.load_s:.2f} s "
+            f"(context {loaded.session.n_ctx}, {loaded.engine.n_threads} threads, "
+            f"format: {loaded.fmt.name})"
+        )
+    return Conversation(loaded, system=opts.system)
+
+
+def _sampling(opts: AskOptions) -> SamplingParams:
+    from ..engine import SamplingParams
+
+    return SamplingParams(
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        top_k=opts.top_k,
+        min_p=opts.min_p,
+        repeat_penalty=opts.repeat_penalty,
+        seed=opts.seed,
+        max_tokens=opts.max_tokens,
+        stop=opts.stop,
+    )
+
+
+def _ask(
+    conversation: Conversation, images: Sequence[PreparedImage], prompt: str, opts: AskOptions
+) -> Completion:
+    conversation.reset()  # each answer stands alone; the shared prefix stays in the KV cache
+    stream = conversation.ask(prompt, images, _sampling(opts))
+    if opts.json:
+        for _ in stream:
+            pass
+    else:
+        render.stream_answer(stream)
+    completion = conversation.last
+    if opts.verbose:
+        session = conversation.loaded.session
+        for image in images:
+            tokens = session.image_tokens.get(image.key, 0)
+            render.info(f"image {image.source}: {image.describe()}, {tokens} context tokens")
+        t, u = completion.timings, completion.usage
+        render.info(
+            f"prompt {u.prompt_tokens} tokens ({u.image_tokens} image, {u.cached_tokens} cached), "
+            f"completion {u.completion_tokens}; encode {t.image_encode_s:.2f} s, "
+            f"prefill {t.prefill_s:.2f} s, first token {t.ttft_s:.2f} s, "
+            f"{t.decode_tokens_per_s:.1f} tokens/s"
+        )
+    return completion
+
+
+def _record(files: ModelFiles, completion: Completion, prompt: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {
+        "model": files.name,
+        "model_path": str(files.model),
+        "mmproj_path": str(files.mmproj),
+        "prompt": prompt,
+        "answer": completion.text,
+        "finish_reason": completion.finish_reason,
+        "seed": completion.seed,
+        "usage": asdict(completion.usage),
+        "timings": {k: round(v, 4) for k, v in asdict(completion.timings).items()},
+    }

@@ -1,0 +1,100 @@
+"""``llava doctor``: what is installed, what the build can do, and an offline self-test.
+
+The self-test builds the colour-oracle model pair in a temporary directory and asks it about a
+red and a blue image through the same engine ``llava ask`` uses: if the image does not reach
+the decoder, the answers come out wrong.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..config import paths
+
+
+def _line(label: str, value: object) -> None:
+    sys.stdout.write(f"{label:<18} {value}\n")
+
+
+def _free(path: Path) -> str:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return f"{shutil.disk_usage(probe).free / 1e9:.1f} GB free at {probe}"
+    except OSError as exc:
+        return f"unknown ({exc.strerror})"
+
+
+def run(*, verbose: bool = False) -> int:
+    from ..engine import backend_info, default_threads
+
+    info = backend_info()
+    where = paths()
+    _line("llava", __version__)
+    _line("python", f"{platform.python_version()} ({sys.executable})")
+    _line("llama-cpp-python", info["llama_cpp_python"])
+    _line("platform", f"{platform.system()} {platform.machine()}")
+    _line("backend", f"{info['backend']} (GPU offload: {'yes' if info['gpu_offload'] else 'no'})")
+    _line("cpu features", " ".join(info["cpu_features"]) or "none reported")
+    _line("threads", default_threads())
+    _line("config dir", where.config_dir)
+    _line("data dir", where.data_dir)
+    _line("cache dir", where.cache_dir)
+    _line("disk", _free(where.data_dir))
+    sys.stdout.flush()
+    return 0 if self_test(verbose=verbose) else 1
+
+
+def self_test(*, verbose: bool = False) -> bool:
+    from ..conversation import Conversation, RuntimeOptions, open_model
+    from ..engine import SamplingParams
+    from ..images import prepare
+    from ..synthetic import build_colour_oracle
+
+    with tempfile.TemporaryDirectory(prefix="llava-doctor-") as tmp:
+        t0 = time.perf_counter()
+        pair = build_colour_oracle(Path(tmp))
+        built = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        loaded = open_model(pair.model, pair.mmproj, RuntimeOptions(ctx=512, verbose=verbose))
+        ok = True
+        try:
+            conversation = Conversation(loaded)
+            sampling = SamplingParams(temperature=0.0, max_tokens=4, seed=0)
+            for colour, rgb in (("red", (230, 20, 20)), ("blue", (20, 20, 230))):
+                image = prepare(f"{colour}.png", _png(rgb))
+                start = time.perf_counter()
+                conversation.reset()
+                answer = "".join(conversation.ask("What colour is this?", [image], sampling))
+                passed = answer == colour
+                ok &= passed
+                took = (time.perf_counter() - start) * 1000
+                sys.stdout.write(
+                    f"self-test          {colour} image -> {answer!r}: "
+                    f"{'PASS' if passed else 'FAIL'} ({took:.0f} ms)\n"
+                )
+        finally:
+            loaded.close()
+        total = time.perf_counter() - t1
+    sys.stdout.write(
+        f"self-test          {'PASS' if ok else 'FAIL'} "
+        f"(model built in {built * 1000:.0f} ms, load + 2 answers in {total * 1000:.0f} ms)\n"
+    )
+    return ok
+
+
+def _png(rgb: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), rgb).save(buf, "PNG")
+    return buf.getvalue()
