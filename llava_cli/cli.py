@@ -7,17 +7,21 @@ load llama.cpp, numpy or Pillow.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from enum import Enum
 from typing import Annotated
 
 import typer
 
 from . import __version__
-from .errors import (
-    EXIT_INTERRUPTED,
-    EXIT_RUNTIME,
-    EXIT_USAGE,
-    LlavaError,
-)
+from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
+
+
+class ChatFormatChoice(str, Enum):
+    auto = "auto"
+    gguf = "gguf"
+    llava = "llava"
+
 
 app = typer.Typer(
     name="llava",
@@ -53,7 +57,9 @@ def _root(
 def ask(
     images: Annotated[
         list[str],
-        typer.Argument(help="Image files (JPEG, PNG, WebP, GIF, BMP, TIFF), or - for stdin."),
+        typer.Argument(
+            metavar="IMAGE", help="Image files (JPEG, PNG, WebP, GIF, BMP, TIFF), or - for stdin."
+        ),
     ],
     prompt: Annotated[
         str | None,
@@ -76,13 +82,13 @@ def ask(
         ),
     ] = None,
     chat_format: Annotated[
-        str,
+        ChatFormatChoice,
         typer.Option(
             envvar="LLAVA_CHAT_FORMAT",
             help="auto (the model's template, else llava), gguf, or llava (LLaVA-1.5/Vicuna).",
             rich_help_panel=_MODEL,
         ),
-    ] = "auto",
+    ] = ChatFormatChoice.auto,
     system: Annotated[
         str | None, typer.Option(envvar="LLAVA_SYSTEM", help="System prompt.", rich_help_panel=_GEN)
     ] = None,
@@ -165,33 +171,31 @@ def ask(
     """Answer a question about each image, once. The answer alone goes to stdout."""
     from .commands import ask as command
 
-    code = command.run(
-        command.AskOptions(
-            images=images,
-            prompt=prompt,
-            model=model,
-            mmproj=mmproj,
-            system=system,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            seed=seed,
-            max_tokens=max_tokens,
-            stop=tuple(stop or ()),
-            ctx=ctx,
-            threads=threads,
-            gpu_layers=gpu_layers,
-            image_on_cpu=image_on_cpu,
-            chat_format=_check_choice("--chat-format", chat_format, ("auto", "gguf", "llava")),
-            max_pixels=max_pixels,
-            together=together,
-            json=json_out,
-            verbose=verbose,
-        )
+    opts = command.AskOptions(
+        images=images,
+        prompt=prompt,
+        model=model,
+        mmproj=mmproj,
+        system=system,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=tuple(stop or ()),
+        ctx=ctx,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        image_on_cpu=image_on_cpu,
+        chat_format=chat_format.value,
+        max_pixels=max_pixels,
+        together=together,
+        json=json_out,
+        verbose=verbose,
     )
-    raise typer.Exit(code)
+    raise typer.Exit(guarded(lambda: command.run(opts)))
 
 
 @app.command()
@@ -203,51 +207,41 @@ def doctor(
     """Check the installation: versions, backend, paths, and an offline self-test."""
     from .commands import doctor as command
 
-    raise typer.Exit(command.run(verbose=verbose))
+    raise typer.Exit(guarded(lambda: command.run(verbose=verbose)))
 
 
-def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> str:
-    from .errors import UsageError
-
-    if value not in choices:
-        raise UsageError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
-    return value
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: the one place errors become messages and exit codes."""
-    import click
-
+def guarded(action: Callable[[], int]) -> int:
+    """The one place errors become messages and exit codes; every command runs through it."""
     from . import render
     from .config import debug_enabled
 
     try:
-        code = app(args=argv, prog_name="llava", standalone_mode=False)
+        return action()
     except LlavaError as exc:
         if debug_enabled():
             raise
         render.error(exc.one_line())
-        code = exc.exit_code
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.exceptions.Abort:
-        code = EXIT_INTERRUPTED
-    except click.ClickException as exc:
-        exc.show()
-        code = EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+        return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("\n")
-        code = EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`llava ask … | head -1`): not an error worth a message.
         _silence_stdout()
-        code = 0
+        return 0
     except Exception as exc:
         if debug_enabled():
             raise
         render.error(f"unexpected {type(exc).__name__}: {exc} — set LLAVA_DEBUG=1 for a traceback")
-        code = EXIT_RUNTIME
-    sys.exit(code if isinstance(code, int) else 0)
+        return EXIT_RUNTIME
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point. Typer reports its own usage errors (exit 2)."""
+    try:
+        app(args=argv, prog_name="llava")
+    except KeyboardInterrupt:  # between argument parsing and a command's guard
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _silence_stdout() -> None:

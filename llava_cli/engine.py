@@ -401,7 +401,8 @@ class Session:
             )
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
         self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(engine.opts.n_batch, 0, 1)
+        self.n_batch = int(llama_cpp.llama_n_batch(self.ctx))  # llama.cpp may lower it
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.spans: list[_Span] = []
         self.image_tokens: dict[str, int] = {}  # image key -> context tokens it takes
         self.counters = Counters()
@@ -442,12 +443,33 @@ class Session:
         turn.cached_tokens = keep_pos
         if not remainder:
             self._refresh_logits()
-        for i, part in enumerate(remainder):
-            if isinstance(part, bytes):
-                first = add_special and self.n_past == 0
-                self._eval_text(part, add_special=first, logits=i == len(remainder) - 1)
-            else:
-                self._eval_image(part)
+        # Tokenize everything first, so a prompt that cannot fit fails before any work.
+        planned: list[tuple[bytes, list[int]] | tuple[Bitmap, Any]] = []
+        try:
+            for i, part in enumerate(remainder):
+                if isinstance(part, bytes):
+                    first = add_special and keep_pos == 0 and i == 0
+                    planned.append((part, self.engine.tokenize(part, add_special=first)))
+                else:
+                    planned.append((part, self._tokenize_image(part)))
+            need = sum(
+                len(x) if isinstance(p, bytes) else int(mtmd.mtmd_helper_get_n_pos(x))
+                for p, x in planned
+            )
+            if keep_pos + need > self.n_ctx:
+                raise ContextOverflow(
+                    f"the prompt needs {keep_pos + need} tokens but the context holds {self.n_ctx}",
+                    "raise --ctx, or send fewer or smaller images",
+                )
+            for i, (part, item) in enumerate(planned):
+                if isinstance(part, bytes):
+                    self._eval_text(part, item, logits=i == len(planned) - 1)
+                else:
+                    self._eval_chunks(part.key, item)
+        finally:
+            for part, item in planned:
+                if not isinstance(part, bytes):
+                    mtmd.mtmd_input_chunks_free(item)
         turn.prompt_tokens = self.n_past
 
     def _match(self, parts: Sequence[bytes | Bitmap]) -> tuple[int, list[bytes | Bitmap]]:
@@ -526,18 +548,9 @@ class Session:
         else:
             self.spans.append(_Span("gen", b"", pos, pos + 1, [token], [piece]))
 
-    def _ensure_room(self, n: int) -> None:
-        if self.n_past + n > self.n_ctx:
-            raise ContextOverflow(
-                f"the prompt needs {self.n_past + n} tokens but the context holds {self.n_ctx}",
-                "raise --ctx, or send fewer or smaller images",
-            )
-
-    def _eval_text(self, text: bytes, *, add_special: bool, logits: bool) -> None:
-        tokens = self.engine.tokenize(text, add_special=add_special)
+    def _eval_text(self, text: bytes, tokens: list[int], *, logits: bool) -> None:
         if not tokens:
             return
-        self._ensure_room(len(tokens))
         start, pos = time.perf_counter(), self.n_past
         self._decode_tokens(tokens, pos, logits=logits)
         if self._turn:
@@ -545,7 +558,7 @@ class Session:
         self.spans.append(_Span("text", text, pos, pos + len(tokens), tokens))
 
     def _decode_tokens(self, tokens: list[int], pos: int, *, logits: bool) -> None:
-        n_batch = self.engine.opts.n_batch
+        n_batch = self.n_batch
         for start in range(0, len(tokens), n_batch):
             chunk = tokens[start : start + n_batch]
             b = self.batch
@@ -562,14 +575,6 @@ class Session:
             if rc != 0:
                 raise EngineError(f"llama_decode failed ({rc}): {_LOGS.last_error()}")
         self.counters.text_tokens_evaluated += len(tokens)
-
-    def _eval_image(self, image: Bitmap) -> None:
-        chunks = self._tokenize_image(image)
-        try:
-            self._ensure_room(int(mtmd.mtmd_helper_get_n_pos(chunks)))
-            self._eval_chunks(image.key, chunks)
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
 
     def _tokenize_image(self, image: Bitmap) -> Any:
         if len(image.rgb) != image.width * image.height * 3:
@@ -633,7 +638,7 @@ class Session:
                 embd,
                 pos,
                 _SEQ,
-                self.engine.opts.n_batch,
+                self.n_batch,
                 ctypes.byref(new_pos),
                 mtmd.mtmd_helper_post_decode_callback(),
                 None,

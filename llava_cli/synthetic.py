@@ -241,6 +241,7 @@ def _is_norm_weight(name: str) -> bool:
 
 
 def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int, scale: float) -> dict[str, Any]:
+    """Normal weights; embeddings and the output head at unit scale so the output varies."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -249,7 +250,8 @@ def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int, scale: float)
         if _is_norm_weight(name):
             out[name] = np.ones(shape, dtype=np.float32)
         else:
-            out[name] = rng.normal(0.0, scale, size=shape).astype(np.float32)
+            std = 1.0 if name in ("token_embd.weight", "output.weight") else scale
+            out[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
     return out
 
 
@@ -265,7 +267,7 @@ def build_random(
     directory.mkdir(parents=True, exist_ok=True)
     vocab = build_vocab(extra_control=("<|im_start|>", "<|im_end|>"))
     n_vocab = len(vocab.tokens)
-    text = _random_weights(_text_shapes(n_vocab, EMBD), seed, 0.5)
+    text = _random_weights(_text_shapes(n_vocab, EMBD), seed, 0.05)
     # Every embedding carries a constant dim that the end-of-generation rows read negatively,
     # so random text runs to max_tokens instead of stopping at an arbitrary point.
     text["token_embd.weight"][:, 0] = 4.0

@@ -48,8 +48,9 @@ class TextStream:
             out = text.rstrip()
             self._pending = ""
         else:
-            keep = max(self._partial_stop(text), len(text) - len(text.rstrip()))
-            out, self._pending = text[: len(text) - keep], text[len(text) - keep :]
+            head = text[: len(text) - self._partial_stop(text)]
+            out = head.rstrip()
+            self._pending = text[len(out) :]
         if out:
             self._started = True
         self.text += out

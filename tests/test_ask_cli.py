@@ -1,0 +1,264 @@
+"""``llava ask`` end to end, as a real subprocess: stdout, stderr and exit codes apart."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_cli import synthetic
+from tests.conftest import llava, png_bytes
+
+Q = "What colour is this?"
+
+
+def model_args(pair: synthetic.ModelPair) -> list[str]:
+    return ["--model", str(pair.model), "--mmproj", str(pair.mmproj)]
+
+
+@pytest.mark.parametrize(
+    ("colour", "expected"), [("red", "red"), ("green", "green"), ("blue", "blue"), ("grey", "none")]
+)
+def test_colour_oracle_answers_exactly(
+    oracle: synthetic.ModelPair, images: Path, colour: str, expected: str
+) -> None:
+    result = llava("ask", images / f"{colour}.png", "-p", Q, *model_args(oracle))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{expected}\n".encode()
+    assert result.stderr == b""  # no llama.cpp / libmtmd log lines, nothing else
+
+
+def test_image_from_stdin(oracle: synthetic.ModelPair, images: Path) -> None:
+    blue = (images / "blue.png").read_bytes()
+    result = llava("ask", "-", "-p", Q, *model_args(oracle), stdin=blue)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"blue\n", b"")
+
+
+def test_batch_answers_in_order(oracle: synthetic.ModelPair, images: Path) -> None:
+    files = [images / f"{c}.png" for c in ("red", "green", "blue")]
+    result = llava("ask", *files, "-p", Q, *model_args(oracle))
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"red\ngreen\nblue\n", b"")
+
+
+def test_prompt_from_stdin_and_env_vars(oracle: synthetic.ModelPair, images: Path) -> None:
+    env = {"LLAVA_MODEL": str(oracle.model), "LLAVA_MMPROJ": str(oracle.mmproj)}
+    result = llava("ask", images / "green.png", stdin=b"What colour?\n", env=env)
+    assert (result.returncode, result.stdout) == (0, b"green\n")
+    assert (
+        json.loads(llava("ask", images / "green.png", "--json", stdin=b"Hm?", env=env).stdout)[
+            "prompt"
+        ]
+        == "Hm?"
+    )
+
+
+def test_mmproj_found_beside_the_model(
+    oracle: synthetic.ModelPair, images: Path, tmp_path: Path
+) -> None:
+    d = tmp_path / "models dir ü"
+    d.mkdir()
+    shutil.copy(oracle.model, d / "model.gguf")
+    shutil.copy(oracle.mmproj, d / "mmproj-model-f16.gguf")
+    result = llava("ask", images / "red.png", "-p", Q, "--model", d / "model.gguf")
+    assert (result.returncode, result.stdout) == (0, b"red\n")
+
+
+def test_unicode_path_with_spaces(oracle: synthetic.ModelPair, tmp_path: Path) -> None:
+    path = tmp_path / "mein rotes Bild ✓.png"
+    Image.new("RGB", (30, 30), (240, 10, 10)).save(path)
+    result = llava("ask", path, "-p", Q, *model_args(oracle))
+    assert (result.returncode, result.stdout) == (0, b"red\n")
+
+
+def test_random_model_deterministic_and_json_fields(
+    random_pair: synthetic.ModelPair, images: Path
+) -> None:
+    args = ["ask", images / "red.png", "-p", "Tell me.", *model_args(random_pair)]
+    fixed = ["--temperature", "0.8", "--seed", "42", "--max-tokens", "16"]
+    first = llava(*args, *fixed)
+    second = llava(*args, *fixed)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert first.stdout.endswith(b"\n") and not first.stdout.endswith(b"\n\n")
+    assert first.stderr == b""
+
+    as_json = llava(*args, *fixed, "--json")
+    assert as_json.returncode == 0
+    lines = as_json.stdout.decode().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["answer"] + "\n" == first.stdout.decode()  # streamed text == final text
+    assert record["image"] == str(images / "red.png")
+    assert record["sha256"] == hashlib.sha256((images / "red.png").read_bytes()).hexdigest()
+    assert record["model"] == random_pair.model.name
+    assert record["prompt"] == "Tell me."
+    assert record["seed"] == 42
+    assert record["finish_reason"] == "length"
+    usage = record["usage"]
+    assert usage["completion_tokens"] == 16
+    assert usage["image_tokens"] == 16
+    assert usage["prompt_tokens"] > usage["image_tokens"]
+    timings = record["timings"]
+    assert set(timings) == {
+        "load_s",
+        "image_encode_s",
+        "prefill_s",
+        "ttft_s",
+        "decode_s",
+        "decode_tokens_per_s",
+    }
+    assert all(v >= 0 for v in timings.values())
+
+
+def test_max_tokens_exact_through_the_cli(random_pair: synthetic.ModelPair, images: Path) -> None:
+    for n in (1, 9):
+        out = llava(
+            "ask", images / "blue.png", *model_args(random_pair), "--max-tokens", str(n), "--json"
+        )
+        assert json.loads(out.stdout)["usage"]["completion_tokens"] == n
+
+
+def test_together_gives_one_answer(oracle: synthetic.ModelPair, images: Path) -> None:
+    result = llava(
+        "ask", images / "blue.png", images / "blue.png", "--together", "-p", Q, "--json",
+        *model_args(oracle),
+    )  # fmt: skip
+    assert result.returncode == 0
+    record = json.loads(result.stdout)
+    assert record["answer"] == "blue"
+    assert [i["image"] for i in record["images"]] == [str(images / "blue.png")] * 2
+    assert record["usage"]["image_tokens"] == 32
+
+
+def test_verbose_sends_logs_and_details_to_stderr_only(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    result = llava("ask", images / "red.png", "-p", Q, "--verbose", *model_args(oracle))
+    assert result.stdout == b"red\n"
+    err = result.stderr.decode()
+    assert "llama_model_loader" in err or "load_tensors" in err
+    assert "clip_model_loader" in err
+    assert "image " + str(images / "red.png") + ": 48x40 PNG RGB, 16 context tokens" in err
+
+
+def test_batch_with_a_bad_image_continues_and_exits_4(
+    oracle: synthetic.ModelPair, images: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.png"
+    result = llava("ask", images / "red.png", missing, images / "blue.png", "-p", Q,
+                   *model_args(oracle))  # fmt: skip
+    assert result.returncode == 4
+    assert result.stdout == b"red\nblue\n"
+    err = result.stderr.decode().splitlines()
+    assert err == [f"Error: image {missing} does not exist — check the path"]
+
+    as_json = llava("ask", images / "red.png", missing, "--json", "-p", Q, *model_args(oracle))
+    assert as_json.returncode == 4
+    records = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert records[0]["answer"] == "red"
+    assert records[1]["image"] == str(missing) and "does not exist" in records[1]["error"]
+
+
+def _bad_inputs(tmp: Path, oracle: synthetic.ModelPair, images: Path) -> dict[str, list[object]]:
+    """Each case: the arguments after ``ask``; all must exit 4 with one line on stderr."""
+    (tmp / "empty.png").write_bytes(b"")
+    (tmp / "notes.jpg").write_text("dear diary, this is not a JPEG\n")
+    (tmp / "folder").mkdir()
+    full = tmp / "noise.png"
+    Image.effect_noise((64, 64), 50).convert("RGB").save(full)
+    (tmp / "cut.png").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    (tmp / "bomb.png").write_bytes(png_bytes(40_000, 40_000, 8, 2, b"\x00" * 64))
+    wrong = synthetic.build_random(tmp / "wrong", mmproj_embd=48)
+    cut_model = tmp / "cut-model.gguf"
+    cut_model.write_bytes(oracle.model.read_bytes()[:5000])
+    red = images / "red.png"
+    m = model_args(oracle)
+    return {
+        "missing file": [tmp / "nope.png", *m],
+        "directory": [tmp / "folder", *m],
+        "empty file": [tmp / "empty.png", *m],
+        "truncated png": [tmp / "cut.png", *m],
+        "text named jpg": [tmp / "notes.jpg", *m],
+        "decompression bomb": [tmp / "bomb.png", *m],
+        "mismatched mmproj": [red, "--model", oracle.model, "--mmproj", wrong.mmproj],
+        "truncated gguf": [red, "--model", cut_model, "--mmproj", oracle.mmproj],
+        "missing mmproj": [red, "--model", oracle.model, "--mmproj", tmp / "no-mmproj.gguf"],
+    }
+
+
+CASES = [
+    ("missing file", "does not exist"),
+    ("directory", "is a directory"),
+    ("empty file", "is empty"),
+    ("truncated png", "truncated or corrupt"),
+    ("text named jpg", "is not an image"),
+    ("decompression bomb", "over the limit"),
+    ("mismatched mmproj", "do not fit"),
+    ("truncated gguf", "truncated or corrupt"),
+    ("missing mmproj", "does not exist"),
+]
+
+
+@pytest.mark.parametrize(("case", "message"), CASES)
+def test_bad_input_exits_4_with_one_line(
+    oracle: synthetic.ModelPair, images: Path, tmp_path: Path, case: str, message: str
+) -> None:
+    args = _bad_inputs(tmp_path, oracle, images)[case]
+    result = llava("ask", *map(str, args), "-p", Q)
+    assert result.returncode == 4, result.stderr
+    assert result.stdout == b""
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: ") and message in lines[0]
+    assert "Traceback" not in lines[0] and " — " in lines[0]  # what went wrong — what to do
+
+
+def test_model_by_name_is_not_available_yet(images: Path) -> None:
+    result = llava("ask", images / "red.png", "--model", "llava-1.5-7b")
+    assert result.returncode == 3
+    assert result.stderr.decode().startswith("Error: model 'llava-1.5-7b' is not")
+    assert llava("ask", images / "red.png").returncode == 3  # no model at all
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ask"],
+        ["ask", "x.png", "--temperature", "hot"],
+        ["ask", "-", "-", "--model", "m.gguf"],
+        ["ask", "x.png", "--chat-format", "alpaca"],
+        ["frobnicate"],
+    ],
+)
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    result = llava(*args)
+    assert result.returncode == 2
+    assert b"Traceback" not in result.stderr
+    assert result.stdout == b""
+
+
+def test_ctrl_c_while_streaming_exits_130_quietly(
+    random_pair: synthetic.ModelPair, images: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llava_cli", "ask", str(images / "red.png"),
+         *model_args(random_pair), "--max-tokens", "100000", "--ctx", "4096"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = proc.stdout.read(1)  # streaming has begun
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert first
+    assert proc.returncode == 130
+    assert b"Traceback" not in err

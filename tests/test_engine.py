@@ -1,0 +1,157 @@
+"""The engine on real llama.cpp with tiny synthetic models: sampling, streaming, KV reuse."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llava_cli import synthetic
+from llava_cli.conversation import Conversation, LoadedModel, RuntimeOptions, open_model
+from llava_cli.engine import SamplingParams
+from llava_cli.errors import ContextOverflow
+from llava_cli.images import PreparedImage, load
+from llava_cli.textstream import TextStream
+
+
+@pytest.fixture(scope="module")
+def random_model(random_pair: synthetic.ModelPair) -> Iterator[LoadedModel]:
+    loaded = open_model(random_pair.model, random_pair.mmproj, RuntimeOptions(ctx=1024))
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture(scope="module")
+def oracle_model(oracle: synthetic.ModelPair) -> Iterator[LoadedModel]:
+    loaded = open_model(oracle.model, oracle.mmproj, RuntimeOptions(ctx=2048))
+    yield loaded
+    loaded.close()
+
+
+def pic(images: Path, name: str) -> PreparedImage:
+    return load(str(images / f"{name}.png"))
+
+
+def answer(conv: Conversation, prompt: str, imgs: list[PreparedImage], **kw: object) -> str:
+    return "".join(conv.ask(prompt, imgs, SamplingParams(**kw)))  # type: ignore[arg-type]
+
+
+def test_random_model_is_deterministic_with_a_seed(random_model: LoadedModel, images: Path) -> None:
+    conv = Conversation(random_model)
+    red = pic(images, "red")
+    runs = []
+    for seed in (7, 7, 8):
+        conv.reset()
+        runs.append(
+            answer(conv, "Say something.", [red], temperature=0.9, seed=seed, max_tokens=24)
+        )
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    greedy = set()
+    for seed in (1, 2):
+        conv.reset()
+        greedy.add(answer(conv, "Say something.", [red], temperature=0.0, seed=seed, max_tokens=24))
+    assert len(greedy) == 1
+
+
+def test_streamed_text_equals_final_text(random_model: LoadedModel, images: Path) -> None:
+    conv = Conversation(random_model)
+    chunks = list(
+        conv.ask("Describe.", [pic(images, "blue")], SamplingParams(seed=3, max_tokens=40))
+    )
+    assert len(chunks) > 1
+    assert "".join(chunks) == conv.last.text
+    assert conv.last.usage.completion_tokens == 40
+
+
+@pytest.mark.parametrize("n", [1, 5, 33])
+def test_max_tokens_is_exact(random_model: LoadedModel, images: Path, n: int) -> None:
+    conv = Conversation(random_model)
+    answer(conv, "Go on.", [pic(images, "grey")], seed=11, max_tokens=n, temperature=1.0)
+    assert conv.last.usage.completion_tokens == n
+    assert conv.last.finish_reason == "length"
+
+
+def test_byte_tokens_assemble_into_characters(random_model: LoadedModel) -> None:
+    engine = random_model.engine
+    vocab = synthetic.build_vocab(extra_control=("<|im_start|>", "<|im_end|>"))
+    tokens = [vocab.index(f"<0x{b:02X}>") for b in "日é".encode()]
+    stream = TextStream()
+    text = "".join(stream.feed(engine.token_piece(t)) for t in tokens) + stream.finish()
+    assert text == "日é"
+
+
+def test_colour_oracle_sees_the_image(oracle_model: LoadedModel, images: Path) -> None:
+    conv = Conversation(oracle_model)
+    for colour, expected in [
+        ("red", "red"),
+        ("green", "green"),
+        ("blue", "blue"),
+        ("grey", "none"),
+    ]:
+        conv.reset()
+        assert (
+            answer(conv, "What colour is this?", [pic(images, colour)], temperature=0) == expected
+        )
+        assert conv.last.finish_reason == "stop"
+        assert conv.last.usage.image_tokens == 16
+
+
+def test_follow_up_evaluates_only_the_new_turn(oracle_model: LoadedModel, images: Path) -> None:
+    conv = Conversation(oracle_model)
+    session = oracle_model.session
+    assert answer(conv, "What colour is this?", [pic(images, "red")], temperature=0) == "red"
+    first = conv.last.usage
+    before = session.counters.snapshot()
+    kv_before = session.n_past  # prompt + the decoded answer token
+    assert answer(conv, "And now?", [], temperature=0) == "red"
+    after = session.counters
+    new_tokens = after.text_tokens_evaluated - before.text_tokens_evaluated
+    assert after.image_chunks_encoded == before.image_chunks_encoded
+    assert after.image_tokens_evaluated == before.image_tokens_evaluated
+    assert conv.last.usage.cached_tokens == kv_before
+    # Exactly the new turn ("</s>USER: And now? ASSISTANT:"), plus the answer token's decode.
+    assert new_tokens == conv.last.usage.prompt_tokens - kv_before + 1
+    assert conv.last.usage.prompt_tokens > first.prompt_tokens
+
+
+def test_batch_reuses_the_shared_prefix_and_never_reencodes(
+    oracle_model: LoadedModel, images: Path
+) -> None:
+    conv = Conversation(oracle_model)
+    session = oracle_model.session
+    red, white = pic(images, "red"), pic(images, "white")
+    conv.reset()
+    answer(conv, "What colour is this?", [red], temperature=0)
+    image_start = next(s.pos_start for s in session.spans if s.kind == "image")
+    encoded = session.counters.image_chunks_encoded
+    conv.reset()
+    assert answer(conv, "What colour is this?", [white], temperature=0) == "none"
+    assert conv.last.usage.cached_tokens == image_start  # system prompt kept, image onwards new
+    conv.reset()
+    assert answer(conv, "What colour is this?", [red], temperature=0) == "red"
+    # Red was encoded before: its embeddings are reused even though the KV moved on.
+    assert session.counters.image_chunks_encoded == encoded + 1
+
+
+def test_same_prompt_again_evaluates_one_token(oracle_model: LoadedModel, images: Path) -> None:
+    conv = Conversation(oracle_model)
+    red = pic(images, "red")
+    answer(conv, "What colour is this?", [red], temperature=0)
+    before = oracle_model.session.counters.snapshot()
+    conv.reset()
+    assert answer(conv, "What colour is this?", [red], temperature=0) == "red"
+    after = oracle_model.session.counters
+    # The last prompt token is re-decoded for fresh logits, the answer token decoded again.
+    assert after.text_tokens_evaluated - before.text_tokens_evaluated == 2
+    assert after.image_tokens_evaluated == before.image_tokens_evaluated
+
+
+def test_prompt_too_long_for_context(oracle: synthetic.ModelPair, images: Path) -> None:
+    loaded = open_model(oracle.model, oracle.mmproj, RuntimeOptions(ctx=128))
+    try:
+        with pytest.raises(ContextOverflow, match="raise --ctx"):
+            answer(Conversation(loaded), "What colour is this? " * 20, [pic(images, "red")])
+    finally:
+        loaded.close()
