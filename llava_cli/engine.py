@@ -479,22 +479,20 @@ class Session:
         generated tokens one by one, images by key.
         """
         spans = self.spans
-        j = keep = 0  # spans kept, positions kept
+        j = keep = 0  # whole spans kept, positions kept
+        partial = 0  # tokens kept of spans[j] (generated text that only partly matches)
+        rest: list[bytes | Bitmap] = []
         for i, part in enumerate(parts):
             if not isinstance(part, bytes):
-                if (
-                    j < len(spans)
-                    and spans[j].kind == "image"
-                    and spans[j].key == part.key.encode()
-                ):
-                    keep = spans[j].pos_end
+                span = spans[j] if j < len(spans) else None
+                if span and span.kind == "image" and span.key == part.key.encode():
+                    keep = span.pos_end
                     j += 1
                     continue
-                self._trim(j, keep)
-                return keep, list(parts[i:])
+                rest = list(parts[i:])
+                break
             off = 0
-            diverged = False
-            while j < len(spans) and spans[j].kind != "image" and not diverged:
+            while j < len(spans) and spans[j].kind != "image":
                 span = spans[j]
                 if span.kind == "text":
                     if not part.startswith(span.key, off):
@@ -509,23 +507,31 @@ class Session:
                     n += 1
                 keep = span.pos_start + n
                 if n < len(span.pieces):
-                    del span.tokens[n:], span.pieces[n:]
-                    span.pos_end = keep
-                    diverged = True
-                if n:
-                    j += 1
-            if diverged or off < len(part) or (j < len(spans) and spans[j].kind != "image"):
-                self._trim(j, keep)
-                rest: list[bytes | Bitmap] = [part[off:]] if off < len(part) else []
-                return keep, rest + list(parts[i + 1 :])
-        self._trim(j, keep)
-        return keep, []
+                    partial = n
+                    break
+                j += 1
+            if partial or off < len(part) or (j < len(spans) and spans[j].kind != "image"):
+                rest = [part[off:]] if off < len(part) else []
+                rest += parts[i + 1 :]
+                break
+        if self._trim(j, keep, partial):
+            return keep, rest
+        # This cache cannot be cut there (a sliding-window or recurrent model): start over.
+        llama_cpp.llama_memory_clear(self.mem, True)
+        self.spans.clear()
+        return 0, list(parts)
 
-    def _trim(self, keep_spans: int, keep_pos: int) -> None:
-        """Forget spans and KV cells after the kept prefix."""
+    def _trim(self, keep_spans: int, keep_pos: int, partial: int) -> bool:
+        """Forget spans and KV cells after the kept prefix; False if the cache refuses."""
+        if partial:
+            span = self.spans[keep_spans]
+            del span.tokens[partial:], span.pieces[partial:]
+            span.pos_end = keep_pos
+            keep_spans += 1
         del self.spans[keep_spans:]
-        if keep_pos < self._kv_end():
-            llama_cpp.llama_memory_seq_rm(self.mem, _SEQ, keep_pos, -1)
+        if keep_pos >= self._kv_end():
+            return True
+        return bool(llama_cpp.llama_memory_seq_rm(self.mem, _SEQ, keep_pos, -1))
 
     def _kv_end(self) -> int:
         return int(llama_cpp.llama_memory_seq_pos_max(self.mem, _SEQ)) + 1

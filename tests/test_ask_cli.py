@@ -262,3 +262,11 @@ def test_ctrl_c_while_streaming_exits_130_quietly(
     assert first
     assert proc.returncode == 130
     assert b"Traceback" not in err
+
+
+def test_greedy_is_deterministic_whatever_the_seed(
+    random_pair: synthetic.ModelPair, images: Path
+) -> None:
+    args = ["ask", images / "grey.png", *model_args(random_pair), "--temperature", "0"]
+    outs = {llava(*args, "--seed", seed, "--max-tokens", "20").stdout for seed in ("1", "2")}
+    assert len(outs) == 1 and len(next(iter(outs))) > 1

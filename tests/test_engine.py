@@ -155,3 +155,19 @@ def test_prompt_too_long_for_context(oracle: synthetic.ModelPair, images: Path) 
             answer(Conversation(loaded), "What colour is this? " * 20, [pic(images, "red")])
     finally:
         loaded.close()
+
+
+def test_changed_history_reevaluates_from_the_first_difference(
+    oracle_model: LoadedModel, images: Path
+) -> None:
+    conv = Conversation(oracle_model)
+    session = oracle_model.session
+    assert answer(conv, "What colour is this?", [pic(images, "blue")], temperature=0) == "blue"
+    answer(conv, "Sure?", [], temperature=0)
+    turn2_cached = conv.last.usage.cached_tokens
+    encoded = session.counters.image_chunks_encoded
+    del conv.messages[2:]  # drop the second exchange, as /undo will
+    assert answer(conv, "Certain?", [], temperature=0) == "blue"
+    # Everything up to the end of the first answer is reused; only the new turn is evaluated.
+    assert conv.last.usage.cached_tokens == turn2_cached
+    assert session.counters.image_chunks_encoded == encoded
