@@ -15,6 +15,7 @@ import typer
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
+from .options import RuntimeOptions, SamplingParams
 
 
 class ChatFormatChoice(str, Enum):
@@ -177,23 +178,27 @@ def ask(
         model=model,
         mmproj=mmproj,
         system=system,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
-        seed=seed,
-        max_tokens=max_tokens,
-        stop=tuple(stop or ()),
-        ctx=ctx,
-        threads=threads,
-        gpu_layers=gpu_layers,
-        image_on_cpu=image_on_cpu,
-        chat_format=chat_format.value,
+        sampling=SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            max_tokens=max_tokens,
+            stop=tuple(stop or ()),
+        ),
+        runtime=RuntimeOptions(
+            ctx=ctx,
+            threads=threads,
+            gpu_layers=gpu_layers,
+            image_on_cpu=image_on_cpu,
+            chat_format=chat_format.value,
+            verbose=verbose,
+        ),
         max_pixels=max_pixels,
         together=together,
         json=json_out,
-        verbose=verbose,
     )
     raise typer.Exit(guarded(lambda: command.run(opts)))
 

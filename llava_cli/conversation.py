@@ -11,19 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DEFAULT_CTX
-from .engine import Completion, Engine, LoadOptions, SamplingParams, Session
+from .engine import Completion, Engine, LoadOptions, Session
 from .images import PreparedImage
+from .options import RuntimeOptions, SamplingParams
 from .templates import ChatFormat, Message, chat_format_for
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    ctx: int | None = None  # None: DEFAULT_CTX, or the model's training context if smaller
-    threads: int = 0
-    gpu_layers: int = -1
-    image_on_cpu: bool = False
-    chat_format: str = "auto"
-    verbose: bool = False
 
 
 @dataclass

@@ -29,6 +29,7 @@ import llama_cpp.mtmd_cpp as mtmd
 
 from .errors import ContextOverflow, EngineError, ImageError, ModelFileError
 from .gguf_file import GGUFInfo, check_pair, read_gguf
+from .options import SamplingParams
 from .templates import MEDIA_MARKER
 from .textstream import TextStream
 
@@ -58,19 +59,6 @@ class LoadOptions:
     image_on_cpu: bool = False
     flash_attn: bool | None = None  # None: let llama.cpp decide
     verbose: bool = False
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.2
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.1
-    repeat_last_n: int = 64
-    seed: int | None = None  # None: a fresh random seed, reported in the result
-    max_tokens: int | None = None  # None: until end of sequence or a full context
-    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from llava_cli import synthetic
-from llava_cli.conversation import Conversation, LoadedModel, RuntimeOptions, open_model
-from llava_cli.engine import SamplingParams
+from llava_cli.conversation import Conversation, LoadedModel, open_model
 from llava_cli.errors import ContextOverflow
 from llava_cli.images import PreparedImage, load
+from llava_cli.options import RuntimeOptions, SamplingParams
 from llava_cli.textstream import TextStream
 
 

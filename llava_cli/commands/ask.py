@@ -12,10 +12,11 @@ from ..config import DEFAULT_PROMPT
 from ..errors import EXIT_BAD_INPUT, EXIT_OK, BadInput, LlavaError, UsageError
 from ..images import DEFAULT_MAX_PIXELS, PreparedImage
 from ..modelref import ModelFiles, resolve
+from ..options import RuntimeOptions, SamplingParams
 
 if TYPE_CHECKING:
     from ..conversation import Conversation
-    from ..engine import Completion, SamplingParams
+    from ..engine import Completion
 
 
 @dataclass(frozen=True)
@@ -25,23 +26,11 @@ class AskOptions:
     model: str | None = None
     mmproj: str | None = None
     system: str | None = None
-    temperature: float = 0.2
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.1
-    seed: int | None = None
-    max_tokens: int | None = None
-    stop: tuple[str, ...] = ()
-    ctx: int | None = None
-    threads: int = 0
-    gpu_layers: int = -1
-    image_on_cpu: bool = False
-    chat_format: str = "auto"
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     max_pixels: int = DEFAULT_MAX_PIXELS
     together: bool = False
     json: bool = False
-    verbose: bool = False
 
 
 @dataclass
@@ -138,18 +127,10 @@ def _is_per_image(exc: LlavaError) -> bool:
 
 
 def _load(opts: AskOptions, files: ModelFiles) -> Conversation:
-    from ..conversation import Conversation, RuntimeOptions, open_model
+    from ..conversation import Conversation, open_model
 
-    runtime = RuntimeOptions(
-        ctx=opts.ctx,
-        threads=opts.threads,
-        gpu_layers=opts.gpu_layers,
-        image_on_cpu=opts.image_on_cpu,
-        chat_format=opts.chat_format,
-        verbose=opts.verbose,
-    )
-    loaded = open_model(files.model, files.mmproj, runtime)
-    if opts.verbose:
+    loaded = open_model(files.model, files.mmproj, opts.runtime)
+    if opts.runtime.verbose:
         render.info(
             f"loaded {files.model.name} + {files.mmproj.name} in {loaded.engine.load_s:.2f} s "
             f"(context {loaded.session.n_ctx}, {loaded.engine.n_threads} threads, "
@@ -158,33 +139,18 @@ def _load(opts: AskOptions, files: ModelFiles) -> Conversation:
     return Conversation(loaded, system=opts.system)
 
 
-def _sampling(opts: AskOptions) -> SamplingParams:
-    from ..engine import SamplingParams
-
-    return SamplingParams(
-        temperature=opts.temperature,
-        top_p=opts.top_p,
-        top_k=opts.top_k,
-        min_p=opts.min_p,
-        repeat_penalty=opts.repeat_penalty,
-        seed=opts.seed,
-        max_tokens=opts.max_tokens,
-        stop=opts.stop,
-    )
-
-
 def _ask(
     conversation: Conversation, images: Sequence[PreparedImage], prompt: str, opts: AskOptions
 ) -> Completion:
     conversation.reset()  # each answer stands alone; the shared prefix stays in the KV cache
-    stream = conversation.ask(prompt, images, _sampling(opts))
+    stream = conversation.ask(prompt, images, opts.sampling)
     if opts.json:
         for _ in stream:
             pass
     else:
         render.stream_answer(stream)
     completion = conversation.last
-    if opts.verbose:
+    if opts.runtime.verbose:
         session = conversation.loaded.session
         for image in images:
             tokens = session.image_tokens.get(image.key, 0)

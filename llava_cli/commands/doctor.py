@@ -53,9 +53,9 @@ def run(*, verbose: bool = False) -> int:
 
 
 def self_test(*, verbose: bool = False) -> bool:
-    from ..conversation import Conversation, RuntimeOptions, open_model
-    from ..engine import SamplingParams
+    from ..conversation import Conversation, open_model
     from ..images import prepare
+    from ..options import RuntimeOptions, SamplingParams
     from ..synthetic import build_colour_oracle
 
     with tempfile.TemporaryDirectory(prefix="llava-doctor-") as tmp:
