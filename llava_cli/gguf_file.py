@@ -34,7 +34,7 @@ _KEEP_ARRAY_MAX = 64
 # the gguf package costs half a second.
 _TYPE_SIZES: dict[int, tuple[int, int]] = {
     0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-    9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
+    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
     15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
     21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4),
     27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
@@ -49,6 +49,7 @@ _PROJECTOR_WIDTH: dict[str, tuple[str, int]] = {
     "phi4": ("mm.2.weight", 1),
     "qwen2vl_merger": ("mm.2.bias", 0),
     "qwen2.5vl_merger": ("mm.2.bias", 0),
+    "qwen2.5o": ("mm.2.bias", 0),  # Qwen2.5-Omni: libmtmd reads it as qwen2.5vl_merger
     "ldpv2": ("mm.model.peg.0.bias", 0),
     "resampler": ("resampler.proj.weight", 0),
     "gemma3": ("mm.input_projection.weight", 0),
@@ -258,7 +259,8 @@ def _parse(path: Path, r: _Reader, size: int) -> GGUFInfo:
 
 
 def projector_type(mmproj: GGUFInfo) -> str | None:
-    return mmproj.get_str("clip.vision.projector_type") or mmproj.get_str("clip.projector_type")
+    # libmtmd's order: the shared key first, then the per-modality one.
+    return mmproj.get_str("clip.projector_type") or mmproj.get_str("clip.vision.projector_type")
 
 
 def projector_width(mmproj: GGUFInfo) -> int | None:

@@ -32,13 +32,7 @@ class PreparedImage:
     width: int
     height: int
     rgb: bytes  # width * height * 3 bytes
-
-    @property
-    def key(self) -> str:
-        """Identifies the pixels handed to the model (the same picture in another file matches)."""
-        digest = hashlib.sha256(f"{self.width}x{self.height}:".encode())
-        digest.update(self.rgb)
-        return digest.hexdigest()
+    key: str  # identifies the pixels: the same picture in another file has the same key
 
     def describe(self) -> str:
         return f"{self.width}x{self.height} {self.format} {self.mode}"
@@ -71,6 +65,18 @@ def read_source(source: str, stdin: BinaryIO | None = None) -> bytes:
 
 def prepare(source: str, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """Decode ``data`` into upright 8-bit RGB, refusing anything over ``max_pixels``."""
+    import logging
+    import warnings
+
+    # Pillow reports oddities of a file (unknown TIFF tags, palette notes) through logging and
+    # warnings; stderr is ours. Failures still raise and become one ImageError line.
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _prepare(source, data, max_pixels)
+
+
+def _prepare(source: str, data: bytes, max_pixels: int) -> PreparedImage:
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -106,6 +112,9 @@ def prepare(source: str, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -
             raise ImageError(
                 f"{source} is truncated or corrupt ({exc})", "re-export or re-download the image"
             ) from None
+    pixels = rgb.tobytes()
+    key = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
+    key.update(pixels)
     return PreparedImage(
         source=source,
         sha256=hashlib.sha256(data).hexdigest(),
@@ -113,7 +122,8 @@ def prepare(source: str, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -
         mode=mode,
         width=rgb.width,
         height=rgb.height,
-        rgb=rgb.tobytes(),
+        rgb=pixels,
+        key=key.hexdigest(),
     )
 
 

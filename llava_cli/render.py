@@ -45,12 +45,15 @@ def stream_answer(chunks: Iterable[str], out: TextIO | None = None) -> str:
     """Write text chunks to stdout as they come, then a newline. Returns the whole text."""
     out = out or sys.stdout
     parts: list[str] = []
-    for chunk in chunks:
-        parts.append(chunk)
-        out.write(chunk)
-        out.flush()
-    out.write("\n")
-    out.flush()
+    try:
+        for chunk in chunks:
+            parts.append(chunk)
+            out.write(chunk)
+            out.flush()
+    finally:
+        if parts or sys.exc_info()[0] is None:  # end the line, even a cut-off one
+            out.write("\n")
+            out.flush()
     return "".join(parts)
 
 

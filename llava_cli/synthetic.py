@@ -79,7 +79,11 @@ class Vocab:
 
 
 def build_vocab(extra_control: tuple[str, ...] = ()) -> Vocab:
-    """A SentencePiece-style vocab: controls, the 256 byte tokens, single characters, words."""
+    """A SentencePiece-style vocab: controls, the 256 byte tokens, single characters, words.
+
+    Every prefix of the answer words is a token too, so that SentencePiece's pairwise merges
+    can reach the whole word: " red" tokenizes to the same single token the model generates.
+    """
     from gguf import TokenType
 
     tokens = ["<unk>", "<s>", "</s>", *extra_control]
@@ -88,7 +92,9 @@ def build_vocab(extra_control: tuple[str, ...] = ()) -> Vocab:
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [TokenType.BYTE] * 256
     chars = ["\u2581"] + [chr(c) for c in range(0x21, 0x7F)] + ["é", "ü", "日", "本", "語"]
-    words = [*ANSWERS, *("\u2581" + w for w in ANSWERS)]
+    words: list[str] = []
+    for word in (*ANSWERS, *("\u2581" + w for w in ANSWERS)):
+        words += [word[:n] for n in range(2, len(word) + 1) if word[:n] not in words]
     tokens += chars + words
     types += [TokenType.NORMAL] * (len(chars) + len(words))
     return Vocab(tokens=tokens, types=[int(t) for t in types])
@@ -132,7 +138,7 @@ def write_text_model(
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_tokenizer_model("llama")
     w.add_token_list(vocab.tokens)
-    w.add_token_scores([0.0] * len(vocab.tokens))
+    w.add_token_scores([float(len(t)) for t in vocab.tokens])  # prefer longer merges
     w.add_token_types(vocab.types)
     w.add_bos_token_id(vocab.index("<s>"))
     w.add_eos_token_id(vocab.index("</s>"))

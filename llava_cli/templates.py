@@ -88,7 +88,10 @@ class JinjaFormat:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # As Hugging Face renders chat templates: trimmed blocks, loop controls, tojson.
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         env.filters["tojson"] = _tojson
@@ -102,8 +105,6 @@ class JinjaFormat:
     def render(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = True
     ) -> Rendered:
-        from jinja2 import TemplateError
-
         msgs = [
             {
                 "role": m.role,
@@ -120,9 +121,10 @@ class JinjaFormat:
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
             )
-        except TemplateError as exc:
+        except Exception as exc:  # a template is code: anything can go wrong in it
             raise ModelFileError(
-                f"the model's chat template failed: {exc}", "use --chat-format llava"
+                f"the model's chat template failed: {type(exc).__name__}: {exc}",
+                "use --chat-format llava",
             ) from None
         add_bos = not (self.bos_token and text.startswith(self.bos_token))
         return Rendered(text, add_bos=add_bos)
@@ -134,10 +136,18 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
-def _tojson(value: object, indent: int | None = None) -> str:
+def _tojson(
+    value: object,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     import json
 
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def chat_format_for(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -244,10 +247,7 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 def test_ctrl_c_while_streaming_exits_130_quietly(
     random_pair: synthetic.ModelPair, images: Path
 ) -> None:
-    import os
     import signal
-    import subprocess
-    import sys
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "llava_cli", "ask", str(images / "red.png"),
@@ -270,3 +270,91 @@ def test_greedy_is_deterministic_whatever_the_seed(
     args = ["ask", images / "grey.png", *model_args(random_pair), "--temperature", "0"]
     outs = {llava(*args, "--seed", seed, "--max-tokens", "20").stdout for seed in ("1", "2")}
     assert len(outs) == 1 and len(next(iter(outs))) > 1
+
+
+def test_prompt_bytes_that_are_not_utf8_still_work(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    m = model_args(oracle)
+    piped = llava("ask", images / "red.png", *m, "--json", stdin=b"What colour\xff?")
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["prompt"] == "What colour\ufffd?"
+    arg = llava("ask", images / "red.png", *m, "-p", os.fsdecode(b"colour\xff?"))
+    assert (arg.returncode, arg.stdout) == (0, b"red\n")
+
+
+def test_closed_stdin_means_the_default_prompt(oracle: synthetic.ModelPair, images: Path) -> None:
+    cmd = [sys.executable, "-m", "llava_cli", "ask", str(images / "red.png"), *model_args(oracle)]
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$@" <&-', "sh", *cmd, "--json"], capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["prompt"] == "Describe this image."
+
+
+def test_image_on_stdin_uses_the_default_prompt(oracle: synthetic.ModelPair, images: Path) -> None:
+    out = llava("ask", "-", *model_args(oracle), "--json", stdin=(images / "red.png").read_bytes())
+    record = json.loads(out.stdout)
+    assert (record["image"], record["prompt"], record["answer"]) == (
+        "-",
+        "Describe this image.",
+        "red",
+    )
+
+
+def test_stop_string_ends_the_answer(random_pair: synthetic.ModelPair, images: Path) -> None:
+    args = ["ask", images / "red.png", *model_args(random_pair), "--temperature", "0"]
+    full = llava(*args, "--max-tokens", "40").stdout.decode().rstrip("\n")
+    import re
+
+    found = re.compile(r"[A-Za-z0-9]{2}").search(full, 5)
+    assert found, full
+    stop = found.group()
+    cut = llava(*args, "--max-tokens", "40", "--stop", stop, "--json")
+    record = json.loads(cut.stdout)
+    assert record["answer"] == full[: full.index(stop)].strip()
+    assert record["finish_reason"] == "stop"
+
+
+def test_sampling_options_from_the_environment(
+    random_pair: synthetic.ModelPair, images: Path
+) -> None:
+    env = {"LLAVA_MAX_TOKENS": "6", "LLAVA_SEED": "99", "LLAVA_TEMPERATURE": "0.7"}
+    out = llava("ask", images / "red.png", *model_args(random_pair), "--json", env=env)
+    record = json.loads(out.stdout)
+    assert (record["usage"]["completion_tokens"], record["seed"]) == (6, 99)
+    flags = llava(
+        "ask", images / "red.png", *model_args(random_pair), "--json",
+        "--max-tokens", "6", "--seed", "99", "--temperature", "0.7",
+    )  # fmt: skip
+    assert json.loads(flags.stdout)["answer"] == record["answer"]
+    assert llava("ask", images / "red.png", env={"LLAVA_CTX": "big"}).returncode == 2
+
+
+def test_system_prompt(oracle: synthetic.ModelPair, images: Path) -> None:
+    m = model_args(oracle)
+    default = json.loads(llava("ask", images / "green.png", *m, "-p", Q, "--json").stdout)
+    custom = llava("ask", images / "green.png", *m, "-p", Q, "--json", "--system", "Be terse.")
+    record = json.loads(custom.stdout)
+    assert record["answer"] == "green"
+    assert record["usage"]["prompt_tokens"] < default["usage"]["prompt_tokens"]
+
+
+def test_repeated_image_in_a_batch_is_counted_but_not_reencoded(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    red = images / "red.png"
+    out = llava("ask", red, red, *model_args(oracle), "-p", Q, "--json")
+    first, second = (json.loads(line) for line in out.stdout.splitlines())
+    assert first["usage"]["image_tokens"] == second["usage"]["image_tokens"] == 16
+    assert second["usage"]["cached_tokens"] == second["usage"]["prompt_tokens"] - 1
+    assert second["timings"]["image_encode_s"] == 0
+
+
+def test_single_bad_image_with_json_still_gets_its_record(
+    oracle: synthetic.ModelPair, tmp_path: Path
+) -> None:
+    out = llava("ask", tmp_path / "gone.png", *model_args(oracle), "--json")
+    assert out.returncode == 4
+    record = json.loads(out.stdout)
+    assert record["image"] == str(tmp_path / "gone.png") and record["exit_code"] == 4

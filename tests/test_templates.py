@@ -73,3 +73,18 @@ def test_format_choice() -> None:
     assert isinstance(chat_format_for(CHATML_TEMPLATE, prefer="llava"), LegacyLlava)
     with pytest.raises(ModelFileError, match="no chat template"):
         chat_format_for(None, prefer="gguf")
+
+
+def test_hugging_face_template_features() -> None:
+    template = (
+        "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+        "{{ m | tojson(ensure_ascii=False, sort_keys=True) }}{% endfor %}"
+    )
+    out = JinjaFormat(template).render([Message("system", "x"), Message("user", "é")])
+    assert out.text == '{"content": "é", "role": "user"}'
+
+
+def test_any_template_failure_is_a_clear_error() -> None:
+    fmt = JinjaFormat("{{ messages[5].content }}{{ 1 / 0 }}")
+    with pytest.raises(ModelFileError, match="chat template failed"):
+        fmt.render([Message("user", "x")])

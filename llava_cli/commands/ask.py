@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 from .. import render
 from ..config import DEFAULT_PROMPT
-from ..errors import EXIT_BAD_INPUT, EXIT_OK, BadInput, LlavaError, UsageError
+from ..errors import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    BadInput,
+    ContextOverflow,
+    ImageError,
+    LlavaError,
+    UsageError,
+)
 from ..images import DEFAULT_MAX_PIXELS, PreparedImage
 from ..modelref import ModelFiles, resolve
 from ..options import RuntimeOptions, SamplingParams
@@ -53,12 +61,17 @@ class _Runner:
             self.conversation = None
 
 
-def read_prompt(opts: AskOptions, stdin_is_terminal: bool) -> str:
-    """``-p``; else text piped on stdin (unless stdin carries an image); else the default."""
+def read_prompt(opts: AskOptions) -> str:
+    """``-p``; else text piped on stdin (unless stdin carries an image); else the default.
+
+    Bytes that are not UTF-8 (a Latin-1 file, a stray byte in an argument) become U+FFFD
+    rather than an error: the model can still read the rest.
+    """
     if opts.prompt is not None:
-        return opts.prompt
-    if "-" not in opts.images and not stdin_is_terminal:
-        piped = sys.stdin.read().strip()
+        return opts.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    stdin = sys.stdin
+    if "-" not in opts.images and stdin is not None and not stdin.isatty():
+        piped = stdin.buffer.read().decode("utf-8", "replace").strip()
         if piped:
             return piped
     return DEFAULT_PROMPT
@@ -69,7 +82,7 @@ def run(opts: AskOptions) -> int:
         raise UsageError("no image given", "llava ask IMAGE... -p 'question'")
     if opts.images.count("-") > 1:
         raise UsageError("standard input ('-') can be read only once")
-    prompt = read_prompt(opts, sys.stdin.isatty())
+    prompt = read_prompt(opts)
     runner = _Runner(opts, resolve(opts.model, opts.mmproj))
     try:
         if opts.together:
@@ -97,9 +110,7 @@ def _answer_one(runner: _Runner, source: str, prompt: str) -> None:
     try:
         image = _prepare(source, opts)
         completion = _ask(runner.get(), [image], prompt, opts)
-    except LlavaError as exc:
-        if len(opts.images) == 1 or not _is_per_image(exc):
-            raise
+    except (ImageError, ContextOverflow) as exc:  # this image's problem: go on with the rest
         runner.failures.append(exc)
         render.error(exc.one_line())
         if opts.json:
@@ -118,12 +129,6 @@ def _answer_together(runner: _Runner, prompt: str) -> None:
     if opts.json:
         images = [{"image": p.source, "sha256": p.sha256} for p in prepared]
         render.json_line({"images": images, **_record(runner.files, completion, prompt)})
-
-
-def _is_per_image(exc: LlavaError) -> bool:
-    from ..errors import ContextOverflow, ImageError
-
-    return isinstance(exc, ImageError | ContextOverflow)
 
 
 def _load(opts: AskOptions, files: ModelFiles) -> Conversation:

@@ -53,6 +53,16 @@ def run(*, verbose: bool = False) -> int:
 
 
 def self_test(*, verbose: bool = False) -> bool:
+    from ..errors import LlavaError
+
+    try:
+        return _self_test(verbose=verbose)
+    except LlavaError as exc:
+        sys.stdout.write(f"self-test          FAIL: {exc.one_line()}\n")
+        return False
+
+
+def _self_test(*, verbose: bool) -> bool:
     from ..conversation import Conversation, open_model
     from ..images import prepare
     from ..options import RuntimeOptions, SamplingParams

@@ -1,0 +1,202 @@
+"""A loaded text model and its libmtmd projector, checked before llama.cpp sees them."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd
+
+from ..errors import ModelFileError
+from ..gguf_file import GGUFInfo, check_pair, read_gguf
+from ..templates import MEDIA_MARKER
+from .native import INTERRUPTS, LOGS, default_threads, init
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    model: Path
+    mmproj: Path
+    n_threads: int = 0  # 0: one per available CPU
+    n_batch: int = 512
+    gpu_layers: int = -1  # -1: all layers, where the build supports offload
+    image_on_cpu: bool = False
+    flash_attn: bool | None = None  # None: let llama.cpp decide
+    verbose: bool = False
+
+
+def flash_attn_type(flag: bool | None) -> int:
+    if flag is None:
+        return int(llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
+    return int(
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if flag
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+
+
+class Engine:
+    """The weights: a text model and its projector. Make sessions from it; close it when done."""
+
+    def __init__(self, opts: LoadOptions, model_info: GGUFInfo, mmproj_info: GGUFInfo) -> None:
+        self.opts = opts
+        self.model_info = model_info
+        self.mmproj_info = mmproj_info
+        self.model: Any = None
+        self.mctx: Any = None
+        self.vocab: Any = None
+        self.load_s = 0.0
+        self.n_threads = opts.n_threads or default_threads()
+        self.embeddings = EmbeddingCache()
+
+    @classmethod
+    def load(cls, opts: LoadOptions) -> Engine:
+        model_info = read_gguf(opts.model, "model")
+        mmproj_info = read_gguf(opts.mmproj, "mmproj")
+        check_pair(model_info, mmproj_info)
+        init(opts.verbose)
+        engine = cls(opts, model_info, mmproj_info)
+        try:
+            with INTERRUPTS.native():
+                engine._load()
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    def _load(self) -> None:
+        start = time.perf_counter()
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = self.opts.gpu_layers if offload else 0
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+        mparams.progress_callback = INTERRUPTS.progress_callback
+        self.model = llama_cpp.llama_model_load_from_file(str(self.opts.model).encode(), mparams)
+        if not self.model:
+            INTERRUPTS.check()  # a Ctrl-C aborts loading through the progress callback
+            raise ModelFileError(
+                f"llama.cpp could not load model {self.opts.model}: {LOGS.last_error()}",
+                "check that the file is a complete GGUF text model (download it again?)",
+            )
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        cparams = mtmd.mtmd_context_params_default()
+        cparams.use_gpu = offload and not self.opts.image_on_cpu
+        cparams.n_threads = self.n_threads
+        cparams.print_timings = self.opts.verbose
+        cparams.warmup = False
+        cparams.media_marker = MEDIA_MARKER.encode()
+        cparams.flash_attn_type = flash_attn_type(self.opts.flash_attn)
+        self.mctx = mtmd.mtmd_init_from_file(str(self.opts.mmproj).encode(), self.model, cparams)
+        if not self.mctx:
+            raise ModelFileError(
+                f"libmtmd could not load mmproj {self.opts.mmproj} for model "
+                f"{self.opts.model.name}: {LOGS.last_error() or 'unknown error'}",
+                "use the mmproj published with this model",
+            )
+        if not mtmd.mtmd_support_vision(self.mctx):
+            raise ModelFileError(
+                f"mmproj {self.opts.mmproj} has no vision encoder",
+                "use the vision projector (mmproj) that belongs to the model",
+            )
+        self.load_s = time.perf_counter() - start
+
+    @property
+    def n_embd(self) -> int:
+        return int(llama_cpp.llama_model_n_embd_inp(self.model))
+
+    @property
+    def n_ctx_train(self) -> int:
+        return int(llama_cpp.llama_model_n_ctx_train(self.model))
+
+    @property
+    def n_vocab(self) -> int:
+        return int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.model_info.get_str("tokenizer.chat_template")
+
+    @property
+    def bos_token(self) -> int:
+        return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    def special_text(self, which: str) -> str:
+        """The text of the BOS or EOS token ("bos"/"eos"), for chat templates."""
+        vocab_fn = llama_cpp.llama_vocab_bos if which == "bos" else llama_cpp.llama_vocab_eos
+        tok = vocab_fn(self.vocab)
+        if tok < 0:
+            return ""
+        raw = llama_cpp.llama_vocab_get_text(self.vocab, tok)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def token_piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Text to tokens; special-token text (``</s>``, ``<|im_end|>``) becomes those tokens."""
+        raw = text.encode("utf-8", errors="replace")
+        cap = len(raw) + 8
+        arr = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), arr, cap, add_special, True)
+        if n < 0:
+            cap = -n
+            arr = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), arr, cap, add_special, True)
+        return list(arr[:n])
+
+    def new_session(self, n_ctx: int) -> Session:
+        from .session import Session
+
+        return Session(self, n_ctx)
+
+    def close(self) -> None:
+        if self.mctx:
+            mtmd.mtmd_free(self.mctx)
+            self.mctx = None
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class EmbeddingCache:
+    """Image embeddings by (image key, chunk index), least recently used out first."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: tuple[str, int]) -> Any:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[str, int], value: Any) -> None:
+        self.items[key] = value
+        self.nbytes += ctypes.sizeof(value)
+        while self.nbytes > self.max_bytes and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.nbytes -= ctypes.sizeof(old)

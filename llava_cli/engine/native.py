@@ -1,0 +1,155 @@
+"""The process-wide side of llama.cpp: log routing, Ctrl-C around native calls, build info.
+
+llama.cpp, ggml and libmtmd all print unless told otherwise; their lines go to stderr only when
+verbose, and the last warnings are kept to explain failures.
+
+A SIGINT that arrives while C code runs is delivered by CPython inside the next ctypes callback
+(a log line, an abort check), where a KeyboardInterrupt would be swallowed with a traceback.
+While native work is under way the handler therefore only records the interrupt; the abort
+callback stops a long decode early, and the interrupt is raised once back in Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd
+
+_LOG_DEBUG, _LOG_WARN, _LOG_CONT = 1, 3, 5  # ggml_log_level
+
+
+class _LogRouter:
+    def __init__(self) -> None:
+        self.verbose = False
+        self.debug = os.environ.get("LLAVA_DEBUG", "") not in ("", "0")
+        self._level = 0
+        self.recent: deque[str] = deque(maxlen=64)
+        self.callback = llama_cpp.llama_log_callback(self._on_log)
+        self.installed = False
+
+    def _on_log(self, level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
+        try:
+            if level != _LOG_CONT:
+                self._level = level
+            message = text.decode("utf-8", errors="replace") if text else ""
+            if self.verbose and (self._level != _LOG_DEBUG or self.debug):
+                sys.stderr.write(message)
+                sys.stderr.flush()
+            if self._level >= _LOG_WARN and message.strip():
+                self.recent.append(message.strip())
+        except BaseException:  # never let an exception escape into C
+            INTERRUPTS.pending = True
+
+    def last_error(self) -> str:
+        for line in reversed(self.recent):
+            if "error" in line.lower() or "fail" in line.lower() or "mismatch" in line:
+                return line.split(": ", 1)[-1] if ": " in line else line
+        return self.recent[-1] if self.recent else ""
+
+
+class _Interrupts:
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending = False
+        self.previous: Any = None
+        self.abort_callback = llama_cpp.ggml_abort_callback(self._should_abort)
+        self.progress_callback = llama_cpp.llama_progress_callback(self._keep_loading)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGINT)
+        if current != self._handler:  # (a bound method: compare with ==, not is)
+            self.previous = current
+            signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.depth:
+            self.pending = True
+            return
+        if callable(self.previous):
+            self.previous(signum, frame)
+        elif self.previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    def _should_abort(self, _data: ctypes.c_void_p) -> bool:
+        return self.pending
+
+    def _keep_loading(self, _progress: float, _data: ctypes.c_void_p) -> bool:
+        return not self.pending
+
+    @contextmanager
+    def native(self) -> Iterator[None]:
+        """Native work: Ctrl-C is recorded, then raised as KeyboardInterrupt on the way out."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0:
+            self.check()
+
+    def check(self) -> None:
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+LOGS = _LogRouter()
+INTERRUPTS = _Interrupts()
+
+
+def init(verbose: bool) -> None:
+    """Route logs (and Ctrl-C); idempotent. Call before any other llama.cpp function."""
+    LOGS.verbose = verbose
+    INTERRUPTS.install()
+    if not LOGS.installed:
+        llama_cpp.llama_log_set(LOGS.callback, None)
+        mtmd.mtmd_log_set(LOGS.callback, None)
+        mtmd.mtmd_helper_log_set(LOGS.callback, None)
+        llama_cpp.llama_backend_init()
+        LOGS.installed = True
+
+
+def backend_info() -> dict[str, Any]:
+    """What this llama.cpp build can do, for ``llava doctor`` and the chat header."""
+    init(LOGS.verbose)
+    system = (llama_cpp.llama_print_system_info() or b"").decode("utf-8", errors="replace")
+    # "CUDA : ARCHS = 890 | … | CPU : SSE3 = 1 | AVX2 = 1 | …": one section per backend.
+    sections: dict[str, list[str]] = {}
+    current = "CPU"
+    for field_text in system.split("|"):
+        entry = field_text
+        if " : " in entry:
+            header, _, entry = entry.partition(" : ")
+            current = header.strip()
+            sections.setdefault(current, [])
+        key, _, value = entry.partition("=")
+        if value.strip() == "1":
+            sections.setdefault(current, []).append(key.strip())
+    backends = [name for name in sections if name != "CPU"] or ["CPU"]
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "backend": backends[0],
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "system_info": system.strip(),
+        "cpu_features": sections.get("CPU", []),
+        "mmap": bool(llama_cpp.llama_supports_mmap()),
+    }
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
