@@ -41,6 +41,11 @@ class PreparedImage:
 def read_source(source: str, stdin: BinaryIO | None = None) -> bytes:
     """The bytes of ``source``: a file path, or ``-`` for standard input."""
     if source == "-":
+        if stdin is None and (sys.stdin is None or sys.stdin.isatty()):
+            raise ImageError(
+                "'-' reads an image from standard input, but nothing is piped in",
+                "pipe an image in: cat x.png | llava ask -",
+            )
         data = (stdin or sys.stdin.buffer).read()
         if not data:
             raise ImageError(

@@ -107,6 +107,8 @@ def _prepare(source: str, opts: AskOptions) -> PreparedImage:
 
 def _answer_one(runner: _Runner, source: str, prompt: str) -> None:
     opts = runner.opts
+    if len(opts.images) > 1 and not opts.json and render.stderr_is_terminal():
+        render.info(f"==> {source} <==")  # which answer is which, for a reader at a terminal
     try:
         image = _prepare(source, opts)
         completion = _ask(runner.get(), [image], prompt, opts)
