@@ -68,6 +68,7 @@ class Conversation:
         self, prompt: str, images: Sequence[PreparedImage], sampling: SamplingParams
     ) -> Iterator[str]:
         """Add a user turn and stream the answer; the answer joins the conversation."""
+        self.loaded.session.last = None
         user = Message("user", prompt, n_images=len(images))
         head = [Message("system", self.system)] if self.system is not None else []
         rendered = self.loaded.fmt.render([*head, *self.messages, user])
@@ -75,8 +76,11 @@ class Conversation:
         session.evaluate(rendered.text, [*self.images, *images], add_special=rendered.add_bos)
         self.messages.append(user)
         self.images.extend(images)
-        yield from session.generate(sampling)
-        self.messages.append(Message("assistant", self.last.text))
+        try:
+            yield from session.generate(sampling)
+        finally:  # an answer cut short (Ctrl-C, a closed stream) stays, as far as it got
+            if session.last is not None:
+                self.messages.append(Message("assistant", session.last.text))
 
     @property
     def last(self) -> Completion:

@@ -38,10 +38,6 @@ class UsageError(LlavaError):
     exit_code = EXIT_USAGE
 
 
-class ConfigError(LlavaError):
-    exit_code = EXIT_USAGE
-
-
 class ModelNotAvailable(LlavaError):
     """The model (or its projector) is not on disk and cannot be fetched."""
 

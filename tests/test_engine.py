@@ -233,3 +233,16 @@ except KeyboardInterrupt:
         )
         assert done.stdout.strip() == "interrupted", done.stderr
         assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_answer_cut_short_stays_in_the_conversation(
+    random_model: LoadedModel, images: Path
+) -> None:
+    conv = Conversation(random_model)
+    stream = conv.ask("Go.", [pic(images, "red")], SamplingParams(seed=1, max_tokens=50))
+    first = next(stream)
+    stream.close()  # the reader stops early, as Ctrl-C in a chat will
+    assert conv.last.finish_reason == "interrupted"
+    assert conv.last.text.startswith(first)
+    assert [m.role for m in conv.messages] == ["user", "assistant"]
+    assert conv.messages[-1].content == conv.last.text

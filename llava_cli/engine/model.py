@@ -173,12 +173,6 @@ class Engine:
             llama_cpp.llama_model_free(self.model)
             self.model = None
 
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
 
 class EmbeddingCache:
     """Image embeddings by (image key, chunk index), least recently used out first."""

@@ -144,7 +144,6 @@ def backend_info() -> dict[str, Any]:
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "system_info": system.strip(),
         "cpu_features": sections.get("CPU", []),
-        "mmap": bool(llama_cpp.llama_supports_mmap()),
     }
 
 

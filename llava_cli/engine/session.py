@@ -436,16 +436,6 @@ class Session:
                 ),
             )
 
-    def perf(self) -> dict[str, float]:
-        """llama.cpp's own counters for this context (for benchmarks)."""
-        data = llama_cpp.llama_perf_context(self.ctx)
-        return {
-            "prompt_eval_ms": data.t_p_eval_ms,
-            "prompt_tokens": data.n_p_eval,
-            "eval_ms": data.t_eval_ms,
-            "eval_tokens": data.n_eval,
-        }
-
 
 def _build_sampler(params: SamplingParams, seed: int, n_vocab: int) -> Any:
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
