@@ -15,6 +15,7 @@ import typer
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
+from .images import DEFAULT_MAX_PIXELS
 from .options import RuntimeOptions, SamplingParams
 
 
@@ -155,7 +156,7 @@ def ask(
             help="Refuse images with more pixels than this.",
             rich_help_panel=_RUNTIME,
         ),
-    ] = 100_000_000,
+    ] = DEFAULT_MAX_PIXELS,
     together: Annotated[
         bool, typer.Option(help="Send all images in one prompt; one answer.")
     ] = False,

@@ -22,10 +22,6 @@ class Paths:
     data_dir: Path
     cache_dir: Path
 
-    @property
-    def models_dir(self) -> Path:
-        return self.data_dir / "models"
-
 
 def paths(env: dict[str, str] | None = None) -> Paths:
     env = dict(os.environ) if env is None else env

@@ -28,12 +28,6 @@ def error(message: str) -> None:
     sys.stderr.flush()
 
 
-def warn(message: str) -> None:
-    prefix = "\x1b[33mWarning:\x1b[0m " if _color(sys.stderr) else "Warning: "
-    sys.stderr.write(prefix + message + "\n")
-    sys.stderr.flush()
-
-
 def info(message: str) -> None:
     """A progress or diagnostic line on stderr."""
     line = f"\x1b[2m{message}\x1b[0m" if _color(sys.stderr) else message
@@ -41,20 +35,19 @@ def info(message: str) -> None:
     sys.stderr.flush()
 
 
-def stream_answer(chunks: Iterable[str], out: TextIO | None = None) -> str:
-    """Write text chunks to stdout as they come, then a newline. Returns the whole text."""
+def stream_answer(chunks: Iterable[str], out: TextIO | None = None) -> None:
+    """Write text chunks to stdout as they come, then a newline (also after a cut-off one)."""
     out = out or sys.stdout
-    parts: list[str] = []
+    wrote = False
     try:
         for chunk in chunks:
-            parts.append(chunk)
             out.write(chunk)
             out.flush()
+            wrote = True
     finally:
-        if parts or sys.exc_info()[0] is None:  # end the line, even a cut-off one
+        if wrote or sys.exc_info()[0] is None:
             out.write("\n")
             out.flush()
-    return "".join(parts)
 
 
 def json_line(record: dict[str, Any], out: TextIO | None = None) -> None:

@@ -18,7 +18,7 @@ from ..errors import (
     LlavaError,
     UsageError,
 )
-from ..images import DEFAULT_MAX_PIXELS, PreparedImage
+from ..images import DEFAULT_MAX_PIXELS, PreparedImage, load
 from ..modelref import ModelFiles, resolve
 from ..options import RuntimeOptions, SamplingParams
 
@@ -100,9 +100,7 @@ def run(opts: AskOptions) -> int:
 
 
 def _prepare(source: str, opts: AskOptions) -> PreparedImage:
-    from .. import images
-
-    return images.load(source, max_pixels=opts.max_pixels)
+    return load(source, max_pixels=opts.max_pixels)
 
 
 def _answer_one(runner: _Runner, source: str, prompt: str) -> None:
@@ -160,7 +158,7 @@ def _ask(
     if opts.runtime.verbose:
         session = conversation.loaded.session
         for image in images:
-            tokens = session.image_tokens.get(image.key, 0)
+            tokens = session.image_tokens(image.key)
             render.info(f"image {image.source}: {image.describe()}, {tokens} context tokens")
         t, u = completion.timings, completion.usage
         render.info(

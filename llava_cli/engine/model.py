@@ -46,10 +46,9 @@ def flash_attn_type(flag: bool | None) -> int:
 class Engine:
     """The weights: a text model and its projector. Make sessions from it; close it when done."""
 
-    def __init__(self, opts: LoadOptions, model_info: GGUFInfo, mmproj_info: GGUFInfo) -> None:
+    def __init__(self, opts: LoadOptions, model_info: GGUFInfo) -> None:
         self.opts = opts
         self.model_info = model_info
-        self.mmproj_info = mmproj_info
         self.model: Any = None
         self.mctx: Any = None
         self.vocab: Any = None
@@ -63,7 +62,7 @@ class Engine:
         mmproj_info = read_gguf(opts.mmproj, "mmproj")
         check_pair(model_info, mmproj_info)
         init(opts.verbose)
-        engine = cls(opts, model_info, mmproj_info)
+        engine = cls(opts, model_info)
         try:
             with INTERRUPTS.native():
                 engine._load()

@@ -134,7 +134,6 @@ class Session:
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.spans: list[_Span] = []
-        self.image_tokens: dict[str, int] = {}  # image key -> context tokens it takes
         self.counters = Counters()
         self._turn: _Turn | None = None
         self.last: Completion | None = None
@@ -148,6 +147,10 @@ class Session:
     def n_cells(self) -> int:
         """KV cells in use (equals n_past except for M-RoPE images)."""
         return sum(s.cells for s in self.spans)
+
+    def image_tokens(self, key: str) -> int:
+        """Context tokens the image with this key takes in the cache (0 if it is not there)."""
+        return next((s.cells for s in self.spans if s.kind == "image" and s.key == key), 0)
 
     def tokens(self) -> list[int | str]:
         """What the cache holds: token ids, and image keys for images."""
@@ -173,6 +176,7 @@ class Session:
             self._evaluate(prompt, images, add_special=add_special)
 
     def _evaluate(self, prompt: str, images: Sequence[Bitmap], *, add_special: bool) -> None:
+        self._turn = turn = _Turn(started=time.perf_counter())
         texts = prompt.split(MEDIA_MARKER)
         if len(texts) != len(images) + 1:
             raise EngineError(f"prompt has {len(texts) - 1} image markers for {len(images)} images")
@@ -188,7 +192,6 @@ class Session:
                 items.append(images[i])
         if not items or not isinstance(items[-1], list):
             raise EngineError("a prompt must end in text, not an image")
-        self._turn = turn = _Turn(started=time.perf_counter())
         rest = self._cut(items)
         turn.cached_tokens = self.n_cells
         if not rest:
@@ -312,7 +315,8 @@ class Session:
         """libmtmd's chunks for one image: its wrapper text tokens and its image tokens."""
         if len(image.rgb) != image.width * image.height * 3:
             raise ImageError(f"image {image.key[:12]} has a wrong pixel buffer size")
-        pixels = (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb)
+        # libmtmd copies the pixels; hand it the bytes' own buffer rather than a second copy.
+        pixels = ctypes.cast(ctypes.c_char_p(image.rgb), ctypes.POINTER(ctypes.c_uint8))
         bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, pixels)
         if not bitmap:
             raise ImageError(f"libmtmd rejected an image of {image.width}x{image.height} pixels")
@@ -378,7 +382,6 @@ class Session:
             if turn:
                 turn.prefill_s += time.perf_counter() - t0
         self.spans.append(_Span("image", start_pos, pos, key=key, image_cells=cells))
-        self.image_tokens[key] = cells
 
     # -- generation ---------------------------------------------------------------------------
 
