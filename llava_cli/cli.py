@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -19,7 +19,7 @@ from .images import DEFAULT_MAX_PIXELS
 from .options import RuntimeOptions, SamplingParams
 
 
-class ChatFormatChoice(str, Enum):
+class ChatFormatChoice(StrEnum):
     auto = "auto"
     gguf = "gguf"
     llava = "llava"
@@ -73,16 +73,32 @@ def ask(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option(envvar="LLAVA_MODEL", help="Model GGUF path.", rich_help_panel=_MODEL),
+        typer.Option(
+            "--model",
+            "-m",
+            envvar="LLAVA_MODEL",
+            help="NAME[:QUANT] from the registry, OWNER/REPO[:QUANT] on the hub, or a GGUF path. "
+            "Default: config.toml's model, else the registry default. Pulled if missing.",
+            rich_help_panel=_MODEL,
+        ),
     ] = None,
     mmproj: Annotated[
         str | None,
         typer.Option(
             envvar="LLAVA_MMPROJ",
-            help="Projector (mmproj) GGUF path. Default: the one *mmproj*.gguf beside the model.",
+            help="Projector (mmproj) GGUF path, with a --model path. "
+            "Default: the one *mmproj*.gguf beside the model.",
             rich_help_panel=_MODEL,
         ),
     ] = None,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            help="Never touch the network: a model that is not pulled is an error (exit 3). "
+            "Also HF_HUB_OFFLINE=1.",
+            rich_help_panel=_MODEL,
+        ),
+    ] = False,
     chat_format: Annotated[
         ChatFormatChoice,
         typer.Option(
@@ -200,6 +216,7 @@ def ask(
         max_pixels=max_pixels,
         together=together,
         json=json_out,
+        offline=offline,
     )
     raise typer.Exit(guarded(lambda: command.run(opts)))
 
@@ -214,6 +231,66 @@ def doctor(
     from .commands import doctor as command
 
     raise typer.Exit(guarded(lambda: command.run(verbose=verbose)))
+
+
+@app.command()
+def pull(
+    refs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="REF",
+            help="NAME[:QUANT] from the registry (see `llava list --available`) "
+            "or OWNER/REPO[:QUANT] on the hub.",
+        ),
+    ],
+    offline: Annotated[
+        bool, typer.Option(help="Only check what is on disk (also HF_HUB_OFFLINE=1).")
+    ] = False,
+) -> None:
+    """Download models and their projectors: resumable, verified by sha256, progress on stderr."""
+    from .commands import pull as command
+
+    raise typer.Exit(guarded(lambda: command.run(refs, offline=offline)))
+
+
+@app.command("list")
+def list_(
+    available: Annotated[
+        bool, typer.Option("--available", "-a", help="The registry: models you can pull.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="A JSON array on stdout.")] = False,
+) -> None:
+    """Pulled models: name, quant, size on disk and path."""
+    from .commands import models as command
+
+    if available:
+        raise typer.Exit(guarded(lambda: command.list_available(json=json_out)))
+    raise typer.Exit(guarded(lambda: command.list_pulled(json=json_out)))
+
+
+@app.command()
+def show(
+    ref: Annotated[str, typer.Argument(metavar="REF", help="NAME[:QUANT] or OWNER/REPO[:QUANT].")],
+    ctx: Annotated[
+        int | None,
+        typer.Option(envvar="LLAVA_CTX", min=64, help="Context size for the memory estimate."),
+    ] = None,
+) -> None:
+    """Everything about one model: files, hashes, license, where it is, memory it needs."""
+    from .commands import models as command
+
+    raise typer.Exit(guarded(lambda: command.show(ref, ctx=ctx)))
+
+
+@app.command()
+def rm(
+    refs: Annotated[list[str], typer.Argument(metavar="REF", help="Pulled models to remove.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Remove pulled models' files (asks first on a terminal)."""
+    from .commands import models as command
+
+    raise typer.Exit(guarded(lambda: command.rm(refs, yes=yes)))
 
 
 def guarded(action: Callable[[], int]) -> int:

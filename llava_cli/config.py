@@ -1,15 +1,19 @@
-"""Where things live, and defaults read from the environment.
+"""Where things live, and defaults read from the environment and ``config.toml``.
 
-Precedence for every setting: command-line flag > ``LLAVA_*`` environment variable > default.
-(Typer reads the environment for each option; this module holds the paths and shared defaults.)
+Precedence for every setting: command-line flag > ``LLAVA_*`` environment variable > config
+file > default. (Typer reads the environment for each option; this module holds the paths, the
+config file and shared defaults.)
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import ConfigError
 
 DEFAULT_CTX = 4096
 DEFAULT_PROMPT = "Describe this image."
@@ -45,3 +49,56 @@ def paths(env: dict[str, str] | None = None) -> Paths:
 
 def debug_enabled() -> bool:
     return os.environ.get("LLAVA_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or the older ``TRANSFORMERS_OFFLINE``), as huggingface_hub reads it."""
+    return _true(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, where pulled models live (shared with other tools).
+
+    Same rules as huggingface_hub: ``HF_HUB_CACHE``, else ``HF_HOME``/hub, else
+    ``$XDG_CACHE_HOME``/huggingface/hub, else ~/.cache/huggingface/hub.
+    """
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(os.path.expandvars(explicit)).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "huggingface",
+    )
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+CONFIG_KEYS = {"model": "the model used when none is named (NAME[:QUANT], OWNER/REPO or a path)"}
+
+
+def config_file() -> Path:
+    return paths().config_dir / "config.toml"
+
+
+def settings() -> dict[str, str]:
+    """``config.toml``, checked strictly: unknown keys and wrong types are errors."""
+    path = config_file()
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax") from exc
+    for key, value in data.items():
+        if key not in CONFIG_KEYS:
+            raise ConfigError(
+                f"{path}: unknown key {key!r}", "known keys: " + ", ".join(sorted(CONFIG_KEYS))
+            )
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{path}: {key} must be a non-empty string", CONFIG_KEYS[key])
+    return {key: str(value) for key, value in data.items()}

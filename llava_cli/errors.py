@@ -1,7 +1,8 @@
 """Typed errors. Each carries the exit code the CLI returns and a hint that says what to do.
 
 Third-party exceptions are translated into these where they arise (Pillow in ``images``,
-llama.cpp in ``engine``); ``cli.main`` is the one place that prints them.
+llama.cpp in ``engine``, huggingface_hub in ``hub``); ``cli.guarded`` is the one place that
+prints them.
 """
 
 from __future__ import annotations
@@ -38,10 +39,20 @@ class UsageError(LlavaError):
     exit_code = EXIT_USAGE
 
 
+class ConfigError(UsageError):
+    """A settings or registry file (``config.toml``, ``models.toml``) is invalid."""
+
+
 class ModelNotAvailable(LlavaError):
     """The model (or its projector) is not on disk and cannot be fetched."""
 
     exit_code = EXIT_MODEL_UNAVAILABLE
+
+
+class DownloadError(LlavaError):
+    """A transfer from the hub failed: network, server, disk space or a hash mismatch."""
+
+    exit_code = EXIT_RUNTIME
 
 
 class BadInput(LlavaError):

@@ -1,15 +1,28 @@
-"""Turn what the user named (``--model``, ``--mmproj``, ``LLAVA_MODEL``) into two GGUF paths.
+"""Turn what the user named into two GGUF paths, pulling them first when needed.
 
-Local files work today. Registry names (``llava-1.5-7b:q8_0``) and hub repos resolve through
-the registry once it exists; until then naming one is a clear "model not available" error.
+A model is named three ways: local files (``--model PATH --mmproj PATH``), a registry entry
+(``NAME[:QUANT]``, aliases too), or any hub repo (``OWNER/REPO[:QUANT]``). With nothing named:
+``LLAVA_MODEL`` (read by the CLI), then ``config.toml``'s ``model``, then the registry default.
+Whatever is already on disk, in llava's records or the shared hub cache, is used without a
+network request.
 """
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotAvailable, UsageError
+from . import hub, registry, store
+from .errors import DownloadError, ModelNotAvailable, UsageError
+from .registry import FileSpec, Ref
+from .store import RepoCache
+
+QUANT_PREFERENCE = ("Q4_K_M", "Q8_0")
+MMPROJ_PREFERENCE = ("F16", "BF16", "Q8_0", "F32")
+_QUANT_LABEL = re.compile(r"(?:^|[-._])(I?Q\d[A-Z0-9_]*|BF16|F16|F32|INT4|INT8)$")
 
 
 @dataclass(frozen=True)
@@ -17,28 +30,275 @@ class ModelFiles:
     name: str  # what to call it in output
     model: Path
     mmproj: Path
+    chat_format: str | None = None  # the registry's layout for this model, when it has one
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model named by reference: its hub repo, revision and two files."""
+
+    ref: str  # canonical NAME:QUANT or OWNER/REPO:QUANT
+    name: str  # display name
+    repo: str
+    revision: str
+    quant: str
+    model: FileSpec
+    mmproj: FileSpec
+    chat_format: str
+
+
+@dataclass(frozen=True)
+class PullResult:
+    files: ModelFiles
+    target: Target
+    fetched: int  # bytes downloaded by this pull (0: everything was already here)
 
 
 def looks_like_path(ref: str) -> bool:
     return ref.lower().endswith(".gguf") or Path(ref).expanduser().exists()
 
 
-def resolve(model: str | None, mmproj: str | None) -> ModelFiles:
-    if not model:
-        raise ModelNotAvailable(
-            "no model given",
-            "pass --model PATH.gguf --mmproj PATH.gguf, or set LLAVA_MODEL and LLAVA_MMPROJ",
-        )
-    if not looks_like_path(model):
-        raise ModelNotAvailable(
-            f"model {model!r} is not a local GGUF file, and this version cannot fetch "
-            "models by name yet",
-            "pass --model PATH.gguf --mmproj PATH.gguf",
-        )
-    model_path = Path(model).expanduser()
+def default_ref() -> str:
+    from .config import settings
+
+    return settings().get("model") or registry.load().default
+
+
+def resolve(
+    model: str | None, mmproj: str | None, *, offline: bool, progress: hub.Progress | None = None
+) -> ModelFiles:
+    """The files ``ask``/``chat`` load: local paths, or a reference, pulled when missing.
+
+    Without ``progress`` a missing model is an error instead of a download.
+    """
+    text = model or default_ref()
+    if looks_like_path(text):
+        path = Path(text).expanduser()
+        if mmproj:
+            return ModelFiles(path.name, path, Path(mmproj).expanduser())
+        return ModelFiles(path.name, path, find_mmproj(path))
     if mmproj:
-        return ModelFiles(model_path.name, model_path, Path(mmproj).expanduser())
-    return ModelFiles(model_path.name, model_path, find_mmproj(model_path))
+        raise UsageError(
+            f"--mmproj goes with a local --model PATH, not with {text!r}",
+            "a model named by reference brings its own projector",
+        )
+    ref = registry.parse_ref(text)
+    found = find_local(ref)
+    if found is not None:
+        return found
+    if offline or progress is None:
+        name = str(ref) if ref.is_repo else registry_target(ref).ref
+        why = "offline mode is on" if offline else "it is not pulled"
+        raise ModelNotAvailable(
+            f"{name} is not on this machine and {why}", f"run: llava pull {name}"
+        )
+    return pull(ref, progress).files
+
+
+def find_local(ref: Ref) -> ModelFiles | None:
+    """The model's files if they are on disk (llava's record, else the hub cache); no network."""
+    target = registry_target(ref) if not ref.is_repo else None
+    record = store.record_for(target.ref if target else _repo_ref(ref))
+    if record is not None and record.present():
+        return ModelFiles(
+            record.ref, Path(record.model.path), Path(record.mmproj.path), record.chat_format
+        )
+    if target is None:
+        return _local_repo(ref)
+    cache = RepoCache.of(target.repo)
+    commit = cache.commit_for(target.revision)
+    found = [
+        cache.find(spec.file, digest=spec.sha256, size=spec.size, commit=commit)
+        for spec in (target.model, target.mmproj)
+    ]
+    if found[0] is None or found[1] is None:
+        return None
+    return ModelFiles(target.ref, found[0], found[1], target.chat_format)
+
+
+def _repo_ref(ref: Ref) -> str:
+    """Records of repo pulls are kept under the quant that was chosen; find it if unnamed."""
+    if ref.quant:
+        return f"{ref.name}:{ref.quant.upper()}"
+    prefix = ref.name + ":"
+    pulled = sorted(r.ref for r in store.records() if r.ref.startswith(prefix))
+    return pulled[0] if len(pulled) == 1 else f"{ref.name}:?"
+
+
+def _local_repo(ref: Ref) -> ModelFiles | None:
+    cache = RepoCache.of(ref.name)
+    commit = cache.commit_for("main")
+    if commit is None:
+        return None
+    sizes = {
+        name: cache.snapshot(commit, name).stat().st_size for name in cache.snapshot_files(commit)
+    }
+    try:
+        quant, model, mmproj = choose_files(ref, sizes)
+    except (ModelNotAvailable, UsageError):
+        return None
+    return ModelFiles(
+        f"{ref.name}:{quant}", cache.snapshot(commit, model), cache.snapshot(commit, mmproj)
+    )
+
+
+def _local_target(ref: Ref, found: ModelFiles) -> Target:
+    quant = found.name.rsplit(":", 1)[-1]
+    model, mmproj = FileSpec(found.model.name), FileSpec(found.mmproj.name)
+    return Target(found.name, ref.name, ref.name, "main", quant, model, mmproj, "gguf")
+
+
+def registry_target(ref: Ref) -> Target:
+    spec = registry.load().get(ref.name)
+    quant, model = spec.quant(ref.quant)
+    return Target(
+        f"{spec.key}:{quant}",
+        spec.name,
+        spec.repo,
+        spec.revision,
+        quant,
+        model,
+        spec.mmproj,
+        spec.chat_format,
+    )
+
+
+def quant_of(file: str) -> str | None:
+    """``gemma-3-4b-it-Q4_K_M.gguf`` → ``Q4_K_M``; ``…-f16.gguf`` → ``F16``."""
+    stem = file[: -len(".gguf")] if file.lower().endswith(".gguf") else file
+    match = _QUANT_LABEL.search(stem.upper())
+    return match.group(1) if match else None
+
+
+def choose_files(ref: Ref, sizes: Mapping[str, int]) -> tuple[str, str, str]:
+    """From a repo's files: (quant, model file, mmproj file) for the quant asked for.
+
+    Default quant: Q4_K_M, then Q8_0, then the smallest file. The projector: the one whose
+    quant matches the model's, else F16, BF16, Q8_0, else the first by name.
+    """
+    ggufs = {n: s for n, s in sizes.items() if n.lower().endswith(".gguf") and "/" not in n}
+    projectors = sorted(n for n in ggufs if "mmproj" in n.lower())
+    models = {n: s for n, s in ggufs.items() if n not in projectors}
+    if not models:
+        raise ModelNotAvailable(f"{ref.name} has no GGUF model file", "is it a GGUF repo?")
+    if not projectors:
+        raise ModelNotAvailable(
+            f"{ref.name} has no mmproj file, so it cannot read images",
+            "choose a vision model repo with an mmproj-*.gguf file",
+        )
+    by_quant: dict[str, str] = {}
+    for name in sorted(models, key=lambda n: models[n]):
+        by_quant.setdefault(quant_of(name) or name, name)
+    if ref.quant:
+        wanted = next((q for q in by_quant if q.upper() == ref.quant.upper()), None)
+        if wanted is None:
+            raise UsageError(
+                f"{ref.name} has no {ref.quant.upper()} file",
+                "choose one of " + ", ".join(sorted(by_quant)),
+            )
+    else:
+        wanted = next((q for q in QUANT_PREFERENCE if q in by_quant), next(iter(by_quant)))
+    mmproj_quants = {quant_of(p) or p: p for p in projectors}
+    order = (wanted, *MMPROJ_PREFERENCE)
+    mmproj = next((mmproj_quants[q] for q in order if q in mmproj_quants), projectors[0])
+    return wanted, by_quant[wanted], mmproj
+
+
+def plan(ref: Ref) -> tuple[Target, list[hub.RemoteFile]]:
+    """Ask the hub about the model's two files (no download yet); check them against pins."""
+    if ref.is_repo:
+        listing = hub.list_files(ref.name, "main")
+        quant, model, mmproj = choose_files(ref, listing.sizes)
+        target = Target(
+            f"{ref.name}:{quant}",
+            ref.name,
+            ref.name,
+            "main",
+            quant,
+            FileSpec(model),
+            FileSpec(mmproj),
+            "gguf",
+        )
+        revision = listing.commit
+    else:
+        target = registry_target(ref)
+        revision = target.revision
+    remotes = [hub.file_info(target.repo, revision, s.file) for s in (target.model, target.mmproj)]
+    for spec, remote in zip((target.model, target.mmproj), remotes, strict=True):
+        _check_pins(target, spec, remote)
+    return target, remotes
+
+
+def _check_pins(target: Target, spec: FileSpec, remote: hub.RemoteFile) -> None:
+    """A registry pin that disagrees with the hub stops the pull before a byte is fetched."""
+    if spec.sha256 is not None and spec.sha256 != remote.digest:
+        raise DownloadError(
+            f"{spec.file} in {target.repo}: the hub's sha256 {remote.digest} differs from the "
+            f"registry's {spec.sha256}",
+            "the registry entry is out of date or the file changed; nothing was downloaded",
+        )
+    if spec.size is not None and spec.size != remote.size:
+        raise DownloadError(
+            f"{spec.file} in {target.repo}: the hub's size {remote.size} differs from the "
+            f"registry's {spec.size}",
+            "the registry entry is out of date or the file changed; nothing was downloaded",
+        )
+
+
+def pull(ref: Ref, progress: hub.Progress, *, offline: bool = False) -> PullResult:
+    """Make the model's files present: reuse what is on disk, download (resumably) the rest."""
+    if not ref.is_repo or offline:  # a hub repo is checked for a newer commit when online
+        found = find_local(ref)
+        if found is not None:
+            target = registry_target(ref) if not ref.is_repo else _local_target(ref, found)
+            _remember(target, found)
+            return PullResult(found, target, 0)
+    if offline:
+        raise ModelNotAvailable(f"cannot pull {ref}: offline mode is on", "unset HF_HUB_OFFLINE")
+    target, remotes = plan(ref)
+    cache = RepoCache.of(target.repo)
+    missing = [
+        r for r in remotes if cache.find(r.file, digest=r.digest, size=r.size, commit=None) is None
+    ]
+    unique = {r.digest: r for r in missing}.values()
+    needed = sum(r.size - _partial_size(cache, r) for r in unique)
+    if needed:
+        hub.check_space(cache.folder, needed)
+    for remote in unique:
+        hub.download(cache, remote, progress)
+    paths = [cache.link(r.commit, r.file, r.digest) for r in remotes]
+    cache.set_ref(target.revision, remotes[0].commit)
+    files = ModelFiles(target.ref, paths[0], paths[1], target.chat_format)
+    _remember(target, files, [r.digest for r in remotes])
+    return PullResult(files, target, needed)
+
+
+def _partial_size(cache: RepoCache, remote: hub.RemoteFile) -> int:
+    partial = cache.partial(remote.digest)
+    return partial.stat().st_size if partial.is_file() else 0
+
+
+def _remember(target: Target, files: ModelFiles, digests: list[str] | None = None) -> None:
+    stored = []
+    pairs = ((target.model, files.model), (target.mmproj, files.mmproj))
+    for i, (spec, path) in enumerate(pairs):
+        digest = digests[i] if digests else path.resolve().name
+        stored.append(store.StoredFile(spec.file, digest, path.stat().st_size, str(path)))
+    commit = files.model.parent.name if store.is_commit(files.model.parent.name) else ""
+    store.save(
+        store.Pulled(
+            ref=target.ref,
+            name=target.name,
+            repo=target.repo,
+            revision=target.revision,
+            commit=commit,
+            quant=target.quant,
+            chat_format=target.chat_format,
+            model=stored[0],
+            mmproj=stored[1],
+            pulled_at=time.time(),
+        )
+    )
 
 
 def find_mmproj(model: Path) -> Path:

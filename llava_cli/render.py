@@ -50,7 +50,125 @@ def stream_answer(chunks: Iterable[str], out: TextIO | None = None) -> None:
             out.flush()
 
 
+def json_value(value: Any, out: TextIO | None = None) -> None:
+    """One JSON document on stdout, indented for people, valid for ``jq``."""
+    out = out or sys.stdout
+    out.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+    out.flush()
+
+
 def json_line(record: dict[str, Any], out: TextIO | None = None) -> None:
     out = out or sys.stdout
     out.write(json.dumps(record, ensure_ascii=False) + "\n")
     out.flush()
+
+
+def confirm(question: str) -> bool:
+    """Ask on the terminal (the question on stderr); anything but y/yes is no."""
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    try:
+        answer = sys.stdin.readline()
+    except (OSError, ValueError):
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def table(rows: list[list[str]], out: TextIO | None = None) -> None:
+    """Plain aligned columns on stdout (the first row is the header); no colour, easy to cut."""
+    out = out or sys.stdout
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        out.write("  ".join(cells).rstrip() + "\n")
+    out.flush()
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+class PlainTransfer:
+    """Progress for a log: a line when a file starts, at each quarter, and when it is done."""
+
+    def __init__(self) -> None:
+        self._label, self._total, self._done, self._quarter = "", 0, 0, 0
+
+    def __enter__(self) -> PlainTransfer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def start(self, label: str, total: int, done: int) -> None:
+        self._label, self._total, self._done = label, total, done
+        self._quarter = 4 * done // max(total, 1)
+        info(f"downloading {label} ({human_bytes(total)})")
+
+    def advance(self, nbytes: int) -> None:
+        self._done += nbytes
+        quarter = 4 * self._done // max(self._total, 1)
+        if quarter > self._quarter and quarter < 4:
+            info(f"{self._label}: {25 * quarter}% of {human_bytes(self._total)}")
+        self._quarter = quarter
+
+    def finish(self, message: str) -> None:
+        info(message)
+
+    def note(self, message: str) -> None:
+        info(message)
+
+
+class RichTransfer:
+    """A Rich progress bar per file on stderr: bytes, speed and time left."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._console = Console(stderr=True, highlight=False)
+        self._progress = Progress(
+            TextColumn("{task.fields[label]}", markup=False),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=self._console,
+            transient=False,
+        )
+        self._task: Any = None
+
+    def __enter__(self) -> RichTransfer:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def start(self, label: str, total: int, done: int) -> None:
+        self._task = self._progress.add_task("", label=label, total=total, completed=done)
+
+    def advance(self, nbytes: int) -> None:
+        self._progress.update(self._task, advance=nbytes)
+
+    def finish(self, message: str) -> None:
+        self._console.print(message, markup=False, style="dim")
+
+    def note(self, message: str) -> None:
+        self._console.print(message, markup=False, style="dim")
+
+
+def transfer_progress() -> PlainTransfer | RichTransfer:
+    return RichTransfer() if stderr_is_terminal() else PlainTransfer()

@@ -220,11 +220,18 @@ def test_bad_input_exits_4_with_one_line(
     assert "Traceback" not in lines[0] and " — " in lines[0]  # what went wrong — what to do
 
 
-def test_model_by_name_is_not_available_yet(images: Path) -> None:
-    result = llava("ask", images / "red.png", "--model", "llava-1.5-7b")
+def test_model_not_pulled_while_offline_exits_3_with_the_pull_command(images: Path) -> None:
+    result = llava("ask", images / "red.png", "--model", "llava")  # an alias
     assert result.returncode == 3
-    assert result.stderr.decode().startswith("Error: model 'llava-1.5-7b' is not")
-    assert llava("ask", images / "red.png").returncode == 3  # no model at all
+    assert result.stdout == b""
+    assert result.stderr.decode() == (
+        "Error: llava-1.5-7b:Q4_K_M is not on this machine and offline mode is on"
+        " — run: llava pull llava-1.5-7b:Q4_K_M\n"
+    )
+    # No model named at all: the registry default, with the same advice.
+    default = llava("ask", images / "red.png")
+    assert default.returncode == 3
+    assert b"llava pull llava-1.5-7b:Q4_K_M" in default.stderr
 
 
 @pytest.mark.parametrize(

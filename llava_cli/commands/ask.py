@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .. import render
@@ -39,6 +39,7 @@ class AskOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     together: bool = False
     json: bool = False
+    offline: bool = False
 
 
 @dataclass
@@ -83,7 +84,10 @@ def run(opts: AskOptions) -> int:
     if opts.images.count("-") > 1:
         raise UsageError("standard input ('-') can be read only once")
     prompt = read_prompt(opts)
-    runner = _Runner(opts, resolve(opts.model, opts.mmproj))
+    files = model_files(opts.model, opts.mmproj, offline=opts.offline)
+    if files.chat_format == "llava" and opts.runtime.chat_format == "auto":
+        opts = replace(opts, runtime=replace(opts.runtime, chat_format="llava"))
+    runner = _Runner(opts, files)
     try:
         if opts.together:
             _answer_together(runner, prompt)
@@ -97,6 +101,14 @@ def run(opts: AskOptions) -> int:
     if any(isinstance(f, BadInput) for f in runner.failures):
         return EXIT_BAD_INPUT
     return runner.failures[0].exit_code
+
+
+def model_files(model: str | None, mmproj: str | None, *, offline: bool) -> ModelFiles:
+    """The model's files, pulled first (progress on stderr) unless offline."""
+    from ..config import hub_offline
+
+    with render.transfer_progress() as progress:
+        return resolve(model, mmproj, offline=offline or hub_offline(), progress=progress)
 
 
 def _prepare(source: str, opts: AskOptions) -> PreparedImage:

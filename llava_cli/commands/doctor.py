@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..config import paths
+from ..config import hf_hub_cache, hub_offline, paths
 
 
 def _line(label: str, value: object) -> None:
@@ -47,6 +47,8 @@ def run(*, verbose: bool = False) -> int:
     _line("config dir", where.config_dir)
     _line("data dir", where.data_dir)
     _line("cache dir", where.cache_dir)
+    _line("models (hub cache)", hf_hub_cache())
+    _line("offline", "yes (HF_HUB_OFFLINE)" if hub_offline() else "no")
     _line("disk", _free(where.data_dir))
     sys.stdout.flush()
     return 0 if self_test(verbose=verbose) else 1

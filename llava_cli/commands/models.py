@@ -1,0 +1,242 @@
+"""``llava list``, ``llava show`` and ``llava rm``: the models on disk and in the registry."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from .. import registry, render, store
+from ..config import DEFAULT_CTX, hub_offline
+from ..errors import EXIT_OK, LlavaError, ModelNotAvailable, UsageError
+from ..hub import RemoteFile
+from ..modelref import Target, find_local, plan, registry_target
+from ..registry import ModelSpec, Ref, parse_ref
+
+
+def list_pulled(*, json: bool = False) -> int:
+    records = list(store.records())
+    if json:
+        render.json_value([_record_json(r) for r in records])
+        return EXIT_OK
+    if not records:
+        render.info("no models pulled yet — try: llava pull " + registry.load().default)
+        return EXIT_OK
+    rows = [["NAME", "QUANT", "SIZE", "PULLED", "PATH"]]
+    for r in records:
+        when = time.strftime("%Y-%m-%d", time.localtime(r.pulled_at)) if r.pulled_at else "?"
+        size = render.human_bytes(r.size) if r.present() else "missing"
+        rows.append([r.ref.rsplit(":", 1)[0], r.quant, size, when, r.model.path])
+    render.table(rows)
+    return EXIT_OK
+
+
+def _record_json(r: store.Pulled) -> dict[str, Any]:
+    return asdict(r) | {"size": r.size, "present": r.present()}
+
+
+def list_available(*, json: bool = False) -> int:
+    reg = registry.load()
+    pulled = {r.ref for r in store.records() if r.present()}
+    if json:
+        render.json_value([_spec_json(s, reg, pulled) for s in reg.models.values()])
+        return EXIT_OK
+    rows = [["NAME", "PARAMS", "QUANT", "DOWNLOAD", "LICENSE", "PULLED", "DESCRIPTION"]]
+    for spec in reg.models.values():
+        quant, file = spec.quant(None)
+        name = spec.key + (" (default)" if spec.key == reg.default else "")
+        rows.append(
+            [
+                name,
+                spec.parameters,
+                quant,
+                _download_size(file.size, spec.mmproj.size),
+                spec.license,
+                "yes" if f"{spec.key}:{quant}" in pulled else "",
+                _short(spec.description),
+            ]
+        )
+    render.table(rows)
+    return EXIT_OK
+
+
+def _short(text: str, width: int = 60) -> str:
+    first = text.split(". ", maxsplit=1)[0].rstrip(".")
+    return first if len(first) <= width else first[: width - 1].rstrip(" ,;") + "…"
+
+
+def _download_size(model: int | None, mmproj: int | None) -> str:
+    if model is None or mmproj is None:
+        return "?"
+    return render.human_bytes(model + mmproj)
+
+
+def _spec_json(spec: ModelSpec, reg: registry.Registry, pulled: set[str]) -> dict[str, Any]:
+    data = asdict(spec)
+    data["source"] = str(spec.source)
+    data["default"] = spec.key == reg.default
+    data["pulled"] = sorted(q for q in spec.quants if f"{spec.key}:{q}" in pulled)
+    return data
+
+
+def show(text: str, *, ctx: int | None = None) -> int:
+    ref = parse_ref(text)
+    target, spec = _target(ref)
+    local = find_local(ref)
+    lines: list[tuple[str, str]] = [("name", target.name), ("ref", target.ref)]
+    if spec is not None:
+        lines += [
+            ("aliases", ", ".join(spec.aliases) or "-"),
+            ("description", spec.description),
+            ("license", spec.license),
+            ("parameters", spec.parameters),
+            ("context length", str(spec.context_length)),
+        ]
+    lines += [
+        ("repo", target.repo),
+        ("revision", target.revision),
+        ("chat format", _chat_format(target.chat_format)),
+    ]
+    if spec is not None:
+        for quant, file in spec.quants.items():
+            mark = " (default)" if quant == spec.default_quant else ""
+            lines.append((f"quant {quant}{mark}", _file_line(file)))
+    else:
+        lines.append((f"quant {target.quant}", _file_line(target.model)))
+    lines.append(("mmproj", _file_line(target.mmproj)))
+    if local is not None:
+        lines += [("model path", str(local.model)), ("mmproj path", str(local.mmproj))]
+    else:
+        lines.append(("pulled", f"no — llava pull {target.ref}"))
+    lines.append(("memory", _memory(target, local, ctx, spec)))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        sys.stdout.write(f"{key:<{width}}  {value}\n")
+    return EXIT_OK
+
+
+def _target(ref: Ref) -> tuple[Target, ModelSpec | None]:
+    if not ref.is_repo:
+        target, spec = registry_target(ref), registry.load().get(ref.name)
+        unsized = target.model.size is None or target.mmproj.size is None
+        if unsized and not hub_offline() and find_local(ref) is None:
+            try:  # the sizes the registry does not pin, from the hub (two HEAD requests)
+                return _with_remote(target, plan(ref)[1]), spec
+            except LlavaError as exc:
+                render.info(f"could not ask the hub for sizes: {exc.one_line()}")
+        return target, spec
+    local = find_local(ref)
+    if local is not None:
+        record = store.record_for(local.name)
+        if record is not None:
+            return _record_target(record), None
+    if hub_offline():
+        raise ModelNotAvailable(f"{ref} is not pulled and offline mode is on")
+    target, remotes = plan(ref)
+    return _with_remote(target, remotes), None
+
+
+def _with_remote(target: Target, remotes: list[RemoteFile]) -> Target:
+    sized = [registry.FileSpec(r.file, r.size, r.digest if r.is_sha256 else None) for r in remotes]
+    return replace(target, model=sized[0], mmproj=sized[1])
+
+
+def _record_target(r: store.Pulled) -> Target:
+    def spec(f: store.StoredFile) -> registry.FileSpec:
+        return registry.FileSpec(f.file, f.size, f.digest if len(f.digest) == 64 else None)
+
+    return Target(
+        r.ref, r.name, r.repo, r.revision, r.quant, spec(r.model), spec(r.mmproj), r.chat_format
+    )
+
+
+def _chat_format(fmt: str) -> str:
+    return "LLaVA-1.5/Vicuna" if fmt == "llava" else "the GGUF's own template (else LLaVA-1.5)"
+
+
+def _file_line(file: registry.FileSpec) -> str:
+    sha = file.sha256 or "checked against the hub's LFS sha256"
+    return f"{file.file}, {render.human_bytes(file.size)}, sha256 {sha}"
+
+
+def _memory(target: Target, local: Any, ctx: int | None, spec: ModelSpec | None) -> str:
+    """Weights + projector + the KV cache at the context ``ask`` would use (f16 K and V)."""
+    sizes = [target.model.size, target.mmproj.size]
+    if local is not None:
+        sizes = [Path(local.model).stat().st_size, Path(local.mmproj).stat().st_size]
+    if sizes[0] is None or sizes[1] is None:
+        return "unknown until the hub reports the file sizes (llava pull)"
+    weights = sizes[0] + sizes[1]
+    n_ctx = ctx or min(DEFAULT_CTX, spec.context_length if spec else DEFAULT_CTX)
+    if local is None:
+        return (
+            f"about {render.human_bytes(weights)} for weights and projector, plus the KV cache "
+            f"for {n_ctx} tokens (exact figure once pulled)"
+        )
+    kv = _kv_bytes(Path(local.model), n_ctx)
+    return (
+        f"about {render.human_bytes(weights + kv)}: weights and projector "
+        f"{render.human_bytes(weights)}, KV cache {render.human_bytes(kv)} for {n_ctx} tokens"
+    )
+
+
+def _kv_bytes(model: Path, n_ctx: int) -> int:
+    from ..gguf_file import read_gguf
+
+    info = read_gguf(model, "model")
+    arch = info.architecture
+    layers = info.get_int(f"{arch}.block_count") or 0
+    heads = info.get_int(f"{arch}.attention.head_count") or 1
+    kv_heads = info.get_int(f"{arch}.attention.head_count_kv") or heads
+    width = info.get_int(f"{arch}.embedding_length") or 0
+    head_dim = info.get_int(f"{arch}.attention.key_length") or width // heads
+    value_dim = info.get_int(f"{arch}.attention.value_length") or head_dim
+    return layers * kv_heads * (head_dim + value_dim) * 2 * n_ctx
+
+
+def rm(refs: list[str], *, yes: bool = False) -> int:
+    for text in refs:
+        ref = parse_ref(text)
+        local = find_local(ref)
+        if local is None:
+            raise ModelNotAvailable(f"{ref} is not pulled", "see `llava list`")
+        size = _size(local.model) + _size(local.mmproj)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise UsageError(f"not removing {local.name} without confirmation", "pass -y")
+            if not render.confirm(f"Remove {local.name} ({render.human_bytes(size)})?"):
+                render.info("nothing removed")
+                continue
+        freed = _remove(local.name, [local.model, local.mmproj])
+        render.info(f"removed {local.name} ({render.human_bytes(freed)} freed)")
+    return EXIT_OK
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _remove(name: str, paths: list[Path]) -> int:
+    """Delete the files' blobs, keeping any another pulled model still uses (a shared mmproj)."""
+    others = {
+        Path(f.path).resolve()
+        for r in store.records()
+        if r.ref != name
+        for f in (r.model, r.mmproj)
+    }
+    freed = 0
+    for path in paths:
+        blob = path.resolve()
+        if blob in others or not blob.is_file():
+            continue
+        cache = store.RepoCache(_repo_of(blob), blob.parent.parent.parent)
+        freed += cache.remove_blob(blob.name)
+    store.forget(name)
+    return freed
+
+
+def _repo_of(blob: Path) -> str:
+    folder = blob.parent.parent.name  # models--OWNER--NAME
+    return folder.removeprefix("models--").replace("--", "/", 1)

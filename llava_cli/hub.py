@@ -1,0 +1,307 @@
+"""The only importer of huggingface_hub: file listings, metadata, auth and URLs come from it.
+
+The transfer itself is ours. huggingface_hub 2.x downloads into a process-unique temporary file
+and never resumes across runs; a multi-gigabyte model on a flaky line needs better. Here a pull
+appends to ``blobs/<sha256>.llava-partial`` (a ``kill -9`` loses nothing already written),
+resumes with an HTTP ``Range`` request, retries dropped connections, hashes as it goes, and moves
+the file into place only once its sha256 matches. One lock per blob (the same lock file
+huggingface_hub uses) makes concurrent pulls of one file wait for each other instead of racing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import DownloadError, LlavaError, ModelNotAvailable
+from .store import RepoCache
+
+CHUNK = 1 << 20
+ATTEMPTS = 3  # tries in a row without progress before giving up; each retry resumes
+MAX_TRIES = 20  # in all, progress or not (wget's default)
+DISK_MARGIN = 64 << 20  # keep this much free beyond the download
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_GIT_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+
+
+class Progress(Protocol):
+    """Where transfer progress goes (``render`` has a Rich bar and a plain-lines version)."""
+
+    def start(self, label: str, total: int, done: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def finish(self, message: str) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class ServerError(DownloadError):
+    """A 5xx or 429 from the hub: worth another try."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    repo: str
+    commit: str
+    file: str
+    size: int
+    digest: str  # the hub's LFS sha256 (or git blob sha1 for a file kept in git)
+    url: str
+
+    @property
+    def is_sha256(self) -> bool:
+        return bool(_SHA256.match(self.digest))
+
+
+@dataclass(frozen=True)
+class Listing:
+    commit: str
+    sizes: dict[str, int]  # file name -> size in bytes
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT).rstrip("/")
+
+
+def _timeout(kind: str) -> float:
+    from huggingface_hub import constants
+
+    return float(
+        constants.HF_HUB_ETAG_TIMEOUT if kind == "metadata" else constants.HF_HUB_DOWNLOAD_TIMEOUT
+    )
+
+
+def list_files(repo: str, revision: str) -> Listing:
+    """Every file in the repo at that revision, with sizes (one API call)."""
+    from huggingface_hub import HfApi
+
+    with translate(repo, revision):
+        info = HfApi(endpoint=endpoint()).model_info(
+            repo, revision=revision, files_metadata=True, timeout=_timeout("metadata")
+        )
+    sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+    return Listing(str(info.sha or revision), sizes)
+
+
+def file_info(repo: str, revision: str, file: str) -> RemoteFile:
+    """What the hub says about one file: its commit, size and content hash (one HEAD request)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    url = hf_hub_url(repo, file, revision=revision, endpoint=endpoint())
+    with translate(repo, revision, file):
+        meta = get_hf_file_metadata(url, timeout=_timeout("metadata"), endpoint=endpoint())
+    digest = (meta.etag or "").lower()
+    if meta.size is None or not (_SHA256.match(digest) or _GIT_SHA1.match(digest)):
+        raise DownloadError(
+            f"the hub gave no size or content hash for {file} in {repo}",
+            "cannot verify it, so it is not downloaded; check HF_ENDPOINT",
+        )
+    return RemoteFile(repo, meta.commit_hash or revision, file, meta.size, digest, url)
+
+
+@contextlib.contextmanager
+def translate(repo: str, revision: str = "main", file: str | None = None) -> Iterator[None]:
+    """huggingface_hub and HTTP errors → our errors, each with what to do. Never shows a token."""
+    import httpx2
+    from huggingface_hub import errors
+
+    what = f"{file} in {repo}" if file else repo
+    token_hint = (
+        "HF_TOKEN is set, but that token has no access to it"
+        if os.environ.get("HF_TOKEN")
+        else "if it is private or gated, set HF_TOKEN to a token with access"
+    )
+    try:
+        yield
+    except errors.OfflineModeIsEnabled as exc:
+        raise ModelNotAvailable(
+            f"cannot fetch {what}: offline mode", "unset HF_HUB_OFFLINE"
+        ) from exc
+    except errors.GatedRepoError as exc:
+        raise ModelNotAvailable(
+            f"{repo} is gated",
+            f"accept its terms at {endpoint()}/{repo}; then {token_hint}",
+        ) from exc
+    except errors.RepositoryNotFoundError as exc:
+        raise ModelNotAvailable(
+            f"repo {repo} not found on {endpoint()}", f"check the name; {token_hint}"
+        ) from exc
+    except errors.RevisionNotFoundError as exc:
+        raise ModelNotAvailable(f"revision {revision!r} not found in {repo}") from exc
+    except errors.RemoteEntryNotFoundError as exc:
+        raise ModelNotAvailable(
+            f"{file or 'file'} not found in {repo} at {revision}",
+            "the registry entry may be out of date; see `llava show`",
+        ) from exc
+    except errors.HfHubHTTPError as exc:
+        raise _http_error(
+            exc.response.status_code if exc.response is not None else 0, what
+        ) from exc
+    except httpx2.TimeoutException as exc:
+        raise DownloadError(
+            f"no answer from {endpoint()} for {what} within {_timeout('download'):g} s",
+            "check the network (or raise HF_HUB_DOWNLOAD_TIMEOUT); run again to resume",
+        ) from exc
+    except httpx2.TransportError as exc:
+        raise DownloadError(
+            f"cannot reach {endpoint()} for {what}: {type(exc).__name__}",
+            "check the network and HF_ENDPOINT; run again to resume",
+        ) from exc
+
+
+def _http_error(status: int, what: str) -> LlavaError:
+    if status == 404:
+        return ModelNotAvailable(
+            f"{what} was not found on the hub (404)",
+            "check the name and revision; a registry entry may be out of date",
+        )
+    if status in (401, 403):
+        return ModelNotAvailable(
+            f"the hub refused access to {what} ({status})", "set HF_TOKEN to a token with access"
+        )
+    kind = ServerError if status >= 500 or status == 429 else DownloadError
+    return kind(f"the hub answered {status} for {what}", "try again later; `llava pull` resumes")
+
+
+def check_space(folder: Path, needed: int) -> None:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + DISK_MARGIN > free:
+        raise DownloadError(
+            f"not enough disk space: {needed / 1e9:.2f} GB to download, "
+            f"{free / 1e9:.2f} GB free at {probe}",
+            "free some space, or point HF_HUB_CACHE (or HF_HOME) at a bigger disk",
+        )
+
+
+def download(cache: RepoCache, remote: RemoteFile, progress: Progress) -> Path:
+    """Fetch one file into the cache's blobs (resuming, verified, atomic) and return the blob."""
+    from filelock import FileLock, Timeout
+
+    blob = cache.blob(remote.digest)
+    lock_path = cache.lock(remote.digest)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        progress.note(f"{remote.file}: another process is downloading it; waiting")
+        lock.acquire()
+    try:
+        if blob.is_file() and blob.stat().st_size == remote.size:
+            return blob  # the other process finished it
+        _transfer(remote, cache.partial(remote.digest), progress)
+        os.replace(cache.partial(remote.digest), blob)
+        return blob
+    finally:
+        lock.release()
+
+
+def _hasher(remote: RemoteFile) -> Any:
+    if remote.is_sha256:
+        return hashlib.sha256()
+    h = hashlib.sha1(usedforsecurity=False)  # git's blob id: sha1 of a header and the bytes
+    h.update(b"blob %d\0" % remote.size)
+    return h
+
+
+def _transfer(remote: RemoteFile, partial: Path, progress: Progress) -> None:
+    import httpx2
+    from huggingface_hub import get_session, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+    hasher = _hasher(remote)
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > remote.size:
+        partial.unlink()
+        have = 0
+    if have:
+        progress.note(f"{remote.file}: resuming at {have / 1e6:.1f} MB of {remote.size / 1e6:.1f}")
+        _hash_file(partial, hasher)
+    progress.start(remote.file, remote.size, have)
+    started, fetched, failures, tries = time.monotonic(), 0, 0, 0
+    while have < remote.size:
+        headers = build_hf_headers()
+        headers["Accept-Encoding"] = "identity"
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        before = have
+        try:
+            with get_session().stream(
+                "GET", remote.url, headers=headers, timeout=_timeout("download"),
+                follow_redirects=True,
+            ) as response:  # fmt: skip
+                if response.status_code >= 400:
+                    response.read()
+                    with translate(remote.repo, remote.commit, remote.file):
+                        hf_raise_for_status(response)
+                if have and response.status_code != 206:  # the server ignored Range: start over
+                    have, hasher = 0, _hasher(remote)
+                with partial.open("ab" if have else "wb") as out:
+                    for chunk in response.iter_bytes():  # as received: a drop loses nothing
+                        if have + len(chunk) > remote.size:
+                            break  # more than the hub promised: the hash check will say so
+                        out.write(chunk)
+                        hasher.update(chunk)
+                        have += len(chunk)
+                        fetched += len(chunk)
+                        progress.advance(len(chunk))
+        except (httpx2.TransportError, DownloadError) as exc:
+            failures = 0 if have > before else failures + 1
+            tries += 1
+            if failures >= ATTEMPTS or tries >= MAX_TRIES or not _retryable(exc):
+                if isinstance(exc, DownloadError):
+                    raise
+                with translate(remote.repo, remote.commit, remote.file):
+                    raise
+            progress.note(f"{remote.file}: connection lost at {have / 1e6:.1f} MB; resuming")
+            time.sleep(min(0.25 * 2**failures, 4.0))
+            continue
+        if have == before:
+            break  # the body ended without new bytes: verify what we have
+    _verify(remote, partial, hasher, have)
+    seconds = max(time.monotonic() - started, 1e-6)
+    progress.finish(
+        f"{remote.file}: {remote.size / 1e6:.1f} MB, {fetched / 1e6:.1f} MB fetched in "
+        f"{seconds:.1f} s ({fetched / 1e6 / seconds:.1f} MB/s), sha256 verified"
+        if remote.is_sha256
+        else f"{remote.file}: {remote.size / 1e6:.1f} MB, git hash verified"
+    )
+
+
+def _retryable(exc: Exception) -> bool:
+    return isinstance(exc, ServerError) or not isinstance(exc, LlavaError)
+
+
+def _hash_file(path: Path, hasher: Any) -> None:
+    with path.open("rb") as f:
+        while block := f.read(CHUNK * 4):
+            hasher.update(block)
+
+
+def _verify(remote: RemoteFile, partial: Path, hasher: Any, have: int) -> None:
+    if have == remote.size and hasher.hexdigest() == remote.digest:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        partial.unlink()
+    if have != remote.size:
+        raise DownloadError(
+            f"{remote.file}: the hub sent {have} of {remote.size} bytes",
+            "the partial file was deleted; run the pull again",
+        )
+    raise DownloadError(
+        f"{remote.file}: sha256 mismatch (expected {remote.digest}, got {hasher.hexdigest()})",
+        "the download was corrupted and has been deleted; run the pull again",
+    )

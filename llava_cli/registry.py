@@ -1,0 +1,319 @@
+"""The model registry: ``models.toml`` shipped in the package, plus the user's own file.
+
+The user file (``$LLAVA_HOME/models.toml``, else the platform's config dir) adds entries, or
+changes built-in ones key by key (a whole quant or mmproj table at a time). Both files are
+checked strictly: an unknown key or a bad value is an error that names the file, the entry and
+the key, because a typo in a pin must never turn into an unverified download.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import paths
+from .errors import ConfigError, UsageError
+
+CHAT_FORMATS = ("gguf", "llava")
+DEFAULT_QUANT_ORDER = ("Q4_K_M", "Q8_0")  # for hub repos that are not in the registry
+
+_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_QUANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+
+_REQUIRED = (
+    "name",
+    "description",
+    "repo",
+    "revision",
+    "license",
+    "parameters",
+    "context_length",
+    "chat_format",
+    "default_quant",
+    "quants",
+    "mmproj",
+)
+_ENTRY_KEYS = frozenset((*_REQUIRED, "aliases"))
+_FILE_KEYS = frozenset(("file", "size", "sha256"))
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    file: str  # the name in the repo: a plain name, never a path
+    size: int | None = None  # bytes, when pinned
+    sha256: str | None = None  # when pinned; otherwise the hub's LFS sha256 is checked
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    name: str
+    description: str
+    repo: str
+    revision: str
+    license: str
+    parameters: str
+    context_length: int
+    chat_format: str
+    default_quant: str
+    quants: Mapping[str, FileSpec]
+    mmproj: FileSpec
+    aliases: tuple[str, ...] = ()
+    source: Path | None = None  # the file that defined (or last changed) this entry
+
+    def quant(self, wanted: str | None) -> tuple[str, FileSpec]:
+        """The quant named (case-insensitive), or the default one."""
+        if wanted is None:
+            return self.default_quant, self.quants[self.default_quant]
+        for name, spec in self.quants.items():
+            if name.upper() == wanted.upper():
+                return name, spec
+        raise UsageError(
+            f"{self.key} has no quant {wanted!r}",
+            "choose one of " + ", ".join(self.quants) + f" (default {self.default_quant})",
+        )
+
+
+@dataclass(frozen=True)
+class Ref:
+    """What the user named: a registry entry or a hub repo, with an optional quant."""
+
+    name: str
+    quant: str | None = None
+
+    @property
+    def is_repo(self) -> bool:
+        return "/" in self.name
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.quant}" if self.quant else self.name
+
+
+@dataclass(frozen=True)
+class Registry:
+    models: Mapping[str, ModelSpec]
+    default: str
+    files: tuple[Path, ...] = field(default=())
+
+    def find(self, name: str) -> ModelSpec | None:
+        wanted = name.lower()
+        if wanted in self.models:
+            return self.models[wanted]
+        for spec in self.models.values():
+            if wanted in spec.aliases:
+                return spec
+        return None
+
+    def get(self, name: str) -> ModelSpec:
+        spec = self.find(name)
+        if spec is not None:
+            return spec
+        names = [*self.models, *(a for s in self.models.values() for a in s.aliases)]
+        close = difflib.get_close_matches(name.lower(), names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(
+            f"unknown model {name!r}",
+            hint + "see `llava list --available`, or name a hub repo as OWNER/REPO[:QUANT]",
+        )
+
+
+def parse_ref(text: str) -> Ref:
+    name, sep, quant = text.strip().partition(":")
+    if sep and not _QUANT.match(quant):
+        raise UsageError(f"bad quant in {text!r}", "write NAME[:QUANT], e.g. llava-1.5-7b:q8_0")
+    if "/" in name:
+        if not _REPO.match(name):
+            raise UsageError(f"bad repo id {name!r}", "write OWNER/REPO[:QUANT]")
+    elif not _KEY.match(name.lower()):
+        raise UsageError(f"bad model name {text!r}", "see `llava list --available`")
+    return Ref(name, quant or None)
+
+
+def builtin_file() -> Path:
+    return Path(__file__).with_name("models.toml")
+
+
+def user_file() -> Path:
+    return paths().config_dir / "models.toml"
+
+
+def load() -> Registry:
+    """The built-in registry, with the user's file (if any) laid over it."""
+    builtin = builtin_file()
+    tables, default = _read(builtin)
+    sources = dict.fromkeys(tables, builtin)
+    files = [builtin]
+    extra = user_file()
+    if extra.is_file():
+        files.append(extra)
+        user_tables, user_default = _read(extra)
+        for key, table in user_tables.items():
+            tables[key] = _merge(tables.get(key, {}), table)
+            sources[key] = extra
+        default = user_default or default
+    models = {key: _entry(key, table, sources[key]) for key, table in tables.items()}
+    _check_names(models)
+    if default not in models:
+        where = extra if extra.is_file() else builtin
+        raise ConfigError(f"{where}: default model {default!r} is not an entry", "fix `default`")
+    return Registry(models, default, tuple(files))
+
+
+def _read(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax") from exc
+    unknown = set(data) - {"default", "models"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key {sorted(unknown)[0]!r}",
+            "the top level has `default` and `models`",
+        )
+    default = data.get("default")
+    if default is not None and (not isinstance(default, str) or not _KEY.match(default)):
+        raise ConfigError(
+            f"{path}: `default` must be a model name", 'e.g. default = "llava-1.5-7b"'
+        )
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"{path}: `models` must be a table", "write [models.NAME] sections")
+    for key, table in models.items():
+        if not _KEY.match(key):
+            raise ConfigError(
+                f"{path}: bad entry name {key!r}", "use lowercase letters, digits, '.', '_' and '-'"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: models.{key} must be a table")
+        _check_keys(path, key, table)
+    return models, default
+
+
+def _check_keys(path: Path, key: str, table: Mapping[str, Any]) -> None:
+    for name in table:
+        if name not in _ENTRY_KEYS:
+            raise _bad(path, key, name, "unknown key", "allowed: " + ", ".join(sorted(_ENTRY_KEYS)))
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for name, value in over.items():
+        if name == "quants" and isinstance(value, dict) and isinstance(base.get(name), dict):
+            merged[name] = {**base[name], **value}
+        else:
+            merged[name] = value
+    return merged
+
+
+def _entry(key: str, t: Mapping[str, Any], path: Path) -> ModelSpec:
+    for name in _REQUIRED:
+        if name not in t:
+            raise _bad(path, key, name, "missing", "every entry needs " + ", ".join(_REQUIRED))
+    quants_table = t["quants"]
+    if not isinstance(quants_table, dict) or not quants_table:
+        raise _bad(path, key, "quants", "must hold at least one [quants.NAME] table")
+    quants = {}
+    for qname, qtable in quants_table.items():
+        if not _QUANT.match(qname):
+            raise _bad(path, key, f"quants.{qname}", "bad quant name", "e.g. Q4_K_M")
+        quants[qname] = _file(path, key, f"quants.{qname}", qtable)
+    default_quant = _text(path, key, t, "default_quant")
+    if default_quant not in quants:
+        raise _bad(path, key, "default_quant", f"{default_quant!r} is not one of its quants")
+    repo = _text(path, key, t, "repo")
+    if not _REPO.match(repo):
+        raise _bad(path, key, "repo", f"{repo!r} is not OWNER/NAME")
+    revision = _text(path, key, t, "revision")
+    if not _REVISION.match(revision) or ".." in revision:
+        raise _bad(path, key, "revision", f"{revision!r} is not a commit or branch name")
+    chat_format = _text(path, key, t, "chat_format")
+    if chat_format not in CHAT_FORMATS:
+        raise _bad(path, key, "chat_format", f"{chat_format!r}", "use one of: gguf, llava")
+    context_length = t["context_length"]
+    if (
+        isinstance(context_length, bool)
+        or not isinstance(context_length, int)
+        or context_length < 1
+    ):
+        raise _bad(path, key, "context_length", "must be a positive integer")
+    aliases = t.get("aliases", [])
+    if not isinstance(aliases, list) or not all(
+        isinstance(a, str) and _KEY.match(a) for a in aliases
+    ):
+        raise _bad(path, key, "aliases", "must be a list of lowercase names")
+    return ModelSpec(
+        key=key,
+        name=_text(path, key, t, "name"),
+        description=_text(path, key, t, "description"),
+        repo=repo,
+        revision=revision,
+        license=_text(path, key, t, "license"),
+        parameters=_text(path, key, t, "parameters"),
+        context_length=context_length,
+        chat_format=chat_format,
+        default_quant=default_quant,
+        quants=quants,
+        mmproj=_file(path, key, "mmproj", t["mmproj"]),
+        aliases=tuple(aliases),
+        source=path,
+    )
+
+
+def _file(path: Path, key: str, where: str, table: Any) -> FileSpec:
+    if not isinstance(table, dict):
+        raise _bad(path, key, where, "must be a table with file, size, sha256")
+    for name in table:
+        if name not in _FILE_KEYS:
+            raise _bad(path, key, f"{where}.{name}", "unknown key", "allowed: file, size, sha256")
+    name = table.get("file")
+    if not isinstance(name, str) or not name:
+        raise _bad(path, key, f"{where}.file", "missing", "give the file's name in the repo")
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith(("~", ".")):
+        raise _bad(
+            path, key, f"{where}.file", f"{name!r} is not a plain file name", "no paths or '..'"
+        )
+    size = table.get("size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise _bad(path, key, f"{where}.size", "must be a positive number of bytes")
+    sha = table.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
+        raise _bad(
+            path, key, f"{where}.sha256", "must be 64 lowercase hex digits", "or leave it out"
+        )
+    return FileSpec(name, size, sha)
+
+
+def _text(path: Path, key: str, table: Mapping[str, Any], name: str) -> str:
+    value = table[name]
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(path, key, name, "must be a non-empty string")
+    return value
+
+
+def _bad(path: Path, key: str, name: str, problem: str, hint: str = "") -> ConfigError:
+    return ConfigError(f"{path}: models.{key}.{name}: {problem}", hint or "fix or remove it")
+
+
+def _check_names(models: Mapping[str, ModelSpec]) -> None:
+    seen: dict[str, str] = {}
+    for spec in models.values():
+        for alias in spec.aliases:
+            owner = seen.get(alias) or (alias if alias in models else None)
+            if owner is not None and owner != spec.key:
+                raise _bad(
+                    spec.source or builtin_file(),
+                    spec.key,
+                    "aliases",
+                    f"{alias!r} already names {owner}",
+                )
+            seen[alias] = spec.key

@@ -1,0 +1,368 @@
+"""`llava pull` and friends against a local fake hub: the real CLI, the real HTTP protocol.
+
+Every test runs the CLI in a subprocess with ``HF_ENDPOINT`` pointed at a FakeHub serving the
+colour-oracle pair; the hub misbehaves on demand (drops, stalls, corrupt bytes, errors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from llava_cli import synthetic
+
+from .conftest import llava
+from .fakehub import FakeHub
+
+REPO = "test/colour-oracle-GGUF"
+MODEL = "oracle-F16.gguf"
+MMPROJ = "mmproj-oracle-F16.gguf"
+
+
+@dataclass(frozen=True)
+class Served:
+    hub: FakeHub
+    commit: str
+    model: bytes
+    mmproj: bytes
+    env: dict[str, str]
+
+    def sha(self, data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    @property
+    def cache(self) -> Path:
+        return Path(os.environ["HF_HOME"]) / "hub" / "models--test--colour-oracle-GGUF"
+
+    def blob(self, data: bytes) -> Path:
+        return self.cache / "blobs" / self.sha(data)
+
+    def partial(self, data: bytes) -> Path:
+        return self.cache / "blobs" / f"{self.sha(data)}.llava-partial"
+
+
+@pytest.fixture
+def served(oracle: synthetic.ModelPair) -> Iterator[Served]:
+    model, mmproj = oracle.model.read_bytes(), oracle.mmproj.read_bytes()
+    with FakeHub() as hub:
+        commit = hub.add_repo(REPO, {MODEL: model, MMPROJ: mmproj, "README.md": b"# oracle\n"})
+        env = {
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_ETAG_TIMEOUT": "2",
+            "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+        }
+        served = Served(hub, commit, model, mmproj, env)
+        write_registry(served)
+        yield served
+
+
+def write_registry(s: Served, *, model_sha: str | None = None, revision: str = "") -> None:
+    """A user models.toml entry `oracle` for the served repo, pinned like the shipped ones."""
+    home = Path(os.environ["LLAVA_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "models.toml").write_text(
+        f"""
+[models.oracle]
+name = "Colour oracle"
+aliases = ["colours"]
+description = "Answers with the colour of the image."
+repo = "{REPO}"
+revision = "{revision or s.commit}"
+license = "mit"
+parameters = "1M"
+context_length = 512
+chat_format = "gguf"
+default_quant = "F16"
+[models.oracle.quants.F16]
+file = "{MODEL}"
+size = {len(s.model)}
+sha256 = "{model_sha or s.sha(s.model)}"
+[models.oracle.mmproj]
+file = "{MMPROJ}"
+sha256 = "{s.sha(s.mmproj)}"
+"""
+    )
+
+
+def ask_red(images: Path, model: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    return llava("ask", images / "red.png", "-m", model, "--temperature", "0", env=env)
+
+
+def test_pull_by_registry_name_then_ask(served: Served, images: Path) -> None:
+    result = llava("pull", "colours", env=served.env)  # an alias
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b""
+    err = result.stderr.decode()
+    assert f"{MODEL}: " in err and "sha256 verified" in err
+    assert "oracle:F16: pulled" in err
+    # huggingface_hub's cache layout: blobs by sha256, a snapshot linking to them, no leftovers
+    snapshot = served.cache / "snapshots" / served.commit
+    assert (snapshot / MODEL).resolve() == served.blob(served.model)
+    assert served.blob(served.model).read_bytes() == served.model
+    assert served.blob(served.mmproj).read_bytes() == served.mmproj
+    assert not list(served.cache.glob("blobs/*.llava-partial"))
+    assert served.hub.bytes_sent(MODEL) == len(served.model)
+
+    offline = {**served.env, "HF_HUB_OFFLINE": "1"}
+    answer = ask_red(images, "oracle", offline)
+    assert (answer.returncode, answer.stdout) == (0, b"red\n"), answer.stderr
+
+    again = llava("pull", "oracle", env=served.env)
+    assert again.returncode == 0
+    assert "already pulled" in again.stderr.decode()
+    assert served.hub.bytes_sent(MODEL) == len(served.model)  # nothing fetched twice
+
+
+def test_pull_by_repo_id_then_ask(served: Served, images: Path) -> None:
+    result = llava("pull", REPO, env=served.env)
+    assert result.returncode == 0, result.stderr
+    assert f"{REPO}:F16: pulled" in result.stderr.decode()
+    refs_main = (served.cache / "refs" / "main").read_text()
+    assert refs_main == served.commit
+    answer = ask_red(images, REPO, {**served.env, "HF_HUB_OFFLINE": "1"})
+    assert (answer.returncode, answer.stdout) == (0, b"red\n"), answer.stderr
+    quant = ask_red(images, f"{REPO}:f16", {**served.env, "HF_HUB_OFFLINE": "1"})
+    assert quant.stdout == b"red\n"
+    missing = llava("pull", f"{REPO}:Q4_K_M", env=served.env)
+    assert missing.returncode == 2
+    assert "has no Q4_K_M file — choose one of F16" in missing.stderr.decode()
+
+
+def test_ask_pulls_a_missing_model_itself(served: Served, images: Path) -> None:
+    answer = ask_red(images, "oracle", served.env)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout == b"red\n"  # progress went to stderr, never stdout
+    assert "sha256 verified" in answer.stderr.decode()
+
+
+def test_offline_sends_no_request_and_says_what_to_run(served: Served, images: Path) -> None:
+    for env, flag in (({**served.env, "HF_HUB_OFFLINE": "1"}, []), (served.env, ["--offline"])):
+        result = llava("ask", images / "red.png", "-m", "oracle", *flag, env=env)
+        assert result.returncode == 3
+        assert result.stderr.decode() == (
+            "Error: oracle:F16 is not on this machine and offline mode is on"
+            " — run: llava pull oracle:F16\n"
+        )
+        pulled = llava("pull", "oracle", *(flag or []), env=env)
+        assert pulled.returncode == 3
+        assert "offline mode is on" in pulled.stderr.decode()
+    assert served.hub.requests == []
+
+
+def test_resume_after_the_server_drops_the_connection(served: Served) -> None:
+    half = len(served.model) // 2
+    served.hub.drop_after(MODEL, half)
+    result = llava("pull", "oracle", env=served.env)
+    assert result.returncode == 0, result.stderr
+    assert "connection lost" in result.stderr.decode()
+    first, second = served.hub.gets(MODEL)
+    assert (first.range_start, first.body_bytes) == (None, half)
+    assert (second.range_start, second.body_bytes) == (half, len(served.model) - half)
+    assert served.blob(served.model).read_bytes() == served.model
+
+
+def test_resume_after_kill_9(served: Served) -> None:
+    served.hub.throttle(MODEL, 40_000)  # ~7 s for the whole file
+    env = {**os.environ, **served.env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llava_cli", "pull", "oracle"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    partial = served.partial(served.model)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not partial.exists() or partial.stat().st_size < 50_000):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = partial.stat().st_size
+    assert 50_000 <= kept < len(served.model)
+    assert not served.blob(served.model).exists()
+
+    served.hub.reset_faults()
+    result = llava("pull", "oracle", env=served.env)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming at {kept / 1e6:.1f} MB" in result.stderr.decode()
+    resumed = served.hub.gets(MODEL)[-1]
+    assert resumed.range_start == kept
+    assert resumed.body_bytes == len(served.model) - kept  # only the remaining bytes
+    assert served.blob(served.model).read_bytes() == served.model
+    assert not partial.exists()
+
+
+def test_sha256_mismatch_deletes_the_download(served: Served) -> None:
+    served.hub.corrupt(MODEL)
+    result = llava("pull", "oracle", env=served.env)
+    assert result.returncode == 1
+    err = result.stderr.decode().splitlines()[-1]
+    assert err.startswith(f"Error: {MODEL}: sha256 mismatch (expected {served.sha(served.model)}")
+    assert "has been deleted; run the pull again" in err
+    assert list(served.cache.glob("blobs/*")) == []
+    assert not served.partial(served.model).exists()
+    assert llava("list", "--json").stdout.strip() == b"[]"
+
+
+def test_registry_pin_that_disagrees_with_the_hub_downloads_nothing(served: Served) -> None:
+    write_registry(served, model_sha="0" * 64)
+    result = llava("pull", "oracle", env=served.env)
+    assert result.returncode == 1
+    assert "differs from the registry's 0000" in result.stderr.decode()
+    assert served.hub.gets(MODEL) == []
+
+
+@pytest.mark.parametrize(
+    ("setup", "code", "message"),
+    [
+        (lambda h: h.fail(MODEL, 404, times=None), 3, f"{MODEL} in {REPO} was not found"),
+        (lambda h: h.fail(MODEL, 500, times=None), 1, f"the hub answered 500 for {MODEL}"),
+        (lambda h: h.fail(MODEL, 401, times=None), 3, "the hub refused access"),
+    ],
+)
+def test_http_errors_are_clear(served: Served, setup: object, code: int, message: str) -> None:
+    setup(served.hub)  # type: ignore[operator]
+    result = llava("pull", "oracle", env=served.env)
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.decode().splitlines()
+    assert lines[-1].startswith("Error: ") and message in lines[-1], lines
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_unknown_repo_and_gated_repo_hint_at_hf_token(served: Served, oracle: object) -> None:
+    result = llava("pull", "nobody/nothing-GGUF", env=served.env)
+    assert result.returncode == 3
+    assert "repo nobody/nothing-GGUF not found" in result.stderr.decode()
+    assert "set HF_TOKEN" in result.stderr.decode()
+
+    served.hub.add_repo(
+        "test/gated-GGUF",
+        {MODEL: served.model, MMPROJ: served.mmproj},
+        gated=True,
+        token="hf_right",
+    )
+    secret = {**served.env, "HF_TOKEN": "hf_wrong_secret"}
+    refused = llava("pull", "test/gated-GGUF", env=secret)
+    assert refused.returncode == 3
+    err = refused.stderr.decode()
+    assert "test/gated-GGUF is gated" in err and "HF_TOKEN is set, but" in err
+    assert "hf_wrong_secret" not in err
+    allowed = llava("pull", "test/gated-GGUF", env={**served.env, "HF_TOKEN": "hf_right"})
+    assert allowed.returncode == 0, allowed.stderr
+    assert b"hf_right" not in allowed.stderr
+
+
+def test_a_stalled_server_times_out_clearly(served: Served) -> None:
+    served.hub.stall(MODEL, after=1000, seconds=20, times=1)  # some bytes, then nothing
+    served.hub.stall(MODEL, after=0, seconds=20)  # and nothing on every retry
+    env = {**served.env, "HF_HUB_DOWNLOAD_TIMEOUT": "1"}
+    started = time.monotonic()
+    result = llava("pull", "oracle", env=env)
+    assert time.monotonic() - started < 15
+    assert result.returncode == 1
+    err = result.stderr.decode().splitlines()[-1]
+    assert err.startswith(
+        f"Error: no answer from {served.hub.url} for {MODEL} in {REPO} within 1 s"
+    )
+    assert "run again to resume" in err
+    assert served.partial(served.model).stat().st_size == 1000  # kept for the next run
+
+
+def test_two_concurrent_pulls_end_with_one_good_copy(served: Served) -> None:
+    served.hub.throttle(MODEL, 150_000)
+    env = {**os.environ, **served.env}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "llava_cli", "pull", "oracle"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert any(b"another process is downloading it; waiting" in err for _, err in results)
+    assert served.hub.bytes_sent(MODEL) == len(served.model)  # downloaded once
+    assert served.blob(served.model).read_bytes() == served.model
+
+
+def test_not_enough_disk_is_refused_before_downloading(served: Served) -> None:
+    served.hub.add_repo("test/huge-GGUF", {"huge-Q4_K_M.gguf": b"x" * 100, MMPROJ: served.mmproj})
+    served.hub.claim_size("huge-Q4_K_M.gguf", 10**16)
+    result = llava("pull", "test/huge-GGUF", env=served.env)
+    assert result.returncode == 1
+    assert "not enough disk space: 10000000.00 GB to download" in result.stderr.decode()
+    assert served.hub.gets("huge-Q4_K_M.gguf") == []
+    assert served.hub.gets(MMPROJ) == []
+
+
+def test_model_in_the_hf_cache_from_another_tool_is_used(served: Served, images: Path) -> None:
+    """huggingface_hub's own hf_hub_download fills the cache; llava uses it without fetching."""
+    script = (
+        "import sys; from huggingface_hub import hf_hub_download as d\n"
+        f"for f in ({MODEL!r}, {MMPROJ!r}): d({REPO!r}, f, revision={served.commit!r})\n"
+    )
+    env = {**os.environ, **served.env}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    fetched = served.hub.bytes_sent(MODEL)
+    result = llava("pull", "oracle", env=served.env)
+    assert result.returncode == 0, result.stderr
+    assert "already pulled" in result.stderr.decode()
+    assert served.hub.bytes_sent(MODEL) == fetched
+    answer = ask_red(images, "oracle", {**served.env, "HF_HUB_OFFLINE": "1"})
+    assert answer.stdout == b"red\n", answer.stderr
+
+
+def test_list_show_and_rm(served: Served) -> None:
+    assert llava("list").stderr.decode().startswith("no models pulled yet")
+    assert llava("pull", "oracle", env=served.env).returncode == 0
+
+    listed = llava("list")
+    lines = listed.stdout.decode().splitlines()
+    assert lines[0].split() == ["NAME", "QUANT", "SIZE", "PULLED", "PATH"]
+    assert lines[1].split()[:4] == ["oracle", "F16", "334.8", "kB"]
+    records = json.loads(llava("list", "--json").stdout)
+    assert [r["ref"] for r in records] == ["oracle:F16"]
+    assert records[0]["model"]["digest"] == served.sha(served.model)
+
+    shown = llava("show", "oracle", "--ctx", "512").stdout.decode()
+    assert re.search(rf"^repo +{REPO}$", shown, re.MULTILINE)
+    assert "model path" in shown and MODEL in shown
+    assert "KV cache" in shown and "for 512 tokens" in shown
+
+    refused = llava("rm", "oracle")  # stdin is not a terminal and no -y
+    assert refused.returncode == 2
+    assert "pass -y" in refused.stderr.decode()
+    assert served.blob(served.model).exists()
+    removed = llava("rm", "-y", "oracle")
+    assert removed.returncode == 0, removed.stderr
+    assert "removed oracle:F16" in removed.stderr.decode()
+    assert not served.cache.exists()
+    assert json.loads(llava("list", "--json").stdout) == []
+    again = llava("rm", "-y", "oracle")
+    assert again.returncode == 3
+
+
+def test_list_available_shows_the_registry() -> None:
+    result = llava("list", "--available")
+    assert result.returncode == 0
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].split()[:5] == ["NAME", "PARAMS", "QUANT", "DOWNLOAD", "LICENSE"]
+    default = next(line for line in lines if line.startswith("llava-1.5-7b"))
+    assert "(default)" in default and "Q4_K_M" in default
+    gemma = next(line for line in lines if line.startswith("gemma-3-4b "))
+    assert "3.3 GB" in gemma  # 2489757856 + 851251104 bytes, from the pins
+    data = json.loads(llava("list", "--available", "--json").stdout)
+    assert {d["key"] for d in data} >= {"llava-1.5-7b", "qwen2.5-vl-7b", "moondream2"}
