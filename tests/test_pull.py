@@ -203,6 +203,27 @@ def test_resume_after_kill_9(served: Served) -> None:
     assert not partial.exists()
 
 
+def test_ctrl_c_keeps_the_partial_file_for_the_next_run(served: Served) -> None:
+    served.hub.throttle(MODEL, 40_000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llava_cli", "pull", "oracle"],
+        env={**os.environ, **served.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    partial = served.partial(served.model)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not partial.exists() or partial.stat().st_size < 20_000):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert out == b""
+    assert b"Traceback" not in err
+    assert partial.stat().st_size >= 20_000
+    assert not served.blob(served.model).exists()
+
+
 def test_sha256_mismatch_deletes_the_download(served: Served) -> None:
     served.hub.corrupt(MODEL)
     result = llava("pull", "oracle", env=served.env)
