@@ -16,14 +16,15 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .errors import DownloadError, LlavaError, ModelNotAvailable
 from .store import RepoCache
 
+T = TypeVar("T")
 CHUNK = 1 << 20
 ATTEMPTS = 3  # tries in a row without progress before giving up; each retry resumes
 MAX_TRIES = 20  # in all, progress or not (wget's default)
@@ -44,6 +45,10 @@ class Progress(Protocol):
 
 class ServerError(DownloadError):
     """A 5xx or 429 from the hub: worth another try."""
+
+
+class NetworkError(DownloadError):
+    """No answer, or a connection lost: worth another try (resuming)."""
 
 
 @dataclass(frozen=True)
@@ -80,32 +85,58 @@ def _timeout(kind: str) -> float:
     )
 
 
-def list_files(repo: str, revision: str) -> Listing:
+def _retrying(call: Callable[[], T], progress: Progress | None, what: str) -> T:
+    """A metadata request, tried again after a 5xx/429 or a network error."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return call()
+        except (ServerError, NetworkError) as exc:
+            if attempt == ATTEMPTS:
+                raise
+            if progress is not None:
+                progress.note(f"{what}: {exc.message}; trying again")
+            time.sleep(0.25 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def list_files(repo: str, revision: str, progress: Progress | None = None) -> Listing:
     """Every file in the repo at that revision, with sizes (one API call)."""
     from huggingface_hub import HfApi
 
-    with translate(repo, revision):
-        info = HfApi(endpoint=endpoint()).model_info(
-            repo, revision=revision, files_metadata=True, timeout=_timeout("metadata")
-        )
+    def call() -> Any:
+        with translate(repo, revision):
+            return HfApi(endpoint=endpoint()).model_info(
+                repo, revision=revision, files_metadata=True, timeout=_timeout("metadata")
+            )
+
+    info = _retrying(call, progress, repo)
     sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
     return Listing(str(info.sha or revision), sizes)
 
 
-def file_info(repo: str, revision: str, file: str) -> RemoteFile:
-    """What the hub says about one file: its commit, size and content hash (one HEAD request)."""
+def file_info(repo: str, revision: str, file: str, progress: Progress | None = None) -> RemoteFile:
+    """What the hub says about one file: its commit, size and content hash (one HEAD request).
+
+    The download URL names the commit, not the branch: a push during a (resumed) download
+    cannot splice two versions of the file together.
+    """
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-    url = hf_hub_url(repo, file, revision=revision, endpoint=endpoint())
-    with translate(repo, revision, file):
-        meta = get_hf_file_metadata(url, timeout=_timeout("metadata"), endpoint=endpoint())
+    def call() -> Any:
+        url = hf_hub_url(repo, file, revision=revision, endpoint=endpoint())
+        with translate(repo, revision, file):
+            return get_hf_file_metadata(url, timeout=_timeout("metadata"), endpoint=endpoint())
+
+    meta = _retrying(call, progress, file)
+    commit = meta.commit_hash or revision
+    url = hf_hub_url(repo, file, revision=commit, endpoint=endpoint())
     digest = (meta.etag or "").lower()
     if meta.size is None or not (_SHA256.match(digest) or _GIT_SHA1.match(digest)):
         raise DownloadError(
             f"the hub gave no size or content hash for {file} in {repo}",
             "cannot verify it, so it is not downloaded; check HF_ENDPOINT",
         )
-    return RemoteFile(repo, meta.commit_hash or revision, file, meta.size, digest, url)
+    return RemoteFile(repo, commit, file, meta.size, digest, url)
 
 
 @contextlib.contextmanager
@@ -147,12 +178,12 @@ def translate(repo: str, revision: str = "main", file: str | None = None) -> Ite
             exc.response.status_code if exc.response is not None else 0, what
         ) from exc
     except httpx2.TimeoutException as exc:
-        raise DownloadError(
+        raise NetworkError(
             f"no answer from {endpoint()} for {what} within {_timeout('download'):g} s",
             "check the network (or raise HF_HUB_DOWNLOAD_TIMEOUT); run again to resume",
         ) from exc
     except httpx2.TransportError as exc:
-        raise DownloadError(
+        raise NetworkError(
             f"cannot reach {endpoint()} for {what}: {type(exc).__name__}",
             "check the network and HF_ENDPOINT; run again to resume",
         ) from exc
@@ -217,61 +248,63 @@ def _hasher(remote: RemoteFile) -> Any:
     return h
 
 
+@dataclass
+class _Partial:
+    """The bytes on disk so far, and their running hash."""
+
+    path: Path
+    remote: RemoteFile
+    have: int = 0
+    hasher: Any = None
+    restarts: int = 0
+
+    def restart(self) -> None:
+        """The server cannot continue from here (no Range support, 416, a wrong offset)."""
+        self.restarts += 1
+        if self.restarts > ATTEMPTS:
+            raise DownloadError(
+                f"{self.remote.file}: the server does not resume downloads correctly",
+                "try again later, or set HF_ENDPOINT to another mirror",
+            )
+        self.have, self.hasher = 0, _hasher(self.remote)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
 def _transfer(remote: RemoteFile, partial: Path, progress: Progress) -> None:
     import httpx2
-    from huggingface_hub import get_session, hf_raise_for_status
-    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-    hasher = _hasher(remote)
-    have = partial.stat().st_size if partial.exists() else 0
-    if have > remote.size:
+    state = _Partial(partial, remote, hasher=_hasher(remote))
+    state.have = partial.stat().st_size if partial.exists() else 0
+    if state.have > remote.size:
         partial.unlink()
-        have = 0
-    if have:
-        progress.note(f"{remote.file}: resuming at {have / 1e6:.1f} MB of {remote.size / 1e6:.1f}")
-        _hash_file(partial, hasher)
-    progress.start(remote.file, remote.size, have)
+        state.have = 0
+    if state.have:
+        progress.note(
+            f"{remote.file}: resuming at {state.have / 1e6:.1f} MB of {remote.size / 1e6:.1f}"
+        )
+        _hash_file(partial, state.hasher)
+    progress.start(remote.file, remote.size, state.have)
     started, fetched, failures, tries = time.monotonic(), 0, 0, 0
-    while have < remote.size:
-        headers = build_hf_headers()
-        headers["Accept-Encoding"] = "identity"
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        before = have
+    while state.have < remote.size:
+        before, restarts = state.have, state.restarts
         try:
-            with get_session().stream(
-                "GET", remote.url, headers=headers, timeout=_timeout("download"),
-                follow_redirects=True,
-            ) as response:  # fmt: skip
-                if response.status_code >= 400:
-                    response.read()
-                    with translate(remote.repo, remote.commit, remote.file):
-                        hf_raise_for_status(response)
-                if have and response.status_code != 206:  # the server ignored Range: start over
-                    have, hasher = 0, _hasher(remote)
-                with partial.open("ab" if have else "wb") as out:
-                    for chunk in response.iter_bytes():  # as received: a drop loses nothing
-                        if have + len(chunk) > remote.size:
-                            break  # more than the hub promised: the hash check will say so
-                        out.write(chunk)
-                        hasher.update(chunk)
-                        have += len(chunk)
-                        fetched += len(chunk)
-                        progress.advance(len(chunk))
+            fetched += _fetch(remote, state, progress)
         except (httpx2.TransportError, DownloadError) as exc:
-            failures = 0 if have > before else failures + 1
+            failures = 0 if state.have > before else failures + 1
             tries += 1
             if failures >= ATTEMPTS or tries >= MAX_TRIES or not _retryable(exc):
                 if isinstance(exc, DownloadError):
                     raise
                 with translate(remote.repo, remote.commit, remote.file):
                     raise
-            progress.note(f"{remote.file}: connection lost at {have / 1e6:.1f} MB; resuming")
+            why = exc.message if isinstance(exc, DownloadError) else "connection lost"
+            progress.note(f"{remote.file}: {why} at {state.have / 1e6:.1f} MB; resuming")
             time.sleep(min(0.25 * 2**failures, 4.0))
             continue
-        if have == before:
+        if state.have == before and state.restarts == restarts:
             break  # the body ended without new bytes: verify what we have
-    _verify(remote, partial, hasher, have)
+    _verify(remote, partial, state.hasher, state.have)
     seconds = max(time.monotonic() - started, 1e-6)
     progress.finish(
         f"{remote.file}: {remote.size / 1e6:.1f} MB, {fetched / 1e6:.1f} MB fetched in "
@@ -281,8 +314,57 @@ def _transfer(remote: RemoteFile, partial: Path, progress: Progress) -> None:
     )
 
 
+def _fetch(remote: RemoteFile, state: _Partial, progress: Progress) -> int:
+    """One GET from ``state.have`` on, appended to the partial file; returns the bytes added."""
+    from huggingface_hub import get_session, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+    headers = build_hf_headers()
+    headers["Accept-Encoding"] = "identity"
+    if state.have:
+        headers["Range"] = f"bytes={state.have}-"
+    added = 0
+    with get_session().stream(
+        "GET", remote.url, headers=headers, timeout=_timeout("download"), follow_redirects=True
+    ) as response:
+        if response.status_code == 416:  # the server has no such offset: start over
+            state.restart()
+            return 0
+        if response.status_code >= 400:
+            response.read()
+            with translate(remote.repo, remote.commit, remote.file):
+                hf_raise_for_status(response)
+        if state.have and _range_start(response) != state.have:
+            if response.status_code == 206:  # a piece from elsewhere in the file: ask again
+                state.restart()
+                return 0
+            state.restart()  # the server ignored Range and sends it all: take it from 0
+        with state.path.open("ab" if state.have else "wb") as out:
+            for chunk in response.iter_bytes():  # as received: a drop loses nothing
+                if state.have + len(chunk) > remote.size:
+                    raise DownloadError(
+                        f"{remote.file}: the hub sent more than the {remote.size} bytes "
+                        "it announced",
+                        "try again later; the partial download is kept",
+                    )
+                out.write(chunk)
+                state.hasher.update(chunk)
+                state.have += len(chunk)
+                added += len(chunk)
+                progress.advance(len(chunk))
+    return added
+
+
+def _range_start(response: Any) -> int | None:
+    """Where a 206 body starts (``Content-Range: bytes START-END/TOTAL``); None for a 200."""
+    if response.status_code != 206:
+        return None
+    match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
 def _retryable(exc: Exception) -> bool:
-    return isinstance(exc, ServerError) or not isinstance(exc, LlavaError)
+    return isinstance(exc, ServerError | NetworkError) or not isinstance(exc, LlavaError)
 
 
 def _hash_file(path: Path, hasher: Any) -> None:

@@ -55,7 +55,8 @@ class PullResult:
 
 
 def looks_like_path(ref: str) -> bool:
-    return ref.lower().endswith(".gguf") or Path(ref).expanduser().exists()
+    """A GGUF file name, or a file that exists: a folder called ``tiny`` is not a model."""
+    return ref.lower().endswith(".gguf") or Path(ref).expanduser().is_file()
 
 
 def default_ref() -> str:
@@ -79,8 +80,8 @@ def resolve(
         return ModelFiles(path.name, path, find_mmproj(path))
     if mmproj:
         raise UsageError(
-            f"--mmproj goes with a local --model PATH, not with {text!r}",
-            "a model named by reference brings its own projector",
+            f"--mmproj (or LLAVA_MMPROJ) goes with a local model file, not with {text!r}",
+            "a model named by reference brings its own projector; unset LLAVA_MMPROJ",
         )
     ref = registry.parse_ref(text)
     found = find_local(ref)
@@ -99,7 +100,7 @@ def find_local(ref: Ref) -> ModelFiles | None:
     """The model's files if they are on disk (llava's record, else the hub cache); no network."""
     target = registry_target(ref) if not ref.is_repo else None
     record = store.record_for(target.ref if target else _repo_ref(ref))
-    if record is not None and record.present():
+    if record is not None and record.present() and (target is None or _matches(record, target)):
         return ModelFiles(
             record.ref, Path(record.model.path), Path(record.mmproj.path), record.chat_format
         )
@@ -114,6 +115,16 @@ def find_local(ref: Ref) -> ModelFiles | None:
     if found[0] is None or found[1] is None:
         return None
     return ModelFiles(target.ref, found[0], found[1], target.chat_format)
+
+
+def _matches(record: store.Pulled, target: Target) -> bool:
+    """A record still stands for the registry entry: same repo, files, pins and revision."""
+    pairs = ((record.model, target.model), (record.mmproj, target.mmproj))
+    return (
+        record.repo == target.repo
+        and all(r.file == t.file and t.sha256 in (None, r.digest) for r, t in pairs)
+        and (not store.is_commit(target.revision) or record.commit == target.revision)
+    )
 
 
 def _repo_ref(ref: Ref) -> str:
@@ -142,7 +153,7 @@ def _local_repo(ref: Ref) -> ModelFiles | None:
     )
 
 
-def _local_target(ref: Ref, found: ModelFiles) -> Target:
+def local_target(ref: Ref, found: ModelFiles) -> Target:
     quant = found.name.rsplit(":", 1)[-1]
     model, mmproj = FileSpec(found.model.name), FileSpec(found.mmproj.name)
     return Target(found.name, ref.name, ref.name, "main", quant, model, mmproj, "gguf")
@@ -204,10 +215,14 @@ def choose_files(ref: Ref, sizes: Mapping[str, int]) -> tuple[str, str, str]:
     return wanted, by_quant[wanted], mmproj
 
 
-def plan(ref: Ref) -> tuple[Target, list[hub.RemoteFile]]:
-    """Ask the hub about the model's two files (no download yet); check them against pins."""
+def plan(ref: Ref, progress: hub.Progress | None = None) -> tuple[Target, list[hub.RemoteFile]]:
+    """Ask the hub about the model's two files (no download yet); check them against pins.
+
+    The model's HEAD resolves a branch to its commit; the projector is then asked for at that
+    same commit, so the two files always come from one version of the repo.
+    """
     if ref.is_repo:
-        listing = hub.list_files(ref.name, "main")
+        listing = hub.list_files(ref.name, "main", progress)
         quant, model, mmproj = choose_files(ref, listing.sizes)
         target = Target(
             f"{ref.name}:{quant}",
@@ -223,7 +238,9 @@ def plan(ref: Ref) -> tuple[Target, list[hub.RemoteFile]]:
     else:
         target = registry_target(ref)
         revision = target.revision
-    remotes = [hub.file_info(target.repo, revision, s.file) for s in (target.model, target.mmproj)]
+    model_file = hub.file_info(target.repo, revision, target.model.file, progress)
+    mmproj_file = hub.file_info(target.repo, model_file.commit, target.mmproj.file, progress)
+    remotes = [model_file, mmproj_file]
     for spec, remote in zip((target.model, target.mmproj), remotes, strict=True):
         _check_pins(target, spec, remote)
     return target, remotes
@@ -250,12 +267,15 @@ def pull(ref: Ref, progress: hub.Progress, *, offline: bool = False) -> PullResu
     if not ref.is_repo or offline:  # a hub repo is checked for a newer commit when online
         found = find_local(ref)
         if found is not None:
-            target = registry_target(ref) if not ref.is_repo else _local_target(ref, found)
+            target = registry_target(ref) if not ref.is_repo else local_target(ref, found)
             _remember(target, found)
             return PullResult(found, target, 0)
     if offline:
-        raise ModelNotAvailable(f"cannot pull {ref}: offline mode is on", "unset HF_HUB_OFFLINE")
-    target, remotes = plan(ref)
+        raise ModelNotAvailable(
+            f"{ref} is not on this machine and offline mode is on",
+            "pull it without --offline and with HF_HUB_OFFLINE unset",
+        )
+    target, remotes = plan(ref, progress)
     cache = RepoCache.of(target.repo)
     missing = [
         r for r in remotes if cache.find(r.file, digest=r.digest, size=r.size, commit=None) is None
@@ -275,7 +295,8 @@ def pull(ref: Ref, progress: hub.Progress, *, offline: bool = False) -> PullResu
 
 def _partial_size(cache: RepoCache, remote: hub.RemoteFile) -> int:
     partial = cache.partial(remote.digest)
-    return partial.stat().st_size if partial.is_file() else 0
+    have = partial.stat().st_size if partial.is_file() else 0
+    return have if have <= remote.size else 0  # an oversized partial is discarded
 
 
 def _remember(target: Target, files: ModelFiles, digests: list[str] | None = None) -> None:

@@ -112,31 +112,6 @@ class RepoCache:
             return []
         return sorted(p.name for p in folder.iterdir() if p.is_file())
 
-    def remove_blob(self, digest: str) -> int:
-        """Delete a blob and every snapshot link to it; return the bytes freed."""
-        blob = self.blob(digest)
-        freed = blob.stat().st_size if blob.is_file() else 0
-        snapshots = self.folder / "snapshots"
-        if snapshots.is_dir():
-            for link in snapshots.glob("*/*"):
-                if link.is_symlink() and link.resolve() == blob.resolve():
-                    link.unlink()
-        for path in (blob, self.partial(digest)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        self._prune()
-        return freed
-
-    def _prune(self) -> None:
-        snapshots = self.folder / "snapshots"
-        if snapshots.is_dir():
-            for folder in snapshots.iterdir():
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only when empty
-        blobs = self.folder / "blobs"
-        if not blobs.is_dir() or not any(blobs.iterdir()):
-            shutil.rmtree(self.folder, ignore_errors=True)
-
 
 def _size_ok(path: Path, size: int | None) -> bool:
     return size is None or path.stat().st_size == size
@@ -193,6 +168,49 @@ class Pulled:
 
     def present(self) -> bool:
         return Path(self.model.path).is_file() and Path(self.mmproj.path).is_file()
+
+
+def remove(record: Pulled, others: list[Pulled]) -> int:
+    """Delete a pulled model's files; return the bytes freed.
+
+    A file another pulled model uses (a projector shared by two quants) stays, and so does a
+    blob that a snapshot of some other revision or tool still links to.
+    """
+    keep_links = {f.path for r in others for f in (r.model, r.mmproj)}
+    keep_blobs = {Path(p).resolve() for p in keep_links}
+    freed = 0
+    for path in dict.fromkeys((record.model.path, record.mmproj.path)):
+        if path in keep_links:
+            continue
+        link = Path(path)
+        blob = link.resolve()
+        if link != blob:
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+        folder = blob.parent.parent
+        if blob in keep_blobs or blob.parent.name != "blobs" or not blob.is_file():
+            continue
+        snapshots = folder / "snapshots"
+        links = snapshots.glob("*/*") if snapshots.is_dir() else iter(())
+        if any(other.is_symlink() and other.resolve() == blob for other in links):
+            continue
+        freed += blob.stat().st_size
+        blob.unlink()
+        _prune(folder)
+    forget(record.ref)
+    return freed
+
+
+def _prune(folder: Path) -> None:
+    """Drop empty snapshot folders, and the repo's folder once it holds no blobs at all."""
+    snapshots = folder / "snapshots"
+    if snapshots.is_dir():
+        for sub in snapshots.iterdir():
+            with contextlib.suppress(OSError):
+                sub.rmdir()  # only when empty
+    blobs = folder / "blobs"
+    if not blobs.is_dir() or not any(blobs.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _records_dir() -> Path:

@@ -56,7 +56,7 @@ class _Repo:
 
 @dataclass
 class _Fault:
-    kind: str  # fail, drop, stall (used up by `times`); corrupt, throttle, claim (kept)
+    kind: str  # fail, drop, stall (used up by `times`); corrupt, throttle, claim, no_range (kept)
     times: int | None
     value: int = 0  # the status, byte count, bytes per second or size
     seconds: float = 0.0
@@ -138,6 +138,10 @@ class FakeHub:
 
     def throttle(self, filename: str, bytes_per_second: int) -> None:
         self._add(filename, _Fault("throttle", None, bytes_per_second))
+
+    def ignore_range(self, filename: str) -> None:
+        """Answer every GET with the whole file (200), as a server without Range support does."""
+        self._add(filename, _Fault("no_range", None))
 
     def claim_size(self, filename: str, size: int) -> None:
         """Make the metadata (X-Linked-Size, model info) claim `size`; the body is unchanged."""
@@ -320,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
             "Accept-Ranges": "bytes",
         }
         match = _RANGE.match(self.headers.get("Range", ""))
-        if match:
+        if match and self.hub._take(names, "no_range") is None:
             start = int(match.group(1))
             end = min(int(match.group(2) or total - 1), total - 1)
             if start >= total or start > end:

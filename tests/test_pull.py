@@ -173,6 +173,57 @@ def test_resume_after_the_server_drops_the_connection(served: Served) -> None:
     assert served.blob(served.model).read_bytes() == served.model
 
 
+def test_a_server_without_range_support_restarts_from_zero(served: Served) -> None:
+    served.hub.drop_after(MODEL, 100_000)
+    served.hub.ignore_range(MODEL)
+    result = llava("pull", "oracle", env=served.env)
+    assert result.returncode == 0, result.stderr
+    first, second = served.hub.gets(MODEL)
+    assert first.body_bytes == 100_000
+    assert (second.range_start, second.status) == (100_000, 200)  # asked to resume, got it all
+    assert second.body_bytes == len(served.model)
+    assert served.blob(served.model).read_bytes() == served.model
+
+
+def test_a_busy_hub_is_asked_again(served: Served) -> None:
+    served.hub.fail(MODEL, 503, times=1)  # the first metadata request
+    result = llava("pull", "oracle", env=served.env)
+    assert result.returncode == 0, result.stderr
+    assert "the hub answered 503" in result.stderr.decode()
+    assert "trying again" in result.stderr.decode()
+
+
+def test_downloads_name_the_commit_not_the_branch(served: Served) -> None:
+    """With `revision = "main"`, both files come from the commit the first HEAD saw."""
+    write_registry(served, revision="main")
+    assert llava("pull", "oracle", env=served.env).returncode == 0
+    resolves = [r for r in served.hub.requests if "/resolve/" in r.path]
+    heads = [r.path for r in resolves if r.method == "HEAD"]
+    assert heads[0] == f"/{REPO}/resolve/main/{MODEL}"
+    assert heads[1] == f"/{REPO}/resolve/{served.commit}/{MMPROJ}"
+    assert all(served.commit in r.path for r in resolves if r.method == "GET")
+    assert (served.cache / "refs" / "main").read_text() == served.commit
+
+
+def test_a_changed_registry_entry_is_pulled_anew(served: Served, images: Path) -> None:
+    assert llava("pull", "oracle", env=served.env).returncode == 0
+    new_model = served.model + b"\0" * 64  # a new upload of the file (GGUF allows trailing bytes)
+    commit = served.hub.add_repo(REPO, {MODEL: new_model, MMPROJ: served.mmproj})
+    write_registry(served, model_sha=served.sha(new_model), revision=commit)
+    # the registry pins the new size too
+    toml = Path(os.environ["LLAVA_HOME"]) / "models.toml"
+    toml.write_text(
+        toml.read_text().replace(f"size = {len(served.model)}", f"size = {len(new_model)}")
+    )
+    result = llava("pull", "oracle", env=served.env)
+    assert result.returncode == 0, result.stderr
+    assert "oracle:F16: pulled" in result.stderr.decode()
+    record = json.loads(llava("list", "--json").stdout)[0]
+    assert record["model"]["digest"] == served.sha(new_model)
+    answer = ask_red(images, "oracle", {**served.env, "HF_HUB_OFFLINE": "1"})
+    assert answer.stdout == b"red\n", answer.stderr
+
+
 def test_resume_after_kill_9(served: Served) -> None:
     served.hub.throttle(MODEL, 40_000)  # ~7 s for the whole file
     env = {**os.environ, **served.env}
@@ -374,6 +425,30 @@ def test_list_show_and_rm(served: Served) -> None:
     assert json.loads(llava("list", "--json").stdout) == []
     again = llava("rm", "-y", "oracle")
     assert again.returncode == 3
+
+
+def test_rm_keeps_a_projector_another_pulled_quant_uses(served: Served) -> None:
+    q8 = served.model + b"\0" * 32
+    served.hub.add_repo(REPO, {MODEL: served.model, "oracle-Q8_0.gguf": q8, MMPROJ: served.mmproj})
+    for quant in ("F16", "q8_0"):
+        assert llava("pull", f"{REPO}:{quant}", env=served.env).returncode == 0
+    ambiguous = llava("rm", "-y", REPO)
+    assert ambiguous.returncode == 2
+    assert f"choose one: {REPO}:F16, {REPO}:Q8_0" in ambiguous.stderr.decode()
+    removed = llava("rm", "-y", f"{REPO}:Q8_0")
+    assert removed.returncode == 0, removed.stderr
+    assert not served.blob(q8).exists()
+    assert served.blob(served.mmproj).exists()  # still F16's projector
+    left = json.loads(llava("list", "--json").stdout)
+    assert [(r["ref"], r["present"]) for r in left] == [(f"{REPO}:F16", True)]
+
+
+def test_a_folder_named_like_a_model_is_not_a_path(served: Served, images: Path) -> None:
+    work = Path(os.environ["LLAVA_HOME"]).parent / "cwd"
+    (work / "oracle").mkdir(parents=True)
+    result = llava("ask", images / "red.png", "-m", "oracle", "--offline", cwd=work)
+    assert result.returncode == 3  # the registry entry, not pulled, rather than a folder
+    assert b"llava pull oracle:F16" in result.stderr
 
 
 def test_list_available_shows_the_registry() -> None:

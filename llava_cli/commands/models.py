@@ -12,7 +12,7 @@ from .. import registry, render, store
 from ..config import DEFAULT_CTX, hub_offline
 from ..errors import EXIT_OK, LlavaError, ModelNotAvailable, UsageError
 from ..hub import RemoteFile
-from ..modelref import Target, find_local, plan, registry_target
+from ..modelref import Target, find_local, local_target, plan, registry_target
 from ..registry import ModelSpec, Ref, parse_ref
 
 
@@ -132,6 +132,7 @@ def _target(ref: Ref) -> tuple[Target, ModelSpec | None]:
         record = store.record_for(local.name)
         if record is not None:
             return _record_target(record), None
+        return local_target(ref, local), None  # in the hub cache, from another tool
     if hub_offline():
         raise ModelNotAvailable(f"{ref} is not pulled and offline mode is on")
     target, remotes = plan(ref)
@@ -198,45 +199,42 @@ def _kv_bytes(model: Path, n_ctx: int) -> int:
 
 def rm(refs: list[str], *, yes: bool = False) -> int:
     for text in refs:
-        ref = parse_ref(text)
-        local = find_local(ref)
-        if local is None:
-            raise ModelNotAvailable(f"{ref} is not pulled", "see `llava list`")
-        size = _size(local.model) + _size(local.mmproj)
+        record = _pulled(text)
+        size = record.size if record.present() else 0
         if not yes:
             if not sys.stdin.isatty():
-                raise UsageError(f"not removing {local.name} without confirmation", "pass -y")
-            if not render.confirm(f"Remove {local.name} ({render.human_bytes(size)})?"):
+                raise UsageError(f"not removing {record.ref} without confirmation", "pass -y")
+            if not render.confirm(f"Remove {record.ref} ({render.human_bytes(size)})?"):
                 render.info("nothing removed")
                 continue
-        freed = _remove(local.name, [local.model, local.mmproj])
-        render.info(f"removed {local.name} ({render.human_bytes(freed)} freed)")
+        others = [r for r in store.records() if r.ref != record.ref]
+        freed = store.remove(record, others)
+        render.info(f"removed {record.ref} ({render.human_bytes(freed)} freed)")
     return EXIT_OK
 
 
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else 0
-
-
-def _remove(name: str, paths: list[Path]) -> int:
-    """Delete the files' blobs, keeping any another pulled model still uses (a shared mmproj)."""
-    others = {
-        Path(f.path).resolve()
-        for r in store.records()
-        if r.ref != name
-        for f in (r.model, r.mmproj)
-    }
-    freed = 0
-    for path in paths:
-        blob = path.resolve()
-        if blob in others or not blob.is_file():
-            continue
-        cache = store.RepoCache(_repo_of(blob), blob.parent.parent.parent)
-        freed += cache.remove_blob(blob.name)
-    store.forget(name)
-    return freed
-
-
-def _repo_of(blob: Path) -> str:
-    folder = blob.parent.parent.name  # models--OWNER--NAME
-    return folder.removeprefix("models--").replace("--", "/", 1)
+def _pulled(text: str) -> store.Pulled:
+    """The record ``rm`` acts on: by its own name first, so an entry since dropped from the
+    registry, or one whose files are already gone, can still be removed."""
+    records = list(store.records())
+    by_ref = {r.ref.lower(): r for r in records}
+    if text.lower() in by_ref:
+        return by_ref[text.lower()]
+    ref = parse_ref(text)
+    if not ref.is_repo and registry.load().find(ref.name) is not None:
+        canonical = registry_target(ref).ref.lower()
+        if canonical in by_ref:
+            return by_ref[canonical]
+    name = ref.name.lower()
+    matches = [r for r in records if r.ref.rsplit(":", 1)[0].lower() == name]
+    if len(matches) == 1 and not ref.quant:
+        return matches[0]
+    if len(matches) > 1 and not ref.quant:
+        raise UsageError(
+            f"{text} names several pulled models",
+            "choose one: " + ", ".join(r.ref for r in matches),
+        )
+    raise ModelNotAvailable(
+        f"{text} was not pulled by llava",
+        "see `llava list`; files other tools put in the Hugging Face cache are theirs to remove",
+    )
