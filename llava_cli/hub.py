@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from .errors import DownloadError, LlavaError, ModelNotAvailable
 from .store import RepoCache
+from .units import human_bytes
 
 T = TypeVar("T")
 CHUNK = 1 << 20
@@ -210,8 +211,8 @@ def check_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     if needed + DISK_MARGIN > free:
         raise DownloadError(
-            f"not enough disk space: {needed / 1e9:.2f} GB to download, "
-            f"{free / 1e9:.2f} GB free at {probe}",
+            f"not enough disk space: {human_bytes(needed)} to download, "
+            f"{human_bytes(free)} free at {probe}",
             "free some space, or point HF_HUB_CACHE (or HF_HOME) at a bigger disk",
         )
 
@@ -281,7 +282,7 @@ def _transfer(remote: RemoteFile, partial: Path, progress: Progress) -> None:
         state.have = 0
     if state.have:
         progress.note(
-            f"{remote.file}: resuming at {state.have / 1e6:.1f} MB of {remote.size / 1e6:.1f}"
+            f"{remote.file}: resuming at {human_bytes(state.have)} of {human_bytes(remote.size)}"
         )
         _hash_file(partial, state.hasher)
     progress.start(remote.file, remote.size, state.have)
@@ -299,18 +300,17 @@ def _transfer(remote: RemoteFile, partial: Path, progress: Progress) -> None:
                 with translate(remote.repo, remote.commit, remote.file):
                     raise
             why = exc.message if isinstance(exc, DownloadError) else "connection lost"
-            progress.note(f"{remote.file}: {why} at {state.have / 1e6:.1f} MB; resuming")
+            progress.note(f"{remote.file}: {why} at {human_bytes(state.have)}; resuming")
             time.sleep(min(0.25 * 2**failures, 4.0))
             continue
         if state.have == before and state.restarts == restarts:
             break  # the body ended without new bytes: verify what we have
     _verify(remote, partial, state.hasher, state.have)
     seconds = max(time.monotonic() - started, 1e-6)
+    check = "sha256" if remote.is_sha256 else "git hash"
     progress.finish(
-        f"{remote.file}: {remote.size / 1e6:.1f} MB, {fetched / 1e6:.1f} MB fetched in "
-        f"{seconds:.1f} s ({fetched / 1e6 / seconds:.1f} MB/s), sha256 verified"
-        if remote.is_sha256
-        else f"{remote.file}: {remote.size / 1e6:.1f} MB, git hash verified"
+        f"{remote.file}: {human_bytes(remote.size)}, {human_bytes(fetched)} fetched in "
+        f"{seconds:.1f} s ({human_bytes(int(fetched / seconds))}/s), {check} verified"
     )
 
 

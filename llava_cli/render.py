@@ -12,6 +12,10 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
 
+from .units import human_bytes
+
+__all__ = ["human_bytes"]  # re-exported for the commands
+
 
 def _color(stream: TextIO) -> bool:
     return stream.isatty() and not os.environ.get("NO_COLOR")
@@ -82,15 +86,6 @@ def table(rows: list[list[str]], out: TextIO | None = None) -> None:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
         out.write("  ".join(cells).rstrip() + "\n")
     out.flush()
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 class PlainTransfer:

@@ -105,8 +105,11 @@ def test_pull_by_registry_name_then_ask(served: Served, images: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == b""
     err = result.stderr.decode()
-    assert f"{MODEL}: " in err and "sha256 verified" in err
+    # stderr is not a terminal: plain lines, no bar, no escape codes
+    assert err.splitlines()[0] == f"downloading {MODEL} (274.3 kB)"
+    assert f"{MODEL}: 274.3 kB, 274.3 kB fetched in" in err and "sha256 verified" in err
     assert "oracle:F16: pulled" in err
+    assert "\x1b" not in err
     # huggingface_hub's cache layout: blobs by sha256, a snapshot linking to them, no leftovers
     snapshot = served.cache / "snapshots" / served.commit
     assert (snapshot / MODEL).resolve() == served.blob(served.model)
@@ -246,7 +249,7 @@ def test_resume_after_kill_9(served: Served) -> None:
     served.hub.reset_faults()
     result = llava("pull", "oracle", env=served.env)
     assert result.returncode == 0, result.stderr
-    assert f"resuming at {kept / 1e6:.1f} MB" in result.stderr.decode()
+    assert f"resuming at {kept / 1e3:.1f} kB of 274.3 kB" in result.stderr.decode()
     resumed = served.hub.gets(MODEL)[-1]
     assert resumed.range_start == kept
     assert resumed.body_bytes == len(served.model) - kept  # only the remaining bytes
@@ -375,7 +378,7 @@ def test_not_enough_disk_is_refused_before_downloading(served: Served) -> None:
     served.hub.claim_size("huge-Q4_K_M.gguf", 10**16)
     result = llava("pull", "test/huge-GGUF", env=served.env)
     assert result.returncode == 1
-    assert "not enough disk space: 10000000.00 GB to download" in result.stderr.decode()
+    assert "not enough disk space: 10000000.0 GB to download" in result.stderr.decode()
     assert served.hub.gets("huge-Q4_K_M.gguf") == []
     assert served.hub.gets(MMPROJ) == []
 
@@ -449,6 +452,39 @@ def test_a_folder_named_like_a_model_is_not_a_path(served: Served, images: Path)
     result = llava("ask", images / "red.png", "-m", "oracle", "--offline", cwd=work)
     assert result.returncode == 3  # the registry entry, not pulled, rather than a folder
     assert b"llava pull oracle:F16" in result.stderr
+
+
+def test_the_config_file_names_the_default_model(served: Served, images: Path) -> None:
+    assert llava("pull", "oracle", env=served.env).returncode == 0
+    config = Path(os.environ["LLAVA_HOME"]) / "config.toml"
+    config.write_text('model = "colours"\n')
+    offline = {**served.env, "HF_HUB_OFFLINE": "1"}
+    answer = llava("ask", images / "red.png", "--temperature", "0", env=offline)
+    assert (answer.returncode, answer.stdout) == (0, b"red\n"), answer.stderr
+    config.write_text('model = "colours"\nmodle = "typo"\n')
+    bad = llava("ask", images / "red.png", env=offline)
+    assert bad.returncode == 2
+    assert bad.stderr.decode() == (f"Error: {config}: unknown key 'modle' — known keys: model\n")
+
+
+def test_rm_asks_on_a_terminal(served: Served) -> None:
+    assert llava("pull", "oracle", env=served.env).returncode == 0
+    for answer, kept in ((b"n\n", True), (b"y\n", False)):
+        primary, secondary = os.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llava_cli", "rm", "oracle"],
+            stdin=secondary,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        os.close(secondary)
+        os.write(primary, answer)
+        out, err = proc.communicate(timeout=30)
+        os.close(primary)
+        assert proc.returncode == 0, err
+        assert out == b""
+        assert err.decode().startswith("Remove oracle:F16 (334.8 kB)? [y/N] ")
+        assert served.blob(served.model).exists() == kept
 
 
 def test_list_available_shows_the_registry() -> None:
