@@ -12,6 +12,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -79,6 +80,16 @@ def hf_hub_cache() -> Path:
 CONFIG_KEYS = {"model": "the model used when none is named (NAME[:QUANT], OWNER/REPO or a path)"}
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A settings file as a dict; unreadable or malformed is a ConfigError naming it."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax") from exc
+
+
 def config_file() -> Path:
     return paths().config_dir / "config.toml"
 
@@ -88,12 +99,7 @@ def settings() -> dict[str, str]:
     path = config_file()
     if not path.is_file():
         return {}
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax") from exc
+    data = read_toml(path)
     for key, value in data.items():
         if key not in CONFIG_KEYS:
             raise ConfigError(

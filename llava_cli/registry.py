@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import difflib
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import paths
+from .config import paths, read_toml
 from .errors import ConfigError, UsageError
 
 CHAT_FORMATS = ("gguf", "llava")
@@ -168,12 +167,7 @@ def load() -> Registry:
 
 
 def _read(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax") from exc
+    data = read_toml(path)
     unknown = set(data) - {"default", "models"}
     if unknown:
         raise ConfigError(

@@ -227,21 +227,29 @@ def test_a_changed_registry_entry_is_pulled_anew(served: Served, images: Path) -
     assert answer.stdout == b"red\n", answer.stderr
 
 
-def test_resume_after_kill_9(served: Served) -> None:
+def slow_pull_under_way(served: Served, min_bytes: int) -> subprocess.Popen[bytes]:
+    """`llava pull oracle` in the background at 40 kB/s, once `min_bytes` are on disk."""
     served.hub.throttle(MODEL, 40_000)  # ~7 s for the whole file
-    env = {**os.environ, **served.env}
     proc = subprocess.Popen(
         [sys.executable, "-m", "llava_cli", "pull", "oracle"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env={**os.environ, **served.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     partial = served.partial(served.model)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (not partial.exists() or partial.stat().st_size < 50_000):
+    while time.monotonic() < deadline and (
+        not partial.exists() or partial.stat().st_size < min_bytes
+    ):
         time.sleep(0.05)
+    return proc
+
+
+def test_resume_after_kill_9(served: Served) -> None:
+    proc = slow_pull_under_way(served, 50_000)
+    partial = served.partial(served.model)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     kept = partial.stat().st_size
     assert 50_000 <= kept < len(served.model)
     assert not served.blob(served.model).exists()
@@ -258,17 +266,8 @@ def test_resume_after_kill_9(served: Served) -> None:
 
 
 def test_ctrl_c_keeps_the_partial_file_for_the_next_run(served: Served) -> None:
-    served.hub.throttle(MODEL, 40_000)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llava_cli", "pull", "oracle"],
-        env={**os.environ, **served.env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = slow_pull_under_way(served, 20_000)
     partial = served.partial(served.model)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (not partial.exists() or partial.stat().st_size < 20_000):
-        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
