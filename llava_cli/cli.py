@@ -55,6 +55,137 @@ def _root(
     """Local chat with images."""
 
 
+# Options shared by `ask` and `chat`: declared once, used by both signatures.
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="LLAVA_MODEL",
+        help="NAME[:QUANT] from the registry, OWNER/REPO[:QUANT] on the hub, or a GGUF path. "
+        "Default: config.toml's model, else the registry default. Pulled if missing.",
+        rich_help_panel=_MODEL,
+    ),
+]
+MmprojOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="LLAVA_MMPROJ",
+        help="Projector (mmproj) GGUF path, with a --model path. "
+        "Default: the one *mmproj*.gguf beside the model.",
+        rich_help_panel=_MODEL,
+    ),
+]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Never touch the network: a model that is not pulled is an error (exit 3). "
+        "Also HF_HUB_OFFLINE=1.",
+        rich_help_panel=_MODEL,
+    ),
+]
+ChatFormatOpt = Annotated[
+    ChatFormatChoice,
+    typer.Option(
+        envvar="LLAVA_CHAT_FORMAT",
+        help="auto (the model's template, else llava), gguf, or llava (LLaVA-1.5/Vicuna).",
+        rich_help_panel=_MODEL,
+    ),
+]
+SystemOpt = Annotated[
+    str | None, typer.Option(envvar="LLAVA_SYSTEM", help="System prompt.", rich_help_panel=_GEN)
+]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option(envvar="LLAVA_TEMPERATURE", min=0.0, help="0 = greedy.", rich_help_panel=_GEN),
+]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=_GEN)]
+TopKOpt = Annotated[int, typer.Option(min=0, rich_help_panel=_GEN)]
+MinPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=_GEN)]
+RepeatPenaltyOpt = Annotated[float, typer.Option(min=0.0, rich_help_panel=_GEN)]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option(envvar="LLAVA_SEED", min=0, help="Default: random.", rich_help_panel=_GEN),
+]
+MaxTokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        envvar="LLAVA_MAX_TOKENS", min=1, help="Default: until done.", rich_help_panel=_GEN
+    ),
+]
+StopOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="Stop at this text (repeatable).", rich_help_panel=_GEN),
+]
+CtxOpt = Annotated[
+    int | None,
+    typer.Option(
+        envvar="LLAVA_CTX",
+        min=64,
+        help="Context size in tokens. Default: 4096, or less if the model has less.",
+        rich_help_panel=_RUNTIME,
+    ),
+]
+ThreadsOpt = Annotated[
+    int,
+    typer.Option(envvar="LLAVA_THREADS", min=0, help="0 = one per CPU.", rich_help_panel=_RUNTIME),
+]
+GpuLayersOpt = Annotated[
+    int,
+    typer.Option(
+        envvar="LLAVA_GPU_LAYERS",
+        min=-1,
+        help="Layers to offload to the GPU; -1 = all (where supported), 0 = none.",
+        rich_help_panel=_RUNTIME,
+    ),
+]
+ImageOnCpuOpt = Annotated[
+    bool,
+    typer.Option(
+        envvar="LLAVA_IMAGE_ON_CPU",
+        help="Keep the image encoder on the CPU.",
+        rich_help_panel=_RUNTIME,
+    ),
+]
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option(
+        envvar="LLAVA_MAX_PIXELS",
+        min=1,
+        help="Refuse images with more pixels than this.",
+        rich_help_panel=_RUNTIME,
+    ),
+]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", envvar="LLAVA_VERBOSE", help="Details and llama.cpp logs on stderr."
+    ),
+]
+
+
+def _sampling(
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    repeat_penalty: float,
+    seed: int | None,
+    max_tokens: int | None,
+    stop: list[str] | None,
+) -> SamplingParams:
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=tuple(stop or ()),
+    )
+
+
 @app.command()
 def ask(
     images: Annotated[
@@ -71,120 +202,31 @@ def ask(
             help="The question. Default: text piped on stdin, else 'Describe this image.'",
         ),
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "-m",
-            envvar="LLAVA_MODEL",
-            help="NAME[:QUANT] from the registry, OWNER/REPO[:QUANT] on the hub, or a GGUF path. "
-            "Default: config.toml's model, else the registry default. Pulled if missing.",
-            rich_help_panel=_MODEL,
-        ),
-    ] = None,
-    mmproj: Annotated[
-        str | None,
-        typer.Option(
-            envvar="LLAVA_MMPROJ",
-            help="Projector (mmproj) GGUF path, with a --model path. "
-            "Default: the one *mmproj*.gguf beside the model.",
-            rich_help_panel=_MODEL,
-        ),
-    ] = None,
-    offline: Annotated[
-        bool,
-        typer.Option(
-            help="Never touch the network: a model that is not pulled is an error (exit 3). "
-            "Also HF_HUB_OFFLINE=1.",
-            rich_help_panel=_MODEL,
-        ),
-    ] = False,
-    chat_format: Annotated[
-        ChatFormatChoice,
-        typer.Option(
-            envvar="LLAVA_CHAT_FORMAT",
-            help="auto (the model's template, else llava), gguf, or llava (LLaVA-1.5/Vicuna).",
-            rich_help_panel=_MODEL,
-        ),
-    ] = ChatFormatChoice.auto,
-    system: Annotated[
-        str | None, typer.Option(envvar="LLAVA_SYSTEM", help="System prompt.", rich_help_panel=_GEN)
-    ] = None,
-    temperature: Annotated[
-        float,
-        typer.Option(envvar="LLAVA_TEMPERATURE", min=0.0, help="0 = greedy.", rich_help_panel=_GEN),
-    ] = 0.2,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=_GEN)] = 0.95,
-    top_k: Annotated[int, typer.Option(min=0, rich_help_panel=_GEN)] = 40,
-    min_p: Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=_GEN)] = 0.05,
-    repeat_penalty: Annotated[float, typer.Option(min=0.0, rich_help_panel=_GEN)] = 1.1,
-    seed: Annotated[
-        int | None,
-        typer.Option(envvar="LLAVA_SEED", min=0, help="Default: random.", rich_help_panel=_GEN),
-    ] = None,
-    max_tokens: Annotated[
-        int | None,
-        typer.Option(
-            envvar="LLAVA_MAX_TOKENS", min=1, help="Default: until done.", rich_help_panel=_GEN
-        ),
-    ] = None,
-    stop: Annotated[
-        list[str] | None,
-        typer.Option(help="Stop at this text (repeatable).", rich_help_panel=_GEN),
-    ] = None,
-    ctx: Annotated[
-        int | None,
-        typer.Option(
-            envvar="LLAVA_CTX",
-            min=64,
-            help="Context size in tokens. Default: 4096, or less if the model has less.",
-            rich_help_panel=_RUNTIME,
-        ),
-    ] = None,
-    threads: Annotated[
-        int,
-        typer.Option(
-            envvar="LLAVA_THREADS", min=0, help="0 = one per CPU.", rich_help_panel=_RUNTIME
-        ),
-    ] = 0,
-    gpu_layers: Annotated[
-        int,
-        typer.Option(
-            envvar="LLAVA_GPU_LAYERS",
-            min=-1,
-            help="Layers to offload to the GPU; -1 = all (where supported), 0 = none.",
-            rich_help_panel=_RUNTIME,
-        ),
-    ] = -1,
-    image_on_cpu: Annotated[
-        bool,
-        typer.Option(
-            envvar="LLAVA_IMAGE_ON_CPU",
-            help="Keep the image encoder on the CPU.",
-            rich_help_panel=_RUNTIME,
-        ),
-    ] = False,
-    max_pixels: Annotated[
-        int,
-        typer.Option(
-            envvar="LLAVA_MAX_PIXELS",
-            min=1,
-            help="Refuse images with more pixels than this.",
-            rich_help_panel=_RUNTIME,
-        ),
-    ] = DEFAULT_MAX_PIXELS,
+    model: ModelOpt = None,
+    mmproj: MmprojOpt = None,
+    offline: OfflineOpt = False,
+    chat_format: ChatFormatOpt = ChatFormatChoice.auto,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = 0.2,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 40,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatPenaltyOpt = 1.1,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    stop: StopOpt = None,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = 0,
+    gpu_layers: GpuLayersOpt = -1,
+    image_on_cpu: ImageOnCpuOpt = False,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     together: Annotated[
         bool, typer.Option(help="Send all images in one prompt; one answer.")
     ] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object per image (JSON Lines).")
     ] = False,
-    verbose: Annotated[
-        bool,
-        typer.Option(
-            "--verbose", "-v", envvar="LLAVA_VERBOSE", help="Details and llama.cpp logs on stderr."
-        ),
-    ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Answer a question about each image, once. The answer alone goes to stdout."""
     from .commands import ask as command
@@ -195,27 +237,57 @@ def ask(
         model=model,
         mmproj=mmproj,
         system=system,
-        sampling=SamplingParams(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            seed=seed,
-            max_tokens=max_tokens,
-            stop=tuple(stop or ()),
+        sampling=_sampling(
+            temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
         ),
-        runtime=RuntimeOptions(
-            ctx=ctx,
-            threads=threads,
-            gpu_layers=gpu_layers,
-            image_on_cpu=image_on_cpu,
-            chat_format=chat_format.value,
-            verbose=verbose,
-        ),
+        runtime=RuntimeOptions(ctx, threads, gpu_layers, image_on_cpu, chat_format.value, verbose),
         max_pixels=max_pixels,
         together=together,
         json=json_out,
+        offline=offline,
+    )
+    raise typer.Exit(guarded(lambda: command.run(opts)))
+
+
+@app.command()
+def chat(
+    images: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[IMAGE]...", help="Images to attach to the first message."),
+    ] = None,
+    model: ModelOpt = None,
+    mmproj: MmprojOpt = None,
+    offline: OfflineOpt = False,
+    chat_format: ChatFormatOpt = ChatFormatChoice.auto,
+    system: SystemOpt = None,
+    temperature: TemperatureOpt = 0.2,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 40,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatPenaltyOpt = 1.1,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    stop: StopOpt = None,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = 0,
+    gpu_layers: GpuLayersOpt = -1,
+    image_on_cpu: ImageOnCpuOpt = False,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Talk about images: streamed answers, slash commands (/help), nothing re-read twice."""
+    from .commands import chat as command
+
+    opts = command.ChatOptions(
+        images=images or [],
+        model=model,
+        mmproj=mmproj,
+        system=system,
+        sampling=_sampling(
+            temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
+        ),
+        runtime=RuntimeOptions(ctx, threads, gpu_layers, image_on_cpu, chat_format.value, verbose),
+        max_pixels=max_pixels,
         offline=offline,
     )
     raise typer.Exit(guarded(lambda: command.run(opts)))

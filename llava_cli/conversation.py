@@ -54,6 +54,13 @@ def open_model(model: Path, mmproj: Path, opts: RuntimeOptions) -> LoadedModel:
 
 
 @dataclass
+class Exchange:
+    prompt: str
+    images: list[PreparedImage]
+    answer: str | None = None
+
+
+@dataclass
 class Conversation:
     loaded: LoadedModel
     system: str | None = None
@@ -64,16 +71,26 @@ class Conversation:
         self.messages.clear()
         self.images.clear()
 
+    def _render(self, prompt: str, images: Sequence[PreparedImage]) -> tuple[str, bool]:
+        user = Message("user", prompt, n_images=len(images))
+        head = [Message("system", self.system)] if self.system is not None else []
+        rendered = self.loaded.fmt.render([*head, *self.messages, user])
+        return rendered.text, rendered.add_bos
+
+    def measure(self, prompt: str, images: Sequence[PreparedImage]) -> int:
+        """Context cells the conversation with this next turn takes (no evaluation)."""
+        text, add_bos = self._render(prompt, images)
+        return self.loaded.session.count(text, [*self.images, *images], add_special=add_bos)
+
     def ask(
         self, prompt: str, images: Sequence[PreparedImage], sampling: SamplingParams
     ) -> Iterator[str]:
         """Add a user turn and stream the answer; the answer joins the conversation."""
         self.loaded.session.last = None
         user = Message("user", prompt, n_images=len(images))
-        head = [Message("system", self.system)] if self.system is not None else []
-        rendered = self.loaded.fmt.render([*head, *self.messages, user])
+        text, add_bos = self._render(prompt, images)
         session = self.loaded.session
-        session.evaluate(rendered.text, [*self.images, *images], add_special=rendered.add_bos)
+        session.evaluate(text, [*self.images, *images], add_special=add_bos)
         self.messages.append(user)
         self.images.extend(images)
         try:
@@ -81,6 +98,35 @@ class Conversation:
         finally:  # an answer cut short (Ctrl-C, a closed stream) stays, as far as it got
             if session.last is not None:
                 self.messages.append(Message("assistant", session.last.text))
+
+    def exchanges(self) -> list[Exchange]:
+        """The conversation as user turns, each with its images and answer (if any)."""
+        out: list[Exchange] = []
+        seen = 0
+        for message in self.messages:
+            if message.role == "user":
+                images = self.images[seen : seen + message.n_images]
+                seen += message.n_images
+                out.append(Exchange(message.content, images))
+            elif out and out[-1].answer is None:
+                out[-1].answer = message.content
+        return out
+
+    def drop(self, index: int) -> Exchange:
+        """Remove one exchange (a user turn and its answer) with its images."""
+        exchanges = self.exchanges()
+        gone = exchanges.pop(index)
+        self.replace(exchanges)
+        return gone
+
+    def replace(self, exchanges: Sequence[Exchange]) -> None:
+        self.messages.clear()
+        self.images.clear()
+        for ex in exchanges:
+            self.messages.append(Message("user", ex.prompt, n_images=len(ex.images)))
+            self.images.extend(ex.images)
+            if ex.answer is not None:
+                self.messages.append(Message("assistant", ex.answer))
 
     @property
     def last(self) -> Completion:

@@ -175,3 +175,16 @@ def _icc_to_srgb(im: Image.Image) -> Image.Image | None:
     except (ImageCms.PyCMSError, OSError, ValueError):
         return None
     return out
+
+
+def thumbnail(image: PreparedImage, size: int = 16) -> tuple[int, int, bytes]:
+    """A small RGB copy for a terminal preview: at most ``size`` pixels a side (so ``size``
+    columns and ``size / 2`` text rows), an even number of rows."""
+    from PIL import Image
+
+    scale = min(1.0, size / image.width, size / image.height)
+    width = max(1, round(image.width * scale))
+    height = max(2, round(image.height * scale / 2) * 2)  # two pixel rows per text row
+    small = Image.frombytes("RGB", (image.width, image.height), image.rgb)
+    small = small.resize((width, height), Image.Resampling.BOX)
+    return width, height, small.tobytes()

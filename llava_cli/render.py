@@ -167,3 +167,52 @@ class RichTransfer:
 
 def transfer_progress() -> PlainTransfer | RichTransfer:
     return RichTransfer() if stderr_is_terminal() else PlainTransfer()
+
+
+def stream_markdown(chunks: Iterable[str], *, max_fps: float = 8.0) -> None:
+    """Stream an answer to a terminal as Markdown (code blocks, lists) in a Rich Live view.
+
+    The text is parsed as Markdown only, never as Rich markup, and re-rendered at most
+    ``max_fps`` times a second, so a fast model does not make the view flicker.
+    """
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.markdown import Markdown
+
+    console = Console(highlight=False)
+    text, shown, last = "", "", 0.0
+    with Live(
+        Markdown(""),
+        console=console,
+        auto_refresh=False,
+        vertical_overflow="visible",
+        transient=False,
+    ) as live:
+        try:
+            for chunk in chunks:
+                text += chunk
+                now = time.monotonic()
+                if now - last >= 1.0 / max_fps:
+                    live.update(Markdown(text), refresh=True)
+                    shown, last = text, now
+        finally:
+            if text != shown:
+                live.update(Markdown(text), refresh=True)
+
+
+def image_preview(width: int, height: int, rgb: bytes) -> None:
+    """A few lines of coloured half blocks on stderr: two pixel rows per character row."""
+    if not _color(sys.stderr):
+        return
+    lines = []
+    for y in range(0, height - 1, 2):
+        cells = []
+        for x in range(width):
+            top = rgb[(y * width + x) * 3 : (y * width + x) * 3 + 3]
+            bottom = rgb[((y + 1) * width + x) * 3 : ((y + 1) * width + x) * 3 + 3]
+            cells.append("\x1b[38;2;{};{};{}m\x1b[48;2;{};{};{}m\u2580".format(*top, *bottom))
+        lines.append("".join(cells) + "\x1b[0m")
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()

@@ -136,7 +136,7 @@ def test_batch_reuses_the_shared_prefix_and_never_reencodes(
     assert session.counters.image_chunks_encoded == encoded + 1
 
 
-def test_same_prompt_again_evaluates_one_token(oracle_model: LoadedModel, images: Path) -> None:
+def test_same_prompt_again_evaluates_nothing(oracle_model: LoadedModel, images: Path) -> None:
     conv = Conversation(oracle_model)
     red = pic(images, "red")
     answer(conv, "What colour is this?", [red], temperature=0)
@@ -144,9 +144,9 @@ def test_same_prompt_again_evaluates_one_token(oracle_model: LoadedModel, images
     conv.reset()
     assert answer(conv, "What colour is this?", [red], temperature=0) == "red"
     after = oracle_model.session.counters
-    # Only the last prompt token is decoded again, for fresh logits.
-    assert after.text_tokens_evaluated - before.text_tokens_evaluated == 1
-    assert conv.last.usage.cached_tokens == conv.last.usage.prompt_tokens - 1
+    # The prompt's last logits were kept: not even its last token is decoded again.
+    assert after.text_tokens_evaluated - before.text_tokens_evaluated == 0
+    assert conv.last.usage.cached_tokens == conv.last.usage.prompt_tokens
     assert after.image_tokens_evaluated == before.image_tokens_evaluated
 
 

@@ -136,6 +136,7 @@ class Session:
         self.spans: list[_Span] = []
         self.counters = Counters()
         self._turn: _Turn | None = None
+        self._saved_logits: tuple[list[int | str], bytes] | None = None
         self.last: Completion | None = None
 
     @property
@@ -175,8 +176,26 @@ class Session:
         with INTERRUPTS.native():
             self._evaluate(prompt, images, add_special=add_special)
 
-    def _evaluate(self, prompt: str, images: Sequence[Bitmap], *, add_special: bool) -> None:
-        self._turn = turn = _Turn(started=time.perf_counter())
+    def count(self, prompt: str, images: Sequence[Bitmap], *, add_special: bool) -> int:
+        """The context cells ``prompt`` takes as a whole (cached or not): tokenizing only."""
+        with INTERRUPTS.native():
+            return sum(
+                len(item) if isinstance(item, list) else self.image_cost(item)
+                for item in self._items(prompt, images, add_special=add_special)
+            )
+
+    def image_cost(self, image: Bitmap) -> int:
+        """Context cells an image takes: known if it is in the cache, else from libmtmd's
+        preprocessing (which resizes and tiles the image, but does not encode it)."""
+        if cached := self.image_tokens(image.key):
+            return cached
+        chunks = self._chunks(image)
+        try:
+            return int(mtmd.mtmd_helper_get_n_tokens(chunks))
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def _items(self, prompt: str, images: Sequence[Bitmap], *, add_special: bool) -> list[_Item]:
         texts = prompt.split(MEDIA_MARKER)
         if len(texts) != len(images) + 1:
             raise EngineError(f"prompt has {len(texts) - 1} image markers for {len(images)} images")
@@ -192,9 +211,13 @@ class Session:
                 items.append(images[i])
         if not items or not isinstance(items[-1], list):
             raise EngineError("a prompt must end in text, not an image")
-        rest = self._cut(items)
+        return items
+
+    def _evaluate(self, prompt: str, images: Sequence[Bitmap], *, add_special: bool) -> None:
+        self._turn = turn = _Turn(started=time.perf_counter())
+        rest = self._cut(self._items(prompt, images, add_special=add_special))
         turn.cached_tokens = self.n_cells
-        if not rest:
+        if not rest and not self._restore_logits():
             self._refresh_logits()
             turn.cached_tokens -= 1
         # Tokenize the images first, so a prompt that cannot fit fails before any work.
@@ -223,6 +246,8 @@ class Session:
                     mtmd.mtmd_input_chunks_free(p[1])
         turn.prompt_tokens = self.n_cells
         turn.image_tokens = sum(s.cells for s in self.spans if s.kind == "image")
+        if rest:
+            self._save_logits()
 
     def _cut(self, items: Sequence[_Item]) -> list[_Item]:
         """Cut the cache where it stops matching ``items``; return the items still to evaluate."""
@@ -268,6 +293,24 @@ class Session:
         if self.n_past >= kv_end:
             return True
         return bool(llama_cpp.llama_memory_seq_rm(self.mem, _SEQ, self.n_past, -1))
+
+    def _save_logits(self) -> None:
+        """Keep the prompt's last logits: regenerating the same answer (``/retry``) then
+        needs no decode at all, not even of the prompt's last token."""
+        row = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        size = self.engine.n_vocab * ctypes.sizeof(ctypes.c_float)
+        self._saved_logits = (self.tokens(), ctypes.string_at(row, size))
+
+    def _restore_logits(self) -> bool:
+        """Put the saved logits back if the cache ends exactly where they were taken."""
+        saved = self._saved_logits
+        if saved is None or saved[0] != self.tokens() or not self.spans:
+            return False
+        row = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        if not row:
+            return False
+        ctypes.memmove(row, saved[1], len(saved[1]))
+        return True
 
     def _refresh_logits(self) -> None:
         """The whole prompt is cached, but sampling needs its logits: redo its last token."""

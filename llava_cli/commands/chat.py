@@ -1,0 +1,432 @@
+"""``llava chat``: a conversation about images that never re-reads what it has already seen.
+
+Each turn re-renders the conversation and the engine's Session evaluates only what changed:
+a follow-up costs its own tokens, an image is encoded once, ``/retry`` regenerates from the
+end of the question without evaluating anything, ``/undo`` cuts the cache back at the next
+turn. The input line is ``repl.LineReader``; this module holds the slash commands.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import render, transcript
+from ..config import paths
+from ..errors import EXIT_OK, BadInput, ContextOverflow, LlavaError, UsageError
+from ..images import DEFAULT_MAX_PIXELS, PreparedImage, load, thumbnail
+from ..modelref import ModelFiles
+from ..options import RuntimeOptions, SamplingParams
+
+if TYPE_CHECKING:
+    from ..conversation import Conversation
+    from ..engine import Completion, Counters
+
+ANSWER_ROOM = 256  # tokens kept free for the answer when the conversation must be shortened
+
+COMMANDS = {
+    "/image": "PATH... attach images to the next message",
+    "/images": "the conversation's images and their token cost",
+    "/clear": "start a new conversation (same model)",
+    "/system": "TEXT set the system prompt; '/system' shows it, '/system -' resets it",
+    "/retry": "answer the last message again",
+    "/undo": "drop the last message and its answer",
+    "/save": "FILE save the chat (.json for programs, else Markdown)",
+    "/load": "FILE resume a saved chat",
+    "/set": "KEY VALUE temperature, top-p, top-k, min-p, repeat-penalty, max-tokens, seed",
+    "/stats": "context use, and the last turn's work and speed",
+    "/help": "this list",
+    "/exit": "end the chat (also Ctrl-D)",
+}
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    images: list[str] = field(default_factory=list)
+    model: str | None = None
+    mmproj: str | None = None
+    system: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    offline: bool = False
+    history: bool = True
+
+
+def run(opts: ChatOptions) -> int:
+    from ..repl import reader
+
+    chat = open_chat(opts)
+    try:
+        for source in opts.images:
+            try:
+                chat.attach(source)
+            except LlavaError as exc:  # a bad image on the command line: say so, chat anyway
+                render.error(exc.one_line())
+        history = paths().data_dir / "chat_history" if opts.history else None
+        chat.run(reader(COMMANDS, history).lines())
+    finally:
+        chat.close()
+    return EXIT_OK
+
+
+def open_chat(opts: ChatOptions) -> Chat:
+    """Resolve (pull if needed) and load the model; print the header line."""
+    from ..conversation import Conversation, open_model
+    from ..engine import backend_info
+    from .ask import model_files
+
+    files = model_files(opts.model, opts.mmproj, offline=opts.offline)
+    runtime = opts.runtime
+    if files.chat_format == "llava" and runtime.chat_format == "auto":
+        runtime = replace(runtime, chat_format="llava")
+    loaded = open_model(files.model, files.mmproj, runtime)
+    backend = backend_info()["backend"]
+    render.info(
+        f"llava chat · {files.name} · context {loaded.session.n_ctx} tokens · {backend}"
+        " — /help for commands, Ctrl-D to quit"
+    )
+    return Chat(Conversation(loaded, system=opts.system), files, opts)
+
+
+@dataclass
+class Chat:
+    conversation: Conversation
+    files: ModelFiles
+    opts: ChatOptions
+    pending: list[PreparedImage] = field(default_factory=list)
+    sampling: SamplingParams = field(init=False)
+    default_system: str | None = field(init=False)
+    last_work: Counters | None = None
+    last_completion: Completion | None = None
+    markdown: bool = field(default_factory=lambda: sys.stdout.isatty())  # noqa: PLW0108 (today's stdout)
+
+    def __post_init__(self) -> None:
+        self.sampling = self.opts.sampling
+        self.default_system = self.conversation.system
+
+    def close(self) -> None:
+        self.conversation.loaded.close()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            if not self.handle(line):
+                break
+
+    def handle(self, line: str) -> bool:
+        """One line from the user; False ends the chat. Errors are reported, never fatal."""
+        text = line.strip()
+        if not text:
+            return True
+        try:
+            if text.startswith("//"):  # a message that starts with a slash
+                self.turn(line.lstrip()[1:])
+            elif text.startswith("/"):
+                return self.command(text)
+            else:
+                self.turn(line)
+        except LlavaError as exc:
+            render.error(exc.one_line())
+        return True
+
+    def command(self, text: str) -> bool:
+        name, _, arg = text.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return False
+        handler = self._handlers().get(name)
+        if handler is None:
+            raise UsageError(f"unknown command {name}", "/help lists the commands")
+        handler(arg)
+        return True
+
+    def _handlers(self) -> dict[str, Callable[[str], None]]:
+        return {
+            "/image": self.cmd_image,
+            "/images": self.cmd_images,
+            "/clear": self.cmd_clear,
+            "/system": self.cmd_system,
+            "/retry": self.cmd_retry,
+            "/undo": self.cmd_undo,
+            "/save": self.cmd_save,
+            "/load": self.cmd_load,
+            "/set": self.cmd_set,
+            "/stats": self.cmd_stats,
+            "/help": self.cmd_help,
+        }
+
+    # -- turns ------------------------------------------------------------------------------
+
+    def turn(self, prompt: str) -> None:
+        images = list(self.pending)
+        self._make_room(prompt, images)
+        before = len(self.conversation.messages)
+        self._answer(lambda: self.conversation.ask(prompt, images, self.sampling))
+        if len(self.conversation.messages) > before:  # the question made it in: images used
+            self.pending.clear()
+
+    def _answer(self, start: Callable[[], Iterable[str]]) -> None:
+        session = self.conversation.loaded.session
+        counters = session.counters.snapshot()
+        try:
+            stream = start()
+            if self.markdown:
+                render.stream_markdown(stream)
+            else:
+                render.stream_answer(stream)
+        except KeyboardInterrupt:
+            if session.last is None:  # still reading the question
+                render.info("(stopped before the answer began; the message was not sent)")
+            else:
+                render.info("(stopped; the answer so far stays in the conversation)")
+        finally:
+            self.last_work = _delta(session.counters, counters)
+            self.last_completion = session.last
+        completion = session.last
+        if completion is not None and completion.finish_reason == "length":
+            full = session.n_cells >= session.n_ctx
+            render.info(
+                "(the answer was cut: the context is full — /clear, or a larger --ctx)"
+                if full
+                else "(the answer was cut at max-tokens — /set max-tokens N for longer ones)"
+            )
+
+    def _make_room(self, prompt: str, images: list[PreparedImage]) -> None:
+        """Shorten the conversation from the oldest turn if the next one would not fit."""
+        conversation = self.conversation
+        n_ctx = conversation.loaded.session.n_ctx
+        room = min(self.sampling.max_tokens or ANSWER_ROOM, n_ctx // 4)
+        need = conversation.measure(prompt, images)
+        while need + room > n_ctx and conversation.messages:
+            gone = conversation.drop(0)
+            what = f" and its {len(gone.images)} image(s)" if gone.images else ""
+            render.info(
+                f"context: this turn needs {need} of {n_ctx} tokens plus room to answer; "
+                f"dropping the oldest message{what}"
+            )
+            need = conversation.measure(prompt, images)
+        if need >= n_ctx:
+            raise ContextOverflow(
+                f"this message needs {need} tokens, and the context holds {n_ctx}",
+                "attach fewer or smaller images, /clear, or restart with a larger --ctx",
+            )
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def attach(self, source: str) -> None:
+        image = load(source, max_pixels=self.opts.max_pixels)
+        cost = self.conversation.loaded.session.image_cost(image)
+        self.pending.append(image)
+        render.info(f"attached {source}: {image.width}×{image.height}, {cost} tokens")
+        if render.stderr_is_terminal():
+            render.image_preview(*thumbnail(image))
+
+    def cmd_image(self, arg: str) -> None:
+        sources = _split(arg)
+        if not sources:
+            raise UsageError("/image needs a path", "/image PATH...")
+        for source in sources:
+            try:
+                self.attach(source)
+            except LlavaError as exc:  # the rest still attach
+                render.error(exc.one_line())
+
+    def cmd_images(self, _arg: str) -> None:
+        session = self.conversation.loaded.session
+        rows = [(image, "") for image in self.conversation.images]
+        rows += [(image, " (next message)") for image in self.pending]
+        if not rows:
+            render.info("no images yet — /image PATH")
+            return
+        for i, (image, note) in enumerate(rows, 1):
+            cost = session.image_cost(image)
+            render.info(f"{i}. {image.source}: {image.width}×{image.height}, {cost} tokens{note}")
+
+    def cmd_clear(self, _arg: str) -> None:
+        self.conversation.reset()
+        self.pending.clear()
+        render.info("new conversation")
+
+    def cmd_system(self, arg: str) -> None:
+        if not arg:
+            render.info(f"system prompt: {self.conversation.system or '(the format default)'}")
+            return
+        self.conversation.system = self.default_system if arg == "-" else arg
+        render.info("system prompt set; it applies to the whole conversation")
+
+    def cmd_retry(self, _arg: str) -> None:
+        exchanges = self.conversation.exchanges()
+        if not exchanges:
+            raise UsageError("nothing to retry yet")
+        last = self.conversation.drop(len(exchanges) - 1)
+        try:
+            self._answer(lambda: self.conversation.ask(last.prompt, last.images, self.sampling))
+        except LlavaError:  # not even the question could be evaluated: keep the old answer
+            self.conversation.replace(exchanges)
+            raise
+
+    def cmd_undo(self, _arg: str) -> None:
+        exchanges = self.conversation.exchanges()
+        if not exchanges:
+            raise UsageError("nothing to undo")
+        gone = self.conversation.drop(len(exchanges) - 1)
+        render.info(f"dropped: {_preview(gone.prompt)}")
+
+    def cmd_save(self, arg: str) -> None:
+        names = _split(arg)
+        if len(names) != 1:
+            raise UsageError("/save needs one file name", "/save chat.md or /save chat.json")
+        path = Path(names[0]).expanduser()
+        turns = [
+            transcript.SavedTurn(
+                ex.prompt,
+                [
+                    transcript.SavedImage(
+                        str(Path(i.source).resolve()), i.sha256, i.width, i.height
+                    )
+                    for i in ex.images
+                ],
+                ex.answer,
+            )
+            for ex in self.conversation.exchanges()
+        ]
+        record = transcript.Transcript(
+            self.files.name, self.conversation.system, _settings(self.sampling), turns
+        )
+        transcript.save(record, path)
+        render.info(f"saved {len(turns)} turns to {path}")
+
+    def cmd_load(self, arg: str) -> None:
+        from ..conversation import Exchange
+
+        names = _split(arg)
+        if len(names) != 1:
+            raise UsageError("/load needs one file name", "/load chat.md")
+        saved = transcript.load(Path(names[0]).expanduser())
+        exchanges = [
+            Exchange(t.prompt, [_reload(i, self.opts.max_pixels) for i in t.images], t.answer)
+            for t in saved.turns
+        ]
+        self.conversation.replace(exchanges)  # only once every image checked out
+        self.conversation.system = saved.system
+        self.pending.clear()
+        for key, value in saved.settings.items():
+            self.sampling = _set(self.sampling, key, str(value))
+        if saved.model and saved.model != self.files.name:
+            render.info(f"note: saved with {saved.model}, continuing with {self.files.name}")
+        render.info(f"loaded {len(exchanges)} turns from {names[0]}")
+
+    def cmd_set(self, arg: str) -> None:
+        parts = arg.split()
+        if not parts:
+            for key, value in _settings(self.sampling).items():
+                render.info(f"{key} {value}")
+            return
+        if len(parts) != 2:
+            raise UsageError("/set takes a key and a value", "e.g. /set temperature 0.7")
+        self.sampling = _set(self.sampling, parts[0], parts[1])
+        render.info(f"{parts[0]} = {parts[1]}")
+
+    def cmd_stats(self, _arg: str) -> None:
+        session = self.conversation.loaded.session
+        render.info(f"context: {session.n_cells} of {session.n_ctx} tokens in use")
+        work, done = self.last_work, self.last_completion
+        if work is None or done is None:
+            render.info("no turn yet")
+            return
+        t = done.timings
+        render.info(
+            f"last turn: evaluated {work.text_tokens_evaluated} text and "
+            f"{work.image_tokens_evaluated} image tokens, reused {done.usage.cached_tokens} "
+            f"from the cache; images encoded: {work.image_chunks_encoded}"
+        )
+        render.info(
+            f"answer: {done.usage.completion_tokens} tokens, first token after {t.ttft_s:.2f} s, "
+            f"{t.decode_tokens_per_s:.1f} tokens/s ({done.finish_reason})"
+        )
+
+    def cmd_help(self, _arg: str) -> None:
+        width = max(len(name) for name in COMMANDS)
+        for name, text in COMMANDS.items():
+            render.info(f"{name:<{width}}  {text}")
+        render.info("Alt-Enter: new line · Ctrl-C: stop an answer, or clear the line · //: send /")
+
+
+def _split(arg: str) -> list[str]:
+    try:
+        return shlex.split(arg)
+    except ValueError as exc:
+        raise UsageError(f"cannot read {arg!r}: {exc}", "quote paths with spaces") from exc
+
+
+def _preview(text: str, width: int = 60) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _reload(saved: transcript.SavedImage, max_pixels: int) -> PreparedImage:
+    image = load(saved.path, max_pixels=max_pixels)
+    if image.sha256 != saved.sha256:
+        raise BadInput(
+            f"{saved.path} changed since the chat was saved (sha256 differs)",
+            "restore the original file; nothing was loaded",
+        )
+    return image
+
+
+_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "temperature": ("temperature", float),
+    "top-p": ("top_p", float),
+    "top-k": ("top_k", int),
+    "min-p": ("min_p", float),
+    "repeat-penalty": ("repeat_penalty", float),
+    "max-tokens": ("max_tokens", int),
+    "seed": ("seed", int),
+}
+_BOUNDS = {
+    "temperature": (0.0, None),
+    "top-p": (0.0, 1.0),
+    "top-k": (0, None),
+    "min-p": (0.0, 1.0),
+    "repeat-penalty": (0.0, None),
+    "max-tokens": (1, None),
+    "seed": (0, None),
+}
+
+
+def _set(sampling: SamplingParams, key: str, value: str) -> SamplingParams:
+    key = key.lower().replace("_", "-")
+    if key not in _SETTINGS:
+        raise UsageError(f"unknown setting {key!r}", "one of: " + ", ".join(_SETTINGS))
+    field_name, kind = _SETTINGS[key]
+    if key in ("max-tokens", "seed") and value.lower() in ("none", "random", "default"):
+        unset: dict[str, Any] = {field_name: None}
+        return replace(sampling, **unset)
+    try:
+        number = kind(value)
+    except ValueError as exc:
+        raise UsageError(f"{key} must be a number, not {value!r}") from exc
+    low, high = _BOUNDS[key]
+    if number < low or (high is not None and number > high):
+        limits = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise UsageError(f"{key} must be {limits}, not {value}")
+    changes: dict[str, Any] = {field_name: number}
+    return replace(sampling, **changes)
+
+
+def _settings(sampling: SamplingParams) -> dict[str, Any]:
+    return {key: getattr(sampling, name) for key, (name, _) in _SETTINGS.items()}
+
+
+def _delta(now: Counters, before: Counters) -> Counters:
+    from dataclasses import fields
+
+    return type(now)(
+        **{f.name: getattr(now, f.name) - getattr(before, f.name) for f in fields(now)}
+    )

@@ -1,0 +1,122 @@
+"""Saved chats: a Markdown transcript for people, JSON for programs, and both for ``/load``.
+
+A ``.json`` file holds the record below. Any other name gets Markdown (each turn, with its
+images' paths, sizes and sha256) and the same record at the end in an HTML comment, which
+Markdown viewers hide and ``/load`` reads. Images are stored by absolute path and sha256;
+loading checks each file still has the bytes it had.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput
+from .store import write_atomic
+
+FORMAT = "llava-chat/1"
+_MARK = "<!-- llava-chat\n"
+
+
+@dataclass
+class SavedImage:
+    path: str
+    sha256: str
+    width: int
+    height: int
+
+
+@dataclass
+class SavedTurn:
+    prompt: str
+    images: list[SavedImage] = field(default_factory=list)
+    answer: str | None = None
+
+
+@dataclass
+class Transcript:
+    model: str
+    system: str | None
+    settings: dict[str, Any]
+    turns: list[SavedTurn]
+    saved_at: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "saved_at": self.saved_at or time.time(),
+            "model": self.model,
+            "system": self.system,
+            "settings": self.settings,
+            "turns": [
+                {
+                    "prompt": t.prompt,
+                    "images": [vars(i) for i in t.images],
+                    "answer": t.answer,
+                }
+                for t in self.turns
+            ],
+        }
+
+
+def save(transcript: Transcript, path: Path) -> None:
+    record = transcript.record()
+    if path.suffix.lower() == ".json":
+        text = json.dumps(record, ensure_ascii=False, indent=2) + "\n"
+    else:
+        text = _markdown(transcript, record)
+    write_atomic(path, text.encode("utf-8"))
+
+
+def _markdown(t: Transcript, record: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["saved_at"]))
+    out = [f"# Chat with {t.model}", "", f"Saved {when}."]
+    if t.system:
+        out += ["", "**System:** " + t.system]
+    for turn in t.turns:
+        out += ["", "## You", ""]
+        for image in turn.images:
+            out.append(
+                f"![image]({Path(image.path).as_uri()}) `{image.path}` "
+                f"({image.width}×{image.height}, sha256 `{image.sha256}`)  "
+            )
+        out += [turn.prompt, "", "## llava", "", turn.answer or "*(no answer)*"]
+    payload = json.dumps(record, ensure_ascii=False, indent=1).replace("--", "\\u002d\\u002d")
+    out += ["", _MARK + payload + "\n-->", ""]
+    return "\n".join(out)
+
+
+def load(path: Path) -> Transcript:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot read {path}: {exc}") from exc
+    start = text.rfind(_MARK)
+    if start >= 0:
+        text = text[start + len(_MARK) : text.rindex("-->")]
+    try:
+        data = json.loads(text)
+        if data.get("format") != FORMAT:
+            raise ValueError("not a llava chat")
+        turns = [
+            SavedTurn(
+                str(t["prompt"]),
+                [SavedImage(**i) for i in t.get("images", [])],
+                None if t.get("answer") is None else str(t["answer"]),
+            )
+            for t in data["turns"]
+        ]
+        return Transcript(
+            str(data.get("model", "")),
+            data.get("system"),
+            dict(data.get("settings") or {}),
+            turns,
+            float(data.get("saved_at") or 0),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadInput(
+            f"{path} is not a chat saved by llava ({exc})", "save one with /save FILE"
+        ) from exc
