@@ -321,3 +321,40 @@ def test_a_real_terminal_ctrl_c_stops_the_answer_and_exit_ends_the_chat(
         assert "Tell me a long story" in history.read_text()
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line(
+    chat: Chat, images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drive(chat, f"/image {images / 'red.png'}", "half a thought\x03What colour is this?")
+    assert capsys.readouterr().out == "red\n"
+    assert [e.prompt for e in chat.conversation.exchanges()] == ["What colour is this?"]
+
+
+def test_completion_of_commands_and_paths(tmp_path: Path) -> None:
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+
+    from llava_cli.repl import ChatCompleter
+
+    (tmp_path / "photo.png").write_bytes(b"")
+    completer = ChatCompleter(COMMANDS)
+
+    def complete(text: str) -> list[str]:
+        found = completer.get_completions(Document(text, len(text)), CompleteEvent())
+        return [c.text for c in found]
+
+    assert complete("/st") == ["/stats"]
+    assert complete("/im") == ["/image", "/images"]
+    assert complete(f"/image {tmp_path}/ph") == ["oto.png"]
+    assert complete("hello /st") == []  # only at the start of the line
+
+
+def test_answers_are_markdown_never_rich_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    from llava_cli import render
+
+    render.stream_markdown(["Use [red]this[/red] ", "and **that**:\n\n- one\n- two"])
+    out = capsys.readouterr().out
+    assert "[red]this[/red]" in out  # printed as written
+    assert "**" not in out and "that" in out  # Markdown is rendered
+    assert "• one" in out
