@@ -6,7 +6,7 @@ with what its KV cache already holds and evaluates only the difference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,20 +71,25 @@ class Conversation:
         self.messages.clear()
         self.images.clear()
 
-    def _render(self, prompt: str, images: Sequence[PreparedImage]) -> tuple[str, bool]:
+    def _render(
+        self, prompt: str, images: Sequence[PreparedImage], *, history: bool = True
+    ) -> tuple[str, bool]:
         user = Message("user", prompt, n_images=len(images))
         head = [Message("system", self.system)] if self.system is not None else []
-        rendered = self.loaded.fmt.render([*head, *self.messages, user])
+        earlier = self.messages if history else []
+        rendered = self.loaded.fmt.render([*head, *earlier, user])
         return rendered.text, rendered.add_bos
 
-    def measure(self, prompt: str, images: Sequence[PreparedImage]) -> int:
-        """Context cells the conversation with this next turn takes (no evaluation)."""
-        text, add_bos = self._render(prompt, images)
-        return self.loaded.session.count(text, [*self.images, *images], add_special=add_bos)
+    def measure(self, prompt: str, images: Sequence[PreparedImage], *, history: bool = True) -> int:
+        """Context cells the conversation (or, without history, the system prompt and this
+        turn alone) takes with this next turn; nothing is evaluated."""
+        text, add_bos = self._render(prompt, images, history=history)
+        earlier = self.images if history else []
+        return self.loaded.session.count(text, [*earlier, *images], add_special=add_bos)
 
     def ask(
         self, prompt: str, images: Sequence[PreparedImage], sampling: SamplingParams
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         """Add a user turn and stream the answer; the answer joins the conversation."""
         self.loaded.session.last = None
         user = Message("user", prompt, n_images=len(images))

@@ -172,34 +172,59 @@ def transfer_progress() -> PlainTransfer | RichTransfer:
 def stream_markdown(chunks: Iterable[str], *, max_fps: float = 8.0) -> None:
     """Stream an answer to a terminal as Markdown (code blocks, lists) in a Rich Live view.
 
-    The text is parsed as Markdown only, never as Rich markup, and re-rendered at most
-    ``max_fps`` times a second, so a fast model does not make the view flicker.
+    The text is parsed as Markdown only: never as Rich markup, and HTML in it stays text.
+    The live view shows the answer's last screenful, re-rendered at most ``max_fps`` times a
+    second (no flicker, and nothing drawn twice when the answer outgrows the screen); when
+    the answer ends, or is stopped, it is printed once in full.
     """
     import time
 
     from rich.console import Console
     from rich.live import Live
-    from rich.markdown import Markdown
 
     console = Console(highlight=False)
-    text, shown, last = "", "", 0.0
-    with Live(
-        Markdown(""),
-        console=console,
-        auto_refresh=False,
-        vertical_overflow="visible",
-        transient=False,
-    ) as live:
-        try:
+    text, last = "", 0.0
+    try:
+        with Live(console=console, auto_refresh=False, transient=True) as live:
             for chunk in chunks:
                 text += chunk
                 now = time.monotonic()
                 if now - last >= 1.0 / max_fps:
-                    live.update(Markdown(text), refresh=True)
-                    shown, last = text, now
-        finally:
-            if text != shown:
-                live.update(Markdown(text), refresh=True)
+                    live.update(_Tail(_answer_markdown(text)), refresh=True)
+                    last = now
+    finally:
+        if text:
+            console.print(_answer_markdown(text))
+
+
+_CONTROL = dict.fromkeys(c for c in range(32) if chr(c) not in "\t\n") | {0x7F: None}
+
+
+def _answer_markdown(text: str) -> Any:
+    """Rich Markdown for model text: HTML is not interpreted, control characters are dropped."""
+    from markdown_it import MarkdownIt
+    from rich.markdown import Markdown
+
+    clean = text.translate(_CONTROL)
+    md = Markdown(clean)
+    parser = MarkdownIt().enable("strikethrough").enable("table")
+    md.parsed = parser.disable(["html_inline", "html_block"]).parse(clean)
+    return md
+
+
+class _Tail:
+    """The last screenful of a renderable, so a live view never outgrows the terminal."""
+
+    def __init__(self, renderable: Any) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Any, options: Any) -> Iterable[Any]:
+        from rich.segment import Segment
+
+        lines = console.render_lines(self.renderable, options, pad=False)
+        for line in lines[-max(1, console.size.height - 2) :]:
+            yield from line
+            yield Segment.line()
 
 
 def image_preview(width: int, height: int, rgb: bytes) -> None:

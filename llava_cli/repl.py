@@ -37,9 +37,22 @@ class ChatCompleter(Completer):
                     yield Completion(name, -len(text), display_meta=help_text)
             return
         command, _, rest = text.partition(" ")
-        if command in PATH_COMMANDS:
-            word = rest.rsplit(" ", 1)[-1]
-            yield from self.paths.get_completions(Document(word, len(word)), event)
+        if command not in PATH_COMMANDS:
+            return
+        word, quoted = _last_word(rest)
+        for found in self.paths.get_completions(Document(word, len(word)), event):
+            path = word[: len(word) + found.start_position] + found.text
+            if quoted or " " not in path:
+                yield found
+            else:  # a name with a space: rewrite the word, quoted, as the commands split it
+                yield Completion('"' + path, -len(word), display=found.display)
+
+
+def _last_word(rest: str) -> tuple[str, bool]:
+    """The word being typed, and whether it is inside quotes (an odd number of '"')."""
+    if rest.count('"') % 2:
+        return rest[rest.rindex('"') + 1 :], True
+    return rest.rsplit(" ", 1)[-1], False
 
 
 def _bindings() -> KeyBindings:
@@ -60,8 +73,10 @@ class PlainReader:
         self.stream = stream or sys.stdin
 
     def lines(self) -> Iterable[str]:
-        for line in self.stream:
-            yield line.rstrip("\n")
+        source = getattr(self.stream, "buffer", self.stream)
+        for raw in source:
+            line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            yield line.rstrip("\r\n")
 
 
 def reader(commands: Mapping[str, str], history_file: Path | None) -> LineReader | PlainReader:

@@ -68,7 +68,12 @@ def save(transcript: Transcript, path: Path) -> None:
         text = json.dumps(record, ensure_ascii=False, indent=2) + "\n"
     else:
         text = _markdown(transcript, record)
-    write_atomic(path, text.encode("utf-8"))
+    try:
+        write_atomic(path, text.encode("utf-8", "replace"))
+    except OSError as exc:
+        raise BadInput(
+            f"cannot write {path}: {exc.strerror or exc}", "choose another file"
+        ) from exc
 
 
 def _markdown(t: Transcript, record: dict[str, Any]) -> str:
@@ -109,9 +114,12 @@ def load(path: Path) -> Transcript:
             )
             for t in data["turns"]
         ]
+        system = data.get("system")
+        if system is not None and not isinstance(system, str):
+            raise ValueError("its system prompt is not text")
         return Transcript(
             str(data.get("model", "")),
-            data.get("system"),
+            system,
             dict(data.get("settings") or {}),
             turns,
             float(data.get("saved_at") or 0),

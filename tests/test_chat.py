@@ -227,9 +227,11 @@ def test_a_full_context_drops_the_oldest_turn_first(
         assert out == "red\nblue\n"
         assert "dropping the oldest message and its 1 image(s)" in err
         assert [e.prompt for e in chat.conversation.exchanges()] == ["And this one?"]
-        drive(chat, "word " * 300)  # cannot fit at all: said, and the chat goes on
+        drive(chat, "word " * 300)  # cannot fit at all: said before anything is dropped
         err = capsys.readouterr().err
         assert "Error: this message needs" in err and "the context holds 256" in err
+        assert "dropping" not in err
+        assert [e.prompt for e in chat.conversation.exchanges()] == ["And this one?"]
         drive(chat, "/clear", f"/image {images / 'red.png'}", "What colour is this?")
         assert capsys.readouterr().out == "red\n"
     finally:
@@ -348,6 +350,9 @@ def test_completion_of_commands_and_paths(tmp_path: Path) -> None:
     assert complete("/im") == ["/image", "/images"]
     assert complete(f"/image {tmp_path}/ph") == ["oto.png"]
     assert complete("hello /st") == []  # only at the start of the line
+    (tmp_path / "my photos").mkdir()
+    assert complete(f"/image {tmp_path}/my") == [f'"{tmp_path}/my photos']  # quoted
+    assert complete(f'/image "{tmp_path}/my p') == ["hotos"]
 
 
 def test_answers_are_markdown_never_rich_markup(capsys: pytest.CaptureFixture[str]) -> None:
@@ -358,3 +363,55 @@ def test_answers_are_markdown_never_rich_markup(capsys: pytest.CaptureFixture[st
     assert "[red]this[/red]" in out  # printed as written
     assert "**" not in out and "that" in out  # Markdown is rendered
     assert "• one" in out
+
+
+def test_failed_save_and_load_leave_the_chat_as_it_was(
+    chat: Chat, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drive(chat, f"/image {images / 'red.png'}", "What colour is this?")
+    bad = tmp_path / "bad.json"
+    drive(chat, f"/save {bad}")
+    record = json.loads(bad.read_text())
+    record["settings"]["top-p"] = 5
+    record["turns"][0]["prompt"] = "Something else"
+    bad.write_text(json.dumps(record))
+    capsys.readouterr()
+    drive(chat, f"/save {tmp_path}", f"/load {bad}", "And again?")
+    out, err = capsys.readouterr()
+    assert f"Error: cannot write {tmp_path}" in err
+    assert "Error: top-p must be between 0.0 and 1.0, not 5" in err
+    assert [e.prompt for e in chat.conversation.exchanges()] == [
+        "What colour is this?",
+        "And again?",
+    ]
+    assert out == "red\n"
+
+
+def test_ctrl_c_in_the_renderer_still_keeps_the_partial_answer(
+    random_pair: synthetic.ModelPair,
+    images: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ctrl-C can land while a chunk is being drawn, outside the answer generator."""
+    from llava_cli import render
+
+    def draw_then_interrupt(chunks: Iterator[str]) -> None:
+        for chunk in chunks:
+            if chunk.strip():
+                raise KeyboardInterrupt
+
+    chat = open_test_chat(random_pair)
+    try:
+        drive(chat, f"/image {images / 'red.png'}")
+        monkeypatch.setattr(render, "stream_answer", draw_then_interrupt)
+        drive(chat, "Describe it.")
+        err = capsys.readouterr().err
+        assert "(stopped; the answer so far stays in the conversation)" in err
+        [exchange] = chat.conversation.exchanges()
+        assert exchange.answer  # the part drawn so far
+        assert chat.last_completion is not None
+        assert chat.last_completion.finish_reason == "interrupted"
+        assert chat.pending == []  # the image went with the message
+    finally:
+        chat.close()

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import render, transcript
-from ..config import paths
+from ..config import debug_enabled, paths
 from ..errors import EXIT_OK, BadInput, ContextOverflow, LlavaError, UsageError
 from ..images import DEFAULT_MAX_PIXELS, PreparedImage, load, thumbnail
 from ..modelref import ModelFiles
@@ -30,7 +30,7 @@ ANSWER_ROOM = 256  # tokens kept free for the answer when the conversation must 
 
 COMMANDS = {
     "/image": "PATH... attach images to the next message",
-    "/images": "the conversation's images and their token cost",
+    "/images": "the images and their token cost; '/images clear' detaches those not sent yet",
     "/clear": "start a new conversation (same model)",
     "/system": "TEXT set the system prompt; '/system' shows it, '/system -' resets it",
     "/retry": "answer the last message again",
@@ -133,6 +133,12 @@ class Chat:
                 self.turn(line)
         except LlavaError as exc:
             render.error(exc.one_line())
+        except KeyboardInterrupt:  # Ctrl-C outside an answer: the command stops, the chat goes on
+            render.info("(cancelled)")
+        except Exception as exc:  # a bug or an OS error: report it, keep the conversation
+            if debug_enabled():
+                raise
+            render.error(f"unexpected {type(exc).__name__}: {exc} — set LLAVA_DEBUG=1 for more")
         return True
 
     def command(self, text: str) -> bool:
@@ -165,29 +171,42 @@ class Chat:
 
     def turn(self, prompt: str) -> None:
         images = list(self.pending)
-        self._make_room(prompt, images)
-        before = len(self.conversation.messages)
-        self._answer(lambda: self.conversation.ask(prompt, images, self.sampling))
-        if len(self.conversation.messages) > before:  # the question made it in: images used
-            self.pending.clear()
+        kept = self.conversation.exchanges()
+        sent = False
+        try:
+            self._make_room(prompt, images)
+            sent = self._answer(lambda: self.conversation.ask(prompt, images, self.sampling))
+        finally:
+            if sent:  # the question made it in, with its images
+                self.pending.clear()
+            else:  # nothing was asked: whatever was dropped to make room comes back
+                self.conversation.replace(kept)
 
-    def _answer(self, start: Callable[[], Iterable[str]]) -> None:
+    def _answer(self, start: Callable[[], Generator[str, None, None]]) -> bool:
+        """Stream one answer; True once the question is in the conversation."""
         session = self.conversation.loaded.session
         counters = session.counters.snapshot()
+        before = len(self.conversation.messages)
+        stream = start()
+        interrupted = False
         try:
-            stream = start()
             if self.markdown:
                 render.stream_markdown(stream)
             else:
                 render.stream_answer(stream)
         except KeyboardInterrupt:
-            if session.last is None:  # still reading the question
-                render.info("(stopped before the answer began; the message was not sent)")
-            else:
-                render.info("(stopped; the answer so far stays in the conversation)")
+            interrupted = True
         finally:
+            stream.close()  # Ctrl-C may land outside the generator: finish it, keep the answer
             self.last_work = _delta(session.counters, counters)
             self.last_completion = session.last
+        sent = len(self.conversation.messages) > before
+        if interrupted:
+            render.info(
+                "(stopped; the answer so far stays in the conversation)"
+                if sent
+                else "(stopped before the answer began; the message was not sent)"
+            )
         completion = session.last
         if completion is not None and completion.finish_reason == "length":
             full = session.n_cells >= session.n_ctx
@@ -196,11 +215,19 @@ class Chat:
                 if full
                 else "(the answer was cut at max-tokens — /set max-tokens N for longer ones)"
             )
+        return sent
 
     def _make_room(self, prompt: str, images: list[PreparedImage]) -> None:
         """Shorten the conversation from the oldest turn if the next one would not fit."""
         conversation = self.conversation
         n_ctx = conversation.loaded.session.n_ctx
+        alone = conversation.measure(prompt, images, history=False)
+        if alone >= n_ctx:  # say so before dropping anything
+            detach = " or /images clear to detach the waiting images," if images else ""
+            raise ContextOverflow(
+                f"this message needs {alone} tokens, and the context holds {n_ctx}",
+                f"shorten it,{detach} or restart with a larger --ctx",
+            )
         room = min(self.sampling.max_tokens or ANSWER_ROOM, n_ctx // 4)
         need = conversation.measure(prompt, images)
         while need + room > n_ctx and conversation.messages:
@@ -211,11 +238,6 @@ class Chat:
                 f"dropping the oldest message{what}"
             )
             need = conversation.measure(prompt, images)
-        if need >= n_ctx:
-            raise ContextOverflow(
-                f"this message needs {need} tokens, and the context holds {n_ctx}",
-                "attach fewer or smaller images, /clear, or restart with a larger --ctx",
-            )
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -237,7 +259,11 @@ class Chat:
             except LlavaError as exc:  # the rest still attach
                 render.error(exc.one_line())
 
-    def cmd_images(self, _arg: str) -> None:
+    def cmd_images(self, arg: str) -> None:
+        if arg == "clear":
+            render.info(f"detached {len(self.pending)} image(s) waiting for the next message")
+            self.pending.clear()
+            return
         session = self.conversation.loaded.session
         rows = [(image, "") for image in self.conversation.images]
         rows += [(image, " (next message)") for image in self.pending]
@@ -265,11 +291,14 @@ class Chat:
         if not exchanges:
             raise UsageError("nothing to retry yet")
         last = self.conversation.drop(len(exchanges) - 1)
+        sent = False
         try:
-            self._answer(lambda: self.conversation.ask(last.prompt, last.images, self.sampling))
-        except LlavaError:  # not even the question could be evaluated: keep the old answer
-            self.conversation.replace(exchanges)
-            raise
+            sent = self._answer(
+                lambda: self.conversation.ask(last.prompt, last.images, self.sampling)
+            )
+        finally:
+            if not sent:  # not even the question was evaluated again: keep the old answer
+                self.conversation.replace(exchanges)
 
     def cmd_undo(self, _arg: str) -> None:
         exchanges = self.conversation.exchanges()
@@ -309,15 +338,18 @@ class Chat:
         if len(names) != 1:
             raise UsageError("/load needs one file name", "/load chat.md")
         saved = transcript.load(Path(names[0]).expanduser())
+        sampling = self.sampling
+        for key, value in saved.settings.items():
+            sampling = _set(sampling, key, str(value))
         exchanges = [
             Exchange(t.prompt, [_reload(i, self.opts.max_pixels) for i in t.images], t.answer)
             for t in saved.turns
         ]
-        self.conversation.replace(exchanges)  # only once every image checked out
+        # Every setting and image checked out: only now does anything change.
+        self.conversation.replace(exchanges)
         self.conversation.system = saved.system
+        self.sampling = sampling
         self.pending.clear()
-        for key, value in saved.settings.items():
-            self.sampling = _set(self.sampling, key, str(value))
         if saved.model and saved.model != self.files.name:
             render.info(f"note: saved with {saved.model}, continuing with {self.files.name}")
         render.info(f"loaded {len(exchanges)} turns from {names[0]}")
