@@ -246,3 +246,28 @@ def test_an_answer_cut_short_stays_in_the_conversation(
     assert conv.last.text.startswith(first)
     assert [m.role for m in conv.messages] == ["user", "assistant"]
     assert conv.messages[-1].content == conv.last.text
+
+
+def test_a_follow_up_keeps_the_answer_as_generated(
+    random_pair: synthetic.ModelPair, images: Path
+) -> None:
+    """The tokenizer would split the answer's text differently from how it was generated;
+    the next turn still reuses the answer's tokens instead of evaluating it again."""
+    loaded = open_model(random_pair.model, random_pair.mmproj, RuntimeOptions(ctx=1024))
+    try:
+        conv = Conversation(loaded)
+        sampling = SamplingParams(temperature=0, max_tokens=3)
+        answer_text = "".join(conv.ask("Describe it.", [pic(images, "red")], sampling))
+        session = loaded.session
+        generated = session.spans[-1].tokens
+        assert session.spans[-1].kind == "gen" and generated
+        retokenized = loaded.engine.tokenize(answer_text, add_special=False)
+        assert retokenized[: len(generated)] != generated  # the case this test is about
+        cells, before = session.n_cells, session.counters.snapshot()
+        "".join(conv.ask("And then?", [], sampling))
+        assert conv.last.usage.cached_tokens == cells  # all of turn 1, its answer included
+        evaluated = session.counters.text_tokens_evaluated - before.text_tokens_evaluated
+        assert evaluated == conv.last.usage.prompt_tokens - cells
+        assert session.counters.image_chunks_encoded == before.image_chunks_encoded
+    finally:
+        loaded.close()

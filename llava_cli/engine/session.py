@@ -137,6 +137,9 @@ class Session:
         self.counters = Counters()
         self._turn: _Turn | None = None
         self._saved_logits: tuple[list[int | str], bytes] | None = None
+        # The last prompt evaluated (text, image keys, add_special), while the cache still
+        # holds it followed by its answer: the next prompt can then keep the answer's tokens.
+        self._last_prompt: tuple[str, list[str], bool] | None = None
         self.last: Completion | None = None
 
     @property
@@ -215,7 +218,11 @@ class Session:
 
     def _evaluate(self, prompt: str, images: Sequence[Bitmap], *, add_special: bool) -> None:
         self._turn = turn = _Turn(started=time.perf_counter())
-        rest = self._cut(self._items(prompt, images, add_special=add_special))
+        items = self._continue(prompt, images, add_special=add_special)
+        if items is None:
+            items = self._items(prompt, images, add_special=add_special)
+        self._last_prompt = None
+        rest = self._cut(items)
         turn.cached_tokens = self.n_cells
         if not rest and not self._restore_logits():
             self._refresh_logits()
@@ -248,6 +255,55 @@ class Session:
         turn.image_tokens = sum(s.cells for s in self.spans if s.kind == "image")
         if rest:
             self._save_logits()
+        self._last_prompt = (prompt, [image.key for image in images], add_special)
+
+    def _continue(
+        self, prompt: str, images: Sequence[Bitmap], *, add_special: bool
+    ) -> list[_Item] | None:
+        """``prompt`` as the cache already holds it, when it goes on from the last prompt and
+        its answer: the answer keeps the tokens that were generated, however a fresh tokenizer
+        would split the same text, so a follow-up evaluates only its own tokens."""
+        last = self._last_prompt
+        if last is None or not self.spans:
+            return None
+        old_text, old_keys, old_special = last
+        n_old = len(old_keys)
+        if add_special != old_special or not prompt.startswith(old_text):
+            return None
+        if [image.key for image in images[:n_old]] != old_keys:
+            return None
+        answered = self.spans[-1].kind == "gen"
+        if prompt == old_text:  # the same prompt again (a retry): exactly what the cache holds
+            return self._held(self.spans[:-1] if answered else self.spans, images)
+        if not answered:
+            return None
+        tail = prompt[len(old_text) :].encode("utf-8", "replace")
+        used, kept = 0, []
+        for token in self.spans[-1].tokens:
+            piece = self.engine.token_piece(token)
+            if not piece or not tail.startswith(piece, used):
+                break
+            used += len(piece)
+            kept.append(token)
+        try:
+            rest = tail[used:].decode("utf-8")
+        except UnicodeDecodeError:  # the answer's text stops inside a character
+            return None
+        if not kept or not rest:
+            return None
+        return _runs(
+            [
+                *self._held(self.spans[:-1], images[:n_old]),
+                kept,
+                *self._items(rest, images[n_old:], add_special=False),
+            ]
+        )
+
+    @staticmethod
+    def _held(spans: Sequence[_Span], images: Sequence[Bitmap]) -> list[_Item]:
+        """What these spans hold, as prompt items (the images in the order they appear)."""
+        pictures = iter(images)
+        return _runs([next(pictures) if s.kind == "image" else s.tokens for s in spans])
 
     def _cut(self, items: Sequence[_Item]) -> list[_Item]:
         """Cut the cache where it stops matching ``items``; return the items still to evaluate."""
@@ -481,6 +537,17 @@ class Session:
                     decode_tokens_per_s=(n_gen - 1) / decode_s if n_gen > 1 and decode_s else 0.0,
                 ),
             )
+
+
+def _runs(parts: Sequence[_Item]) -> list[_Item]:
+    """Join neighbouring token lists: ``_cut`` expects one run of tokens between images."""
+    items: list[_Item] = []
+    for part in parts:
+        if isinstance(part, list) and items and isinstance(items[-1], list):
+            items[-1] = [*items[-1], *part]
+        else:
+            items.append(list(part) if isinstance(part, list) else part)
+    return items
 
 
 def _build_sampler(params: SamplingParams, seed: int, n_vocab: int) -> Any:
