@@ -253,7 +253,7 @@ def ask(
 def chat(
     images: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[IMAGE]...", help="Images to attach to the first message."),
+        typer.Argument(metavar="IMAGE", help="Images to attach to the first message."),
     ] = None,
     model: ModelOpt = None,
     mmproj: MmprojOpt = None,
