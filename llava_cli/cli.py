@@ -156,6 +156,15 @@ MaxPixelsOpt = Annotated[
         rich_help_panel=_RUNTIME,
     ),
 ]
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache",
+        envvar="LLAVA_NO_CACHE",
+        help="Do not reuse or keep image prefixes between runs (the prefix cache).",
+        rich_help_panel=_RUNTIME,
+    ),
+]
 VerboseOpt = Annotated[
     bool,
     typer.Option(
@@ -226,6 +235,7 @@ def ask(
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object per image (JSON Lines).")
     ] = False,
+    no_cache: NoCacheOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Answer a question about each image, once. The answer alone goes to stdout."""
@@ -240,7 +250,9 @@ def ask(
         sampling=_sampling(
             temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
         ),
-        runtime=RuntimeOptions(ctx, threads, gpu_layers, image_on_cpu, chat_format.value, verbose),
+        runtime=RuntimeOptions(
+            ctx, threads, gpu_layers, image_on_cpu, chat_format.value, verbose, not no_cache
+        ),
         max_pixels=max_pixels,
         together=together,
         json=json_out,
@@ -273,6 +285,7 @@ def chat(
     gpu_layers: GpuLayersOpt = -1,
     image_on_cpu: ImageOnCpuOpt = False,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    no_cache: NoCacheOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Talk about images: streamed answers, slash commands (/help), nothing re-read twice."""
@@ -286,7 +299,9 @@ def chat(
         sampling=_sampling(
             temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
         ),
-        runtime=RuntimeOptions(ctx, threads, gpu_layers, image_on_cpu, chat_format.value, verbose),
+        runtime=RuntimeOptions(
+            ctx, threads, gpu_layers, image_on_cpu, chat_format.value, verbose, not no_cache
+        ),
         max_pixels=max_pixels,
         offline=offline,
     )
@@ -363,6 +378,29 @@ def rm(
     from .commands import models as command
 
     raise typer.Exit(guarded(lambda: command.rm(refs, yes=yes)))
+
+
+cache_app = typer.Typer(
+    help="The prefix cache: saved image prefixes, so asking about an image again is fast.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info() -> None:
+    """Where the cache is, how many entries it holds, its size and its cap."""
+    from .commands import models as command
+
+    raise typer.Exit(guarded(command.cache_info))
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Delete every saved prefix."""
+    from .commands import models as command
+
+    raise typer.Exit(guarded(command.cache_clear))
 
 
 def guarded(action: Callable[[], int]) -> int:

@@ -47,6 +47,11 @@ def open_model(model: Path, mmproj: Path, opts: RuntimeOptions) -> LoadedModel:
             prefer=opts.chat_format,
         )
         session = engine.new_session(opts.ctx or min(DEFAULT_CTX, engine.n_ctx_train))
+        if opts.cache:
+            from .cache import PrefixCache
+
+            session.state_store = PrefixCache.default()
+            session.state_salt = engine.identity()
     except BaseException:
         engine.close()
         raise

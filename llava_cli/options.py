@@ -26,3 +26,4 @@ class RuntimeOptions:
     image_on_cpu: bool = False
     chat_format: str = "auto"  # "auto" | "gguf" | "llava"
     verbose: bool = False
+    cache: bool = True  # keep and reuse image prefixes between runs (the prefix cache)

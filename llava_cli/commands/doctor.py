@@ -75,7 +75,9 @@ def _self_test(*, verbose: bool) -> bool:
         pair = build_colour_oracle(Path(tmp))
         built = time.perf_counter() - t0
         t1 = time.perf_counter()
-        loaded = open_model(pair.model, pair.mmproj, RuntimeOptions(ctx=512, verbose=verbose))
+        loaded = open_model(
+            pair.model, pair.mmproj, RuntimeOptions(ctx=512, verbose=verbose, cache=False)
+        )
         ok = True
         try:
             conversation = Conversation(loaded)

@@ -1,4 +1,4 @@
-"""``llava list``, ``llava show`` and ``llava rm``: the models on disk and in the registry."""
+"""``llava list``, ``show``, ``rm`` and ``cache``: what is on disk, and what can be pulled."""
 
 from __future__ import annotations
 
@@ -238,3 +238,24 @@ def _pulled(text: str) -> store.Pulled:
         f"{text} was not pulled by llava",
         "see `llava list`; files other tools put in the Hugging Face cache are theirs to remove",
     )
+
+
+def cache_info() -> int:
+    from ..cache import PrefixCache
+
+    info = PrefixCache.default().info()
+    sys.stdout.write(
+        f"folder   {info.folder}\n"
+        f"entries  {info.entries}\n"
+        f"size     {render.human_bytes(info.size)} of {render.human_bytes(info.cap)} "
+        "(LLAVA_CACHE_SIZE)\n"
+    )
+    return EXIT_OK
+
+
+def cache_clear() -> int:
+    from ..cache import PrefixCache
+
+    gone = PrefixCache.default().clear()
+    render.info(f"removed {gone.entries} saved prefixes ({render.human_bytes(gone.size)})")
+    return EXIT_OK

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,6 +45,22 @@ def flash_attn_type(flag: bool | None) -> int:
     )
 
 
+def file_identity(path: Path) -> str:
+    """Names a file's content cheaply: a hub blob's own sha256, else its size, mtime and the
+    bytes at both ends (a changed or replaced file gets another identity)."""
+    real = path.resolve()
+    if re.fullmatch(r"[0-9a-f]{64}", real.name):
+        return real.name
+    digest = hashlib.sha256()
+    stat = real.stat()
+    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with real.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, stat.st_size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()
+
+
 class Engine:
     """The weights: a text model and its projector. Make sessions from it; close it when done."""
 
@@ -70,6 +88,17 @@ class Engine:
             engine.close()
             raise
         return engine
+
+    def identity(self) -> str:
+        """What a saved KV state depends on: both files, the build, and how images run."""
+        parts = [
+            file_identity(self.opts.model),
+            file_identity(self.opts.mmproj),
+            llama_cpp.__version__,
+            f"flash_attn={self.opts.flash_attn}",
+            f"image_on_cpu={self.opts.image_on_cpu}",
+        ]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def _load(self) -> None:
         start = time.perf_counter()

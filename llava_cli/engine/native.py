@@ -50,6 +50,12 @@ class _LogRouter:
         except BaseException:  # never let an exception escape into C
             INTERRUPTS.pending = True
 
+    def note(self, message: str) -> None:
+        """A line of our own among the logs: on stderr with --verbose, else silent."""
+        if self.verbose:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+
     def last_error(self) -> str:
         for line in reversed(self.recent):
             if "error" in line.lower() or "fail" in line.lower() or "mismatch" in line:

@@ -9,10 +9,13 @@ equals what evaluating the prompt from scratch would give, without the cost.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import random
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import llama_cpp
@@ -68,6 +71,13 @@ class Completion:
     timings: Timings
 
 
+class StateStore(Protocol):
+    """Where prefix states are kept between runs (``llava_cli.cache.PrefixCache``)."""
+
+    def get(self, key: str) -> tuple[dict[str, Any], bytes] | None: ...
+    def put(self, key: str, meta: dict[str, Any], payload: bytes) -> None: ...
+
+
 @dataclass
 class Counters:
     """Cumulative work done by a session; tests read these to prove what was (not) redone."""
@@ -76,6 +86,7 @@ class Counters:
     image_tokens_evaluated: int = 0
     image_chunks_encoded: int = 0
     tokens_generated: int = 0
+    prefixes_restored: int = 0  # from the prefix cache, instead of encoding and prefilling
 
     def snapshot(self) -> Counters:
         return Counters(**vars(self))
@@ -105,6 +116,7 @@ class _Turn:
     prefill_s: float = 0.0
 
 
+PREFIX_FORMAT = 1  # of saved prefix states; a change makes every old entry a miss
 _Item = list[int] | Bitmap  # a prompt, tokenized: runs of text tokens and images
 
 
@@ -140,6 +152,9 @@ class Session:
         # The last prompt evaluated (text, image keys, add_special), while the cache still
         # holds it followed by its answer: the next prompt can then keep the answer's tokens.
         self._last_prompt: tuple[str, list[str], bool] | None = None
+        self.state_store: StateStore | None = None  # the prefix cache between runs, if any
+        self.state_salt = ""  # what saved states depend on beyond the tokens (Engine.identity)
+        self._writer: threading.Thread | None = None
         self.last: Completion | None = None
 
     @property
@@ -164,6 +179,7 @@ class Session:
         return out
 
     def close(self) -> None:
+        self.flush()
         if self.ctx:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
@@ -222,6 +238,9 @@ class Session:
         if items is None:
             items = self._items(prompt, images, add_special=add_special)
         self._last_prompt = None
+        prefix_key = self._prefix_key(items)
+        if prefix_key is not None and not self.spans:  # a fresh cache: a saved prefix may fit
+            self._restore_prefix(prefix_key, items)
         rest = self._cut(items)
         turn.cached_tokens = self.n_cells
         if not rest and not self._restore_logits():
@@ -242,11 +261,16 @@ class Session:
                     f"{self.n_ctx}",
                     "raise --ctx, or send fewer or smaller images",
                 )
+            last_image = max(
+                (i for i, p in enumerate(planned) if not isinstance(p, list)), default=-1
+            )
             for i, p in enumerate(planned):
                 if isinstance(p, list):
                     self._eval_tokens(p, "text", logits=i == len(planned) - 1)
                 else:
                     self._eval_image(p[0].key, p[1])
+                    if i == last_image and prefix_key is not None:
+                        self._save_prefix(prefix_key)
         finally:
             for p in planned:
                 if not isinstance(p, list):
@@ -256,6 +280,76 @@ class Session:
         if rest:
             self._save_logits()
         self._last_prompt = (prompt, [image.key for image in images], add_special)
+
+    # -- the prefix cache between runs ----------------------------------------------------------
+
+    def _prefix_key(self, items: Sequence[_Item]) -> str | None:
+        """The key of everything up to the prompt's last image, or None (no store, no image)."""
+        if self.state_store is None:
+            return None
+        last = max((i for i, item in enumerate(items) if not isinstance(item, list)), default=-1)
+        if last < 0:
+            return None
+        prefix = [item if isinstance(item, list) else item.key for item in items[: last + 1]]
+        text = json.dumps([PREFIX_FORMAT, self.state_salt, prefix], separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _save_prefix(self, key: str) -> None:
+        """Keep the cache as it is now (it ends with the prefix) for the next run."""
+        assert self.state_store is not None
+        size = int(llama_cpp.llama_state_seq_get_size(self.ctx, _SEQ))
+        buf = (ctypes.c_uint8 * size)()
+        written = int(llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, _SEQ))
+        if not written:
+            return
+        meta = {"spans": [asdict(span) for span in self.spans]}
+        payload = ctypes.string_at(buf, written)
+        self.flush()  # one write at a time: a batch of new images never piles up copies
+        # Hashing and writing happen beside the answer, not before its first token.
+        self._writer = threading.Thread(
+            target=self._write_prefix, args=(self.state_store, key, meta, payload)
+        )
+        self._writer.start()
+
+    @staticmethod
+    def _write_prefix(store: StateStore, key: str, meta: dict[str, Any], payload: bytes) -> None:
+        try:
+            store.put(key, meta, payload)
+        except OSError as exc:  # a full disk costs the next run time, not this answer
+            LOGS.note(f"prefix cache: could not save ({exc})")
+
+    def flush(self) -> None:
+        """Wait for a prefix still being written to the cache."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+
+    def _restore_prefix(self, key: str, items: Sequence[_Item]) -> None:
+        """Load a saved prefix into the empty cache, if there is one that fits these items."""
+        assert self.state_store is not None
+        entry = self.state_store.get(key)
+        if entry is None:
+            return
+        meta, payload = entry
+        try:
+            spans = [_Span(**span) for span in meta["spans"]]
+        except (KeyError, TypeError):
+            return
+        held = [t for s in spans for t in ([s.key] if s.kind == "image" else s.tokens)]
+        wanted: list[int | str] = []
+        for item in items:
+            wanted += [item.key] if not isinstance(item, list) else item
+        if wanted[: len(held)] != held:
+            return  # not this prompt's prefix after all: ignore it
+        started = time.perf_counter()
+        buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+        if not llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(payload), _SEQ):
+            llama_cpp.llama_memory_clear(self.mem, True)  # refused (another build?): a miss
+            return
+        self.spans = spans
+        self.counters.prefixes_restored += 1
+        if self._turn is not None:
+            self._turn.prefill_s += time.perf_counter() - started
 
     def _continue(
         self, prompt: str, images: Sequence[Bitmap], *, add_special: bool
