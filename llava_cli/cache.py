@@ -18,13 +18,14 @@ import json
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import paths
 from .errors import ConfigError
-from .store import write_atomic
+from .store import Bytes, write_atomic
 
 DEFAULT_CAP = 2 << 30
 MAGIC = b"LLAVAKV1"
@@ -33,7 +34,7 @@ _UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 
 
 def parse_size(text: str) -> int:
-    """``2GiB``, ``500MB``, ``1e9``-style byte counts: ``2GiB`` is 2·2³⁰, ``2GB`` is 2·10⁹."""
+    """Byte counts: ``2GiB`` is 2·2³⁰, ``2GB`` is 2·10⁹, ``1500`` is bytes."""
     match = _SIZE.match(text)
     if not match:
         raise ConfigError(f"bad size {text!r}", "write bytes, or e.g. 500MB, 2GiB")
@@ -66,11 +67,15 @@ class PrefixCache:
             raise ValueError(f"bad cache key {key!r}")
         return self.folder / f"{key}.kv"
 
-    def get(self, key: str) -> tuple[dict[str, Any], bytes] | None:
-        """The entry, verified; ``None`` for a miss (a damaged entry is removed)."""
+    def get(self, key: str) -> tuple[dict[str, Any], memoryview] | None:
+        """The entry, verified; ``None`` for a miss (a damaged entry is removed). The payload
+        is a writable view into one buffer read from disk: no further copies."""
         path = self._path(key)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                if f.readinto(data) != len(data):
+                    return None
         except OSError:
             return None
         entry = _parse(data)
@@ -82,52 +87,76 @@ class PrefixCache:
             os.utime(path)  # most recently used
         return entry
 
-    def put(self, key: str, meta: dict[str, Any], payload: bytes) -> None:
+    def fits(self, size: int) -> bool:
+        """Whether an entry of about this many bytes is worth saving at all."""
+        return 0 < size <= self.cap
+
+    def put(self, key: str, meta: dict[str, Any], payload: Bytes) -> None:
+        """Write an entry (atomically); an entry already there is only marked as used."""
+        path = self._path(key)
+        if path.is_file():
+            with contextlib.suppress(OSError):
+                os.utime(path)
+            return
+        view = memoryview(payload).cast("B")
         header = json.dumps(meta, separators=(",", ":")).encode()
-        blob = b"".join(
+        head = b"".join(
             (
                 MAGIC,
                 struct.pack("<I", len(header)),
                 header,
-                struct.pack("<Q", len(payload)),
-                hashlib.sha256(payload).digest(),
-                payload,
+                struct.pack("<Q", len(view)),
+                hashlib.sha256(view).digest(),
             )
         )
-        if len(blob) > self.cap:
-            return  # bigger than the whole cache: not worth keeping
-        write_atomic(self._path(key), blob)
+        if not self.fits(len(head) + len(view)):
+            return
+        write_atomic(path, head, view)
         self.evict()
 
     def entries(self) -> list[Path]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(self.folder.glob("*.kv"), key=lambda p: p.stat().st_mtime_ns)
+        """Entries, least recently used first (files another process removes are skipped)."""
+        return [path for path, _ in sorted(self._stat("*.kv"), key=lambda e: e[1].st_mtime_ns)]
+
+    def _stat(self, pattern: str) -> list[tuple[Path, os.stat_result]]:
+        found = []
+        for path in self.folder.glob(pattern) if self.folder.is_dir() else []:
+            with contextlib.suppress(OSError):
+                found.append((path, path.stat()))
+        return found
+
+    def _leftovers(self, older_than: float) -> list[tuple[Path, os.stat_result]]:
+        """Temporary files of writes that never finished (a killed process)."""
+        now = time.time()
+        return [(p, st) for p, st in self._stat(".*.tmp") if now - st.st_mtime > older_than]
 
     def evict(self) -> None:
-        """Delete the least recently used entries until the folder fits the cap."""
-        files = self.entries()
-        total = sum(p.stat().st_size for p in files)
-        for path in files:
+        """Delete stale leftovers, then the least recently used entries until within the cap."""
+        for path, _ in self._leftovers(older_than=3600):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        files = self._stat("*.kv")
+        total = sum(st.st_size for _, st in files)
+        for path, st in sorted(files, key=lambda e: e[1].st_mtime_ns):
             if total <= self.cap:
                 break
-            total -= path.stat().st_size
+            total -= st.st_size
             with contextlib.suppress(OSError):
                 path.unlink()
 
     def info(self) -> CacheInfo:
-        files = self.entries()
-        return CacheInfo(self.folder, len(files), sum(p.stat().st_size for p in files), self.cap)
+        files = self._stat("*.kv") + self._leftovers(older_than=0)
+        return CacheInfo(self.folder, len(files), sum(st.st_size for _, st in files), self.cap)
 
     def clear(self) -> CacheInfo:
         gone = self.info()
-        for path in self.entries():
+        for path, _ in self._stat("*.kv") + self._leftovers(older_than=0):
             with contextlib.suppress(OSError):
                 path.unlink()
         return gone
 
 
-def _parse(data: bytes) -> tuple[dict[str, Any], bytes] | None:
+def _parse(data: bytearray) -> tuple[dict[str, Any], memoryview] | None:
     try:
         if not data.startswith(MAGIC):
             return None
@@ -138,8 +167,8 @@ def _parse(data: bytes) -> tuple[dict[str, Any], bytes] | None:
         offset += meta_len
         (size,) = struct.unpack_from("<Q", data, offset)
         offset += 8
-        digest = data[offset : offset + 32]
-        payload = data[offset + 32 :]
+        digest = bytes(data[offset : offset + 32])
+        payload = memoryview(data)[offset + 32 :]
         if len(payload) != size or hashlib.sha256(payload).digest() != digest:
             return None
         return (meta, payload) if isinstance(meta, dict) else None

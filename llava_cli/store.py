@@ -124,12 +124,17 @@ def _digest_ok(path: Path, digest: str | None) -> bool:
     return path.resolve().name == digest
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+Bytes = bytes | bytearray | memoryview
+
+
+def write_atomic(path: Path, *parts: Bytes) -> None:
+    """Write ``parts`` one after another to a temporary file beside ``path``, then rename it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(data)
+            for part in parts:
+                out.write(part)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

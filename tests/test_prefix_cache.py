@@ -135,13 +135,43 @@ def test_anything_the_prefix_depends_on_misses(
     pair.mmproj.write_bytes(oracle.mmproj.read_bytes())
     assert encoded(ask_json(pair, images / "red.png"))  # the first run encodes
     assert not encoded(ask_json(pair, images / "red.png"))  # same everything: a hit
-    assert encoded(ask_json(pair, images / "blue.png"))  # another image
+    blue = ask_json(pair, images / "blue.png")  # another image: its own prefix, its answer
+    assert encoded(blue) and blue["answer"] == "blue"
     assert encoded(ask_json(pair, images / "red.png", "--system", "Be brief."))  # system prompt
     for changed in (pair.mmproj, pair.model):  # a file replaced (same bytes, new mtime)
         stat = changed.stat()
         os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
         assert encoded(ask_json(pair, images / "red.png"))
         assert not encoded(ask_json(pair, images / "red.png"))
+
+
+def test_every_image_of_a_batch_is_restored(oracle: synthetic.ModelPair, images: Path) -> None:
+    args = ["ask", images / "red.png", images / "blue.png", "--model", oracle.model, "--json"]
+    first = [json.loads(line) for line in llava(*args).stdout.splitlines()]
+    again = [json.loads(line) for line in llava(*args).stdout.splitlines()]
+    assert [r["answer"] for r in first] == [r["answer"] for r in again] == ["red", "blue"]
+    assert [encoded(r) for r in first] == [True, True]
+    assert [encoded(r) for r in again] == [False, False]
+    assert len(prefix_files()) == 2
+
+
+def test_a_chat_turn_after_an_answer_is_not_saved(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    """Only prefixes evaluated as a fresh run would are kept: not one holding an answer."""
+    script = f"What colour is this?\n/image {images / 'blue.png'}\nAnd this?\n"
+    result = llava("chat", images / "red.png", "--model", oracle.model, stdin=script.encode())
+    assert result.returncode == 0, result.stderr
+    assert len(prefix_files()) == 1  # the first turn's prefix only
+
+
+def test_leftovers_of_a_killed_write_are_counted_and_cleared(tmp_path: Path) -> None:
+    cache = PrefixCache(tmp_path)
+    cache.put(KEY, {}, b"x" * 10)
+    (tmp_path / f".{KEY}.kv.abc123.tmp").write_bytes(b"y" * 1000)
+    assert cache.info().entries == 2 and cache.info().size > 1000
+    assert cache.clear().entries == 2
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_truncated_entry_is_ignored_and_replaced(

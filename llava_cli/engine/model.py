@@ -91,11 +91,16 @@ class Engine:
 
     def identity(self) -> str:
         """What a saved KV state depends on: both files, the build, and how images run."""
+        system = (llama_cpp.llama_print_system_info() or b"").decode("utf-8", "replace")
         parts = [
             file_identity(self.opts.model),
             file_identity(self.opts.mmproj),
             llama_cpp.__version__,
+            system,  # backends and CPU features the build uses
+            f"gpu_offload={bool(llama_cpp.llama_supports_gpu_offload())}",
+            f"gpu_layers={self.opts.gpu_layers}",
             f"flash_attn={self.opts.flash_attn}",
+            f"n_batch={self.opts.n_batch}",
             f"image_on_cpu={self.opts.image_on_cpu}",
         ]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -56,6 +56,11 @@ class _LogRouter:
             sys.stderr.write(message + "\n")
             sys.stderr.flush()
 
+    def forget_last(self) -> None:
+        """Drop the last recorded warning (one we handled), so it is not blamed later."""
+        if self.recent:
+            self.recent.pop()
+
     def last_error(self) -> str:
         for line in reversed(self.recent):
             if "error" in line.lower() or "fail" in line.lower() or "mismatch" in line:

@@ -74,8 +74,9 @@ class Completion:
 class StateStore(Protocol):
     """Where prefix states are kept between runs (``llava_cli.cache.PrefixCache``)."""
 
-    def get(self, key: str) -> tuple[dict[str, Any], bytes] | None: ...
-    def put(self, key: str, meta: dict[str, Any], payload: bytes) -> None: ...
+    def get(self, key: str) -> tuple[dict[str, Any], memoryview] | None: ...
+    def put(self, key: str, meta: dict[str, Any], payload: memoryview) -> None: ...
+    def fits(self, size: int) -> bool: ...
 
 
 @dataclass
@@ -239,8 +240,8 @@ class Session:
             items = self._items(prompt, images, add_special=add_special)
         self._last_prompt = None
         prefix_key = self._prefix_key(items)
-        if prefix_key is not None and not self.spans:  # a fresh cache: a saved prefix may fit
-            self._restore_prefix(prefix_key, items)
+        if prefix_key is not None and not self._holds_prefix(items):
+            self._restore_prefix(prefix_key, items)  # a saved prefix beats evaluating it
         rest = self._cut(items)
         turn.cached_tokens = self.n_cells
         if not rest and not self._restore_logits():
@@ -294,16 +295,37 @@ class Session:
         text = json.dumps([PREFIX_FORMAT, self.state_salt, prefix], separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
+    def _holds_prefix(self, items: Sequence[_Item]) -> bool:
+        """Whether the cache already starts with everything up to the prompt's last image."""
+        last = max(i for i, item in enumerate(items) if not isinstance(item, list))
+        wanted: list[int | str] = []
+        for item in items[: last + 1]:
+            wanted += [item.key] if not isinstance(item, list) else item
+        return self.tokens()[: len(wanted)] == wanted
+
     def _save_prefix(self, key: str) -> None:
-        """Keep the cache as it is now (it ends with the prefix) for the next run."""
-        assert self.state_store is not None
+        """Keep the cache as it is now (it ends with the prefix) for the next run.
+
+        Only a prefix evaluated in batches, as a fresh run evaluates it: one that holds an
+        answer's generated tokens (a later chat turn) is not kept, so a restored state is
+        always the one ``--no-cache`` would compute.
+        """
+        store = self.state_store
+        assert store is not None
+        if any(span.kind == "gen" for span in self.spans):
+            return
         size = int(llama_cpp.llama_state_seq_get_size(self.ctx, _SEQ))
-        buf = (ctypes.c_uint8 * size)()
-        written = int(llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, _SEQ))
+        if not store.fits(size):
+            return
+        try:
+            buf = (ctypes.c_uint8 * size)()
+            written = int(llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, _SEQ))
+        except MemoryError:  # the answer matters more than keeping its prefix
+            return
         if not written:
             return
         meta = {"spans": [asdict(span) for span in self.spans]}
-        payload = ctypes.string_at(buf, written)
+        payload = memoryview(buf).cast("B")[:written]  # the one copy, handed to the writer
         self.flush()  # one write at a time: a batch of new images never piles up copies
         # Hashing and writing happen beside the answer, not before its first token.
         self._writer = threading.Thread(
@@ -312,10 +334,12 @@ class Session:
         self._writer.start()
 
     @staticmethod
-    def _write_prefix(store: StateStore, key: str, meta: dict[str, Any], payload: bytes) -> None:
+    def _write_prefix(
+        store: StateStore, key: str, meta: dict[str, Any], payload: memoryview
+    ) -> None:
         try:
             store.put(key, meta, payload)
-        except OSError as exc:  # a full disk costs the next run time, not this answer
+        except Exception as exc:  # a full disk costs the next run time, not this answer
             LOGS.note(f"prefix cache: could not save ({exc})")
 
     def flush(self) -> None:
@@ -342,9 +366,12 @@ class Session:
         if wanted[: len(held)] != held:
             return  # not this prompt's prefix after all: ignore it
         started = time.perf_counter()
-        buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+        buf = (ctypes.c_uint8 * len(payload)).from_buffer(payload)  # no copy
+        llama_cpp.llama_memory_clear(self.mem, True)
+        self.spans = []
         if not llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(payload), _SEQ):
             llama_cpp.llama_memory_clear(self.mem, True)  # refused (another build?): a miss
+            LOGS.forget_last()
             return
         self.spans = spans
         self.counters.prefixes_restored += 1
