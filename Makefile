@@ -6,7 +6,7 @@ LLAMA_CPP_VERSION := 0.3.36
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n auto  # tests run in parallel, one worker per CPU
 
-.PHONY: help install test lint fmt doctor docs clean
+.PHONY: help install test lint fmt doctor bench bench-quick docs clean
 
 help:
 	@echo "make install   create $(VENV), build llama-cpp-python (flags: scripts/llama-cmake-args.sh), install llava editable"
@@ -14,6 +14,7 @@ help:
 	@echo "make lint      ruff and mypy --strict"
 	@echo "make fmt       format with ruff"
 	@echo "make doctor    install if needed, then run llava doctor (offline self-test)"
+	@echo "make bench     llava against llama-cpp-python's Llava15ChatHandler (~10 min; bench-quick: ~1 min)"
 	@echo "make clean     remove $(VENV) and caches"
 
 install: $(STAMP)
@@ -29,13 +30,19 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check llava_cli tests
-	$(BIN)/ruff format --check llava_cli tests
+	$(BIN)/ruff check llava_cli tests benchmarks
+	$(BIN)/ruff format --check llava_cli tests benchmarks
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/ruff format llava_cli tests
-	$(BIN)/ruff check --fix llava_cli tests
+	$(BIN)/ruff format llava_cli tests benchmarks
+	$(BIN)/ruff check --fix llava_cli tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run.py --quick
 
 doctor: $(STAMP)
 	$(BIN)/llava doctor
