@@ -43,7 +43,7 @@ first = time.perf_counter() - t
 first_ttft = conv.last.timings.ttft_s
 perf = llama_cpp.llama_perf_context(loaded.session.ctx)
 ours_tps = conv.last.timings.decode_tokens_per_s
-llama_tps = (perf.n_eval - 1) / (perf.t_eval_ms / 1000) if perf.n_eval > 1 else 0.0
+llama_tps = perf.n_eval / (perf.t_eval_ms / 1000) if perf.n_eval else 0.0
 t = time.perf_counter()
 "".join(conv.ask(follow_up, [], sampling))
 second = time.perf_counter() - t
