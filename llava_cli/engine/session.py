@@ -117,7 +117,7 @@ class _Turn:
     prefill_s: float = 0.0
 
 
-PREFIX_FORMAT = 1  # of saved prefix states; a change makes every old entry a miss
+PREFIX_FORMAT = 2  # of saved prefix states; a change makes every old entry a miss
 _Item = list[int] | Bitmap  # a prompt, tokenized: runs of text tokens and images
 
 
@@ -239,9 +239,11 @@ class Session:
         if items is None:
             items = self._items(prompt, images, add_special=add_special)
         self._last_prompt = None
-        prefix_key = self._prefix_key(items)
-        if prefix_key is not None and not self._holds_prefix(items):
-            self._restore_prefix(prefix_key, items)  # a saved prefix beats evaluating it
+        prefix, prefix_key = self._prefix(items), None
+        if prefix is not None:
+            prefix_key = _prefix_key(self.state_salt, prefix)
+            if self.tokens()[: len(prefix)] != prefix:  # a saved prefix beats evaluating it
+                self._restore_prefix(prefix_key, prefix)
         rest = self._cut(items)
         turn.cached_tokens = self.n_cells
         if not rest and not self._restore_logits():
@@ -284,24 +286,13 @@ class Session:
 
     # -- the prefix cache between runs ----------------------------------------------------------
 
-    def _prefix_key(self, items: Sequence[_Item]) -> str | None:
-        """The key of everything up to the prompt's last image, or None (no store, no image)."""
+    def _prefix(self, items: Sequence[_Item]) -> list[int | str] | None:
+        """Tokens and image keys up to the prompt's last image: what a saved state holds.
+        None without a store, or without an image."""
         if self.state_store is None:
             return None
         last = max((i for i, item in enumerate(items) if not isinstance(item, list)), default=-1)
-        if last < 0:
-            return None
-        prefix = [item if isinstance(item, list) else item.key for item in items[: last + 1]]
-        text = json.dumps([PREFIX_FORMAT, self.state_salt, prefix], separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    def _holds_prefix(self, items: Sequence[_Item]) -> bool:
-        """Whether the cache already starts with everything up to the prompt's last image."""
-        last = max(i for i, item in enumerate(items) if not isinstance(item, list))
-        wanted: list[int | str] = []
-        for item in items[: last + 1]:
-            wanted += [item.key] if not isinstance(item, list) else item
-        return self.tokens()[: len(wanted)] == wanted
+        return _flat(items[: last + 1]) if last >= 0 else None
 
     def _save_prefix(self, key: str) -> None:
         """Keep the cache as it is now (it ends with the prefix) for the next run.
@@ -348,8 +339,8 @@ class Session:
             self._writer.join()
             self._writer = None
 
-    def _restore_prefix(self, key: str, items: Sequence[_Item]) -> None:
-        """Load a saved prefix into the empty cache, if there is one that fits these items."""
+    def _restore_prefix(self, key: str, prefix: list[int | str]) -> None:
+        """Replace the cache with a saved state of exactly ``prefix``, if there is one."""
         assert self.state_store is not None
         entry = self.state_store.get(key)
         if entry is None:
@@ -360,10 +351,7 @@ class Session:
         except (KeyError, TypeError):
             return
         held = [t for s in spans for t in ([s.key] if s.kind == "image" else s.tokens)]
-        wanted: list[int | str] = []
-        for item in items:
-            wanted += [item.key] if not isinstance(item, list) else item
-        if wanted[: len(held)] != held:
+        if held != prefix:
             return  # not this prompt's prefix after all: ignore it
         started = time.perf_counter()
         buf = (ctypes.c_uint8 * len(payload)).from_buffer(payload)  # no copy
@@ -658,6 +646,19 @@ class Session:
                     decode_tokens_per_s=(n_gen - 1) / decode_s if n_gen > 1 and decode_s else 0.0,
                 ),
             )
+
+
+def _flat(items: Sequence[_Item]) -> list[int | str]:
+    """Items as ``Session.tokens`` lists them: token ids, and image keys for images."""
+    out: list[int | str] = []
+    for item in items:
+        out += item if isinstance(item, list) else [item.key]
+    return out
+
+
+def _prefix_key(salt: str, prefix: list[int | str]) -> str:
+    text = json.dumps([PREFIX_FORMAT, salt, prefix], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _runs(parts: Sequence[_Item]) -> list[_Item]:
