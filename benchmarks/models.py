@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_cli.synthetic import ModelPair, build_vocab
+from llava_cli.synthetic import ModelPair, build_vocab, finish_gguf
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _write_text(path: Path, s: Shape) -> None:
         w.add_tensor(f"blk.{i}.ffn_gate.weight", _normal(rng, (s.ffn, s.embd), 0.02))
         w.add_tensor(f"blk.{i}.ffn_up.weight", _normal(rng, (s.ffn, s.embd), 0.02))
         w.add_tensor(f"blk.{i}.ffn_down.weight", _normal(rng, (s.embd, s.ffn), 0.02))
-    _finish(w)
+    finish_gguf(w)
 
 
 def _write_mmproj(path: Path, s: Shape) -> None:
@@ -166,14 +166,7 @@ def _write_mmproj(path: Path, s: Shape) -> None:
     w.add_tensor("mm.0.bias", bias(s.embd))
     w.add_tensor("mm.2.weight", _normal(rng, (s.embd, s.embd), 0.02))
     w.add_tensor("mm.2.bias", bias(s.embd))
-    _finish(w)
-
-
-def _finish(w: Any) -> None:
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
 
 
 def _quantize(source: Path, target: Path) -> None:

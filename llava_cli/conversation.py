@@ -28,7 +28,11 @@ class LoadedModel:
         self.engine.close()
 
 
-def open_model(model: Path, mmproj: Path, opts: RuntimeOptions) -> LoadedModel:
+def open_model(
+    model: Path, mmproj: Path, opts: RuntimeOptions, *, known_format: str | None = None
+) -> LoadedModel:
+    """Load the pair and a session. ``known_format``: the registry's chat format for this
+    model, used when the user asked for none (``--chat-format auto``)."""
     engine = Engine.load(
         LoadOptions(
             model=model,
@@ -39,12 +43,17 @@ def open_model(model: Path, mmproj: Path, opts: RuntimeOptions) -> LoadedModel:
             verbose=opts.verbose,
         )
     )
+    prefer = opts.chat_format
+    if prefer == "auto" and known_format:
+        prefer = known_format
     try:
         fmt = chat_format_for(
             engine.chat_template,
             bos_token=engine.special_text("bos"),
             eos_token=engine.special_text("eos"),
-            prefer=opts.chat_format,
+            prefer=known_format
+            if opts.chat_format == "auto" and known_format
+            else opts.chat_format,
         )
         session = engine.new_session(opts.ctx or min(DEFAULT_CTX, engine.n_ctx_train))
         if opts.cache:

@@ -19,7 +19,6 @@ from .config import paths, read_toml
 from .errors import ConfigError, UsageError
 
 CHAT_FORMATS = ("gguf", "llava")
-DEFAULT_QUANT_ORDER = ("Q4_K_M", "Q8_0")  # for hub repos that are not in the registry
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -149,7 +149,7 @@ def write_text_model(
         w.add_chat_template(chat_template)
     for tensor_name, value in weights.items():
         w.add_tensor(tensor_name, _f16(value) if value.ndim > 1 else _f32(value))
-    _finish(w)
+    finish_gguf(w)
 
 
 def write_mmproj(
@@ -180,10 +180,11 @@ def write_mmproj(
     w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
     for tensor_name, value in weights.items():
         w.add_tensor(tensor_name, _f16(value) if value.ndim > 1 else _f32(value))
-    _finish(w)
+    finish_gguf(w)
 
 
-def _finish(w: Any) -> None:
+def finish_gguf(w: Any) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, and close it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import render
@@ -27,19 +27,25 @@ if TYPE_CHECKING:
     from ..engine import Completion
 
 
-@dataclass(frozen=True)
-class AskOptions:
-    images: list[str]
-    prompt: str | None = None
+@dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+    """What ``ask`` and ``chat`` share: the model, how it runs, how it samples."""
+
     model: str | None = None
     mmproj: str | None = None
     system: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    offline: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class AskOptions(ModelOptions):
+    images: list[str]
+    prompt: str | None = None
     together: bool = False
     json: bool = False
-    offline: bool = False
 
 
 @dataclass
@@ -85,8 +91,6 @@ def run(opts: AskOptions) -> int:
         raise UsageError("standard input ('-') can be read only once")
     prompt = read_prompt(opts)
     files = model_files(opts.model, opts.mmproj, offline=opts.offline)
-    if files.chat_format == "llava" and opts.runtime.chat_format == "auto":
-        opts = replace(opts, runtime=replace(opts.runtime, chat_format="llava"))
     runner = _Runner(opts, files)
     try:
         if opts.together:
@@ -146,7 +150,7 @@ def _answer_together(runner: _Runner, prompt: str) -> None:
 def _load(opts: AskOptions, files: ModelFiles) -> Conversation:
     from ..conversation import Conversation, open_model
 
-    loaded = open_model(files.model, files.mmproj, opts.runtime)
+    loaded = open_model(files.model, files.mmproj, opts.runtime, known_format=files.chat_format)
     if opts.runtime.verbose:
         render.info(
             f"loaded {files.model.name} + {files.mmproj.name} in {loaded.engine.load_s:.2f} s "

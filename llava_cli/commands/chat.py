@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 from .. import render, transcript
 from ..config import debug_enabled, paths
 from ..errors import EXIT_OK, BadInput, ContextOverflow, LlavaError, UsageError
-from ..images import DEFAULT_MAX_PIXELS, PreparedImage, load, thumbnail
+from ..images import PreparedImage, load, thumbnail
 from ..modelref import ModelFiles
-from ..options import RuntimeOptions, SamplingParams
+from ..options import SamplingParams
+from .ask import ModelOptions, model_files
 
 if TYPE_CHECKING:
     from ..conversation import Conversation
@@ -44,16 +45,9 @@ COMMANDS = {
 }
 
 
-@dataclass(frozen=True)
-class ChatOptions:
+@dataclass(frozen=True, kw_only=True)
+class ChatOptions(ModelOptions):
     images: list[str] = field(default_factory=list)
-    model: str | None = None
-    mmproj: str | None = None
-    system: str | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    offline: bool = False
     history: bool = True
 
 
@@ -78,13 +72,9 @@ def open_chat(opts: ChatOptions) -> Chat:
     """Resolve (pull if needed) and load the model; print the header line."""
     from ..conversation import Conversation, open_model
     from ..engine import backend_info
-    from .ask import model_files
 
     files = model_files(opts.model, opts.mmproj, offline=opts.offline)
-    runtime = opts.runtime
-    if files.chat_format == "llava" and runtime.chat_format == "auto":
-        runtime = replace(runtime, chat_format="llava")
-    loaded = open_model(files.model, files.mmproj, runtime)
+    loaded = open_model(files.model, files.mmproj, opts.runtime, known_format=files.chat_format)
     backend = backend_info()["backend"]
     render.info(
         f"llava chat · {files.name} · context {loaded.session.n_ctx} tokens · {backend}"
