@@ -32,7 +32,7 @@ def open_model(
     model: Path, mmproj: Path, opts: RuntimeOptions, *, known_format: str | None = None
 ) -> LoadedModel:
     """Load the pair and a session. ``known_format``: the registry's chat format for this
-    model, used when the user asked for none (``--chat-format auto``)."""
+    model ("gguf" or "llava"), which decides when the user asked for none (``auto``)."""
     engine = Engine.load(
         LoadOptions(
             model=model,
@@ -44,16 +44,14 @@ def open_model(
         )
     )
     prefer = opts.chat_format
-    if prefer == "auto" and known_format:
-        prefer = known_format
+    if prefer == "auto" and known_format == "llava":  # (the registry's "gguf" is auto's way)
+        prefer = "llava"
     try:
         fmt = chat_format_for(
             engine.chat_template,
             bos_token=engine.special_text("bos"),
             eos_token=engine.special_text("eos"),
-            prefer=known_format
-            if opts.chat_format == "auto" and known_format
-            else opts.chat_format,
+            prefer=prefer,
         )
         session = engine.new_session(opts.ctx or min(DEFAULT_CTX, engine.n_ctx_train))
         if opts.cache:

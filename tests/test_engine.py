@@ -271,3 +271,21 @@ def test_a_follow_up_keeps_the_answer_as_generated(
         assert session.counters.image_chunks_encoded == before.image_chunks_encoded
     finally:
         loaded.close()
+
+
+def test_the_registry_chat_format_decides_only_when_the_user_did_not(
+    random_pair: synthetic.ModelPair,
+) -> None:
+    """The random model carries a ChatML template; a registry entry may still say "llava"."""
+    cases = [("auto", None), ("auto", "gguf"), ("auto", "llava"), ("gguf", "llava")]
+    names = []
+    for asked, known in cases:
+        loaded = open_model(
+            random_pair.model, random_pair.mmproj, RuntimeOptions(chat_format=asked),
+            known_format=known,
+        )  # fmt: skip
+        names.append(loaded.fmt.name)
+        loaded.close()
+    own, legacy = names[0], names[2]
+    assert own != legacy
+    assert names == [own, own, legacy, own]
