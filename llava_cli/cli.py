@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -17,13 +16,7 @@ from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
 from .images import DEFAULT_MAX_PIXELS
 from .options import RuntimeOptions, SamplingParams
-
-
-class ChatFormatChoice(StrEnum):
-    auto = "auto"
-    gguf = "gguf"
-    llava = "llava"
-
+from .templates import MEDIA_MARKER
 
 app = typer.Typer(
     name="llava",
@@ -85,11 +78,23 @@ OfflineOpt = Annotated[
     ),
 ]
 ChatFormatOpt = Annotated[
-    ChatFormatChoice,
+    str,
     typer.Option(
         envvar="LLAVA_CHAT_FORMAT",
-        help="auto (the model's template, else llava), gguf, or llava (LLaVA-1.5/Vicuna).",
+        help="auto (the registry's format, else the model's own template, else llava), gguf "
+        "(the GGUF's template), llava (LLaVA-1.5/Vicuna), or a llama.cpp built-in name "
+        "(vicuna, chatml, mistral-v7, llama2, gemma, …; a typo lists them all).",
         rich_help_panel=_MODEL,
+    ),
+]
+ThinkOpt = Annotated[
+    bool,
+    typer.Option(
+        "--think",
+        envvar="LLAVA_THINK",
+        help="Let a reasoning model think before it answers (off where its template allows). "
+        "The thinking goes to stderr on a terminal, or to the JSON 'thinking' field.",
+        rich_help_panel=_GEN,
     ),
 ]
 SystemOpt = Annotated[
@@ -214,7 +219,8 @@ def ask(
     model: ModelOpt = None,
     mmproj: MmprojOpt = None,
     offline: OfflineOpt = False,
-    chat_format: ChatFormatOpt = ChatFormatChoice.auto,
+    chat_format: ChatFormatOpt = "auto",
+    think: ThinkOpt = False,
     system: SystemOpt = None,
     temperature: TemperatureOpt = 0.2,
     top_p: TopPOpt = 0.95,
@@ -236,6 +242,14 @@ def ask(
         bool, typer.Option("--json", help="One JSON object per image (JSON Lines).")
     ] = False,
     no_cache: NoCacheOpt = False,
+    show_prompt: Annotated[
+        bool,
+        typer.Option(
+            "--show-prompt",
+            help="Print the exact prompt the model would read (template applied, "
+            f"{MEDIA_MARKER} where each image goes) and exit; nothing is generated.",
+        ),
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Answer a question about each image, once. The answer alone goes to stdout."""
@@ -251,12 +265,14 @@ def ask(
             temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
         ),
         runtime=RuntimeOptions(
-            ctx, threads, gpu_layers, image_on_cpu, chat_format.value, verbose, not no_cache
+            ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, not no_cache
         ),
         max_pixels=max_pixels,
         together=together,
         json=json_out,
         offline=offline,
+        think=think,
+        show_prompt=show_prompt,
     )
     raise typer.Exit(guarded(lambda: command.run(opts)))
 
@@ -270,7 +286,8 @@ def chat(
     model: ModelOpt = None,
     mmproj: MmprojOpt = None,
     offline: OfflineOpt = False,
-    chat_format: ChatFormatOpt = ChatFormatChoice.auto,
+    chat_format: ChatFormatOpt = "auto",
+    think: ThinkOpt = False,
     system: SystemOpt = None,
     temperature: TemperatureOpt = 0.2,
     top_p: TopPOpt = 0.95,
@@ -300,10 +317,11 @@ def chat(
             temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
         ),
         runtime=RuntimeOptions(
-            ctx, threads, gpu_layers, image_on_cpu, chat_format.value, verbose, not no_cache
+            ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, not no_cache
         ),
         max_pixels=max_pixels,
         offline=offline,
+        think=think,
     )
     raise typer.Exit(guarded(lambda: command.run(opts)))
 

@@ -6,7 +6,7 @@ with what its KV cache already holds and evaluates only the difference.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +14,8 @@ from .config import DEFAULT_CTX
 from .engine import Completion, Engine, LoadOptions, Session
 from .images import PreparedImage
 from .options import RuntimeOptions, SamplingParams
-from .templates import ChatFormat, Message, chat_format_for
+from .templates import ChatFormat, Message, Rendered, chat_format_for
+from .thinking import ThinkingSplitter
 
 
 @dataclass
@@ -32,7 +33,7 @@ def open_model(
     model: Path, mmproj: Path, opts: RuntimeOptions, *, known_format: str | None = None
 ) -> LoadedModel:
     """Load the pair and a session. ``known_format``: the registry's chat format for this
-    model ("gguf" or "llava"), which decides when the user asked for none (``auto``)."""
+    model, which decides when the user asked for none (``auto``)."""
     engine = Engine.load(
         LoadOptions(
             model=model,
@@ -43,17 +44,11 @@ def open_model(
             verbose=opts.verbose,
         )
     )
-    prefer = opts.chat_format
-    if prefer == "auto" and known_format == "llava":  # (the registry's "gguf" is auto's way)
-        prefer = "llava"
     try:
-        fmt = chat_format_for(
-            engine.chat_template,
-            bos_token=engine.special_text("bos"),
-            eos_token=engine.special_text("eos"),
-            prefer=prefer,
-        )
+        fmt = chat_format(engine, opts.chat_format, known_format)
         session = engine.new_session(opts.ctx or min(DEFAULT_CTX, engine.n_ctx_train))
+        if fmt.thinking is not None:
+            session.shown_tokens = engine.single_tokens([fmt.thinking.open, fmt.thinking.close])
         if opts.cache:
             from .cache import PrefixCache
 
@@ -65,19 +60,78 @@ def open_model(
     return LoadedModel(engine, session, fmt)
 
 
+def chat_format(engine: Engine, wanted: str, known_format: str | None = None) -> ChatFormat:
+    """The chat format for a loaded model (the tokenizer is enough): ``wanted`` is the user's
+    --chat-format; with ``auto`` the registry's format for the model, if it names one, wins."""
+    from .engine import builtin_templates
+
+    prefer = wanted
+    if prefer == "auto" and known_format not in (None, "gguf"):
+        prefer = known_format or "auto"
+    template = engine.chat_template
+    suggest = known_format if known_format not in (None, "gguf", "auto") else None
+    if suggest is None and template and prefer in ("auto", "gguf"):
+        suggest = builtin_templates.detect(template)
+    return chat_format_for(
+        template,
+        bos_token=engine.special_text("bos"),
+        eos_token=engine.special_text("eos"),
+        prefer=prefer,
+        builtin_names=builtin_templates.names(),
+        apply_builtin=builtin_templates.apply,
+        origin=engine.opts.model.name,
+        suggest=suggest,
+    )
+
+
+def prompt_format(
+    model: Path, mmproj: Path, opts: RuntimeOptions, known_format: str | None
+) -> ChatFormat:
+    """The chat format without loading weights or the projector (for --show-prompt)."""
+    engine = Engine.load_vocab(LoadOptions(model=model, mmproj=mmproj, verbose=opts.verbose))
+    try:
+        return chat_format(engine, opts.chat_format, known_format)
+    finally:
+        engine.close()
+
+
 @dataclass
 class Exchange:
     prompt: str
     images: list[PreparedImage]
     answer: str | None = None
+    thinking: str = ""
+
+
+def render_turn(
+    fmt: ChatFormat,
+    system: str | None,
+    earlier: Sequence[Message],
+    prompt: str,
+    n_images: int,
+    *,
+    think: bool = False,
+) -> Rendered:
+    """The whole prompt for a next user turn: system, earlier messages, this turn."""
+    head = [Message("system", system)] if system is not None else []
+    user = Message("user", prompt, n_images=n_images)
+    return fmt.render([*head, *earlier, user], think=think)
+
+
+@dataclass(frozen=True)
+class Reply:
+    answer: str
+    thinking: str = ""
 
 
 @dataclass
 class Conversation:
     loaded: LoadedModel
     system: str | None = None
+    think: bool = False  # let a reasoning model think first (where its template can say no)
     messages: list[Message] = field(default_factory=list)
     images: list[PreparedImage] = field(default_factory=list)  # in order of appearance
+    last_reply: Reply | None = None
 
     def reset(self) -> None:
         self.messages.clear()
@@ -85,36 +139,80 @@ class Conversation:
 
     def _render(
         self, prompt: str, images: Sequence[PreparedImage], *, history: bool = True
-    ) -> tuple[str, bool]:
-        user = Message("user", prompt, n_images=len(images))
-        head = [Message("system", self.system)] if self.system is not None else []
+    ) -> Rendered:
         earlier = self.messages if history else []
-        rendered = self.loaded.fmt.render([*head, *earlier, user])
-        return rendered.text, rendered.add_bos
+        return render_turn(
+            self.loaded.fmt, self.system, earlier, prompt, len(images), think=self.think
+        )
+
+    def prompt_so_far(self) -> str:
+        """The conversation as the model has read it (no next turn opened)."""
+        head = [Message("system", self.system)] if self.system is not None else []
+        rendered = self.loaded.fmt.render(
+            [*head, *self.messages], add_generation_prompt=False, think=self.think
+        )
+        return rendered.text
+
+    def prompt_for(self, prompt: str, images: Sequence[PreparedImage]) -> str:
+        return self._render(prompt, images).text
 
     def measure(self, prompt: str, images: Sequence[PreparedImage], *, history: bool = True) -> int:
         """Context cells the conversation (or, without history, the system prompt and this
         turn alone) takes with this next turn; nothing is evaluated."""
-        text, add_bos = self._render(prompt, images, history=history)
+        rendered = self._render(prompt, images, history=history)
         earlier = self.images if history else []
-        return self.loaded.session.count(text, [*earlier, *images], add_special=add_bos)
+        return self.loaded.session.count(
+            rendered.text, [*earlier, *images], add_special=rendered.add_bos
+        )
 
     def ask(
-        self, prompt: str, images: Sequence[PreparedImage], sampling: SamplingParams
+        self,
+        prompt: str,
+        images: Sequence[PreparedImage],
+        sampling: SamplingParams,
+        on_thinking: Callable[[str], None] | None = None,
     ) -> Generator[str, None, None]:
-        """Add a user turn and stream the answer; the answer joins the conversation."""
+        """Add a user turn and stream the answer; the answer joins the conversation.
+
+        A reasoning model's thinking goes to ``on_thinking`` (if given), never into the
+        stream; it is kept with the answer only for templates that read it back."""
         self.loaded.session.last = None
+        self.last_reply = None
         user = Message("user", prompt, n_images=len(images))
-        text, add_bos = self._render(prompt, images)
+        rendered = self._render(prompt, images)
         session = self.loaded.session
-        session.evaluate(text, [*self.images, *images], add_special=add_bos)
+        session.evaluate(rendered.text, [*self.images, *images], add_special=rendered.add_bos)
         self.messages.append(user)
         self.images.extend(images)
+        tags = self.loaded.fmt.thinking
+        splitter = None
+        if tags is not None:
+            inside = tags.starts_open and (self.think or not tags.can_turn_off)
+            splitter = ThinkingSplitter(tags.open, tags.close, inside=inside)
         try:
-            yield from session.generate(sampling)
+            for chunk in session.generate(sampling):
+                if splitter is None:
+                    yield chunk
+                    continue
+                for is_thinking, text in splitter.feed(chunk):
+                    if not is_thinking:
+                        yield text
+                    elif on_thinking is not None:
+                        on_thinking(text)
+            if splitter is not None:
+                for is_thinking, text in splitter.finish():
+                    if not is_thinking:
+                        yield text
+                    elif on_thinking is not None:
+                        on_thinking(text)
         finally:  # an answer cut short (Ctrl-C, a closed stream) stays, as far as it got
             if session.last is not None:
-                self.messages.append(Message("assistant", session.last.text))
+                if splitter is None:
+                    reply = Reply(session.last.text)
+                else:
+                    reply = Reply(splitter.answer, splitter.thinking.strip())
+                self.last_reply = reply
+                self.messages.append(Message("assistant", reply.answer, thinking=reply.thinking))
 
     def exchanges(self) -> list[Exchange]:
         """The conversation as user turns, each with its images and answer (if any)."""
@@ -127,6 +225,7 @@ class Conversation:
                 out.append(Exchange(message.content, images))
             elif out and out[-1].answer is None:
                 out[-1].answer = message.content
+                out[-1].thinking = message.thinking
         return out
 
     def drop(self, index: int) -> Exchange:
@@ -143,7 +242,7 @@ class Conversation:
             self.messages.append(Message("user", ex.prompt, n_images=len(ex.images)))
             self.images.extend(ex.images)
             if ex.answer is not None:
-                self.messages.append(Message("assistant", ex.answer))
+                self.messages.append(Message("assistant", ex.answer, thinking=ex.thinking))
 
     @property
     def last(self) -> Completion:

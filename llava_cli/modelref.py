@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import hub, registry, store
@@ -45,6 +45,11 @@ class Target:
     model: FileSpec
     mmproj: FileSpec
     chat_format: str
+
+    @property
+    def from_listing(self) -> bool:
+        """A registry entry that names no files: they come from the repo's listing."""
+        return not self.model.file
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,11 @@ def find_local(ref: Ref) -> ModelFiles | None:
         )
     if target is None:
         return _local_repo(ref)
+    if target.from_listing:
+        listed = _local_repo(Ref(target.repo, target.quant), target.revision)
+        if listed is None:
+            return None
+        return ModelFiles(target.ref, listed.model, listed.mmproj, target.chat_format)
     cache = RepoCache.of(target.repo)
     commit = cache.commit_for(target.revision)
     found = [
@@ -122,7 +132,7 @@ def _matches(record: store.Pulled, target: Target) -> bool:
     pairs = ((record.model, target.model), (record.mmproj, target.mmproj))
     return (
         record.repo == target.repo
-        and all(r.file == t.file and t.sha256 in (None, r.digest) for r, t in pairs)
+        and all(r.file == (t.file or r.file) and t.sha256 in (None, r.digest) for r, t in pairs)
         and (not store.is_commit(target.revision) or record.commit == target.revision)
     )
 
@@ -136,9 +146,9 @@ def _repo_ref(ref: Ref) -> str:
     return pulled[0] if len(pulled) == 1 else f"{ref.name}:?"
 
 
-def _local_repo(ref: Ref) -> ModelFiles | None:
+def _local_repo(ref: Ref, revision: str = "main") -> ModelFiles | None:
     cache = RepoCache.of(ref.name)
-    commit = cache.commit_for("main")
+    commit = cache.commit_for(revision)
     if commit is None:
         return None
     sizes = {
@@ -238,6 +248,11 @@ def plan(ref: Ref, progress: hub.Progress | None = None) -> tuple[Target, list[h
     else:
         target = registry_target(ref)
         revision = target.revision
+        if target.from_listing:
+            listing = hub.list_files(target.repo, revision, progress)
+            _, model, mmproj = choose_files(Ref(target.repo, target.quant), listing.sizes)
+            target = replace(target, model=FileSpec(model), mmproj=FileSpec(mmproj))
+            revision = listing.commit
     model_file = hub.file_info(target.repo, revision, target.model.file, progress)
     mmproj_file = hub.file_info(target.repo, model_file.commit, target.mmproj.file, progress)
     remotes = [model_file, mmproj_file]
@@ -268,6 +283,9 @@ def pull(ref: Ref, progress: hub.Progress, *, offline: bool = False) -> PullResu
         found = find_local(ref)
         if found is not None:
             target = registry_target(ref) if not ref.is_repo else local_target(ref, found)
+            if target.from_listing:
+                names = FileSpec(found.model.name), FileSpec(found.mmproj.name)
+                target = replace(target, model=names[0], mmproj=names[1])
             _remember(target, found)
             return PullResult(found, target, 0)
     if offline:

@@ -18,7 +18,9 @@ from typing import Any
 from .config import paths, read_toml
 from .errors import ConfigError, UsageError
 
-CHAT_FORMATS = ("gguf", "llava")
+# "gguf", "llava", or the name of one of llama.cpp's built-in formats (checked when used: the
+# names come from the engine, which this module does not load).
+_CHAT_FORMAT = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -36,18 +38,19 @@ _REQUIRED = (
     "context_length",
     "chat_format",
     "default_quant",
-    "quants",
-    "mmproj",
 )
-_ENTRY_KEYS = frozenset((*_REQUIRED, "aliases"))
+_ENTRY_KEYS = frozenset((*_REQUIRED, "aliases", "quants", "mmproj"))
 _FILE_KEYS = frozenset(("file", "size", "sha256"))
 
 
 @dataclass(frozen=True)
 class FileSpec:
-    file: str  # the name in the repo: a plain name, never a path
+    file: str  # the name in the repo: a plain name, never a path ("": from the hub's listing)
     size: int | None = None  # bytes, when pinned
     sha256: str | None = None  # when pinned; otherwise the hub's LFS sha256 is checked
+
+
+FROM_LISTING = FileSpec("")  # an entry that names no files: chosen from the repo's listing
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,15 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
     source: Path | None = None  # the file that defined (or last changed) this entry
 
+    @property
+    def from_listing(self) -> bool:
+        """No file names: the files are chosen from the repo's listing at pull time."""
+        return not self.quants
+
     def quant(self, wanted: str | None) -> tuple[str, FileSpec]:
         """The quant named (case-insensitive), or the default one."""
+        if self.from_listing:
+            return (wanted or self.default_quant).upper(), FROM_LISTING
         if wanted is None:
             return self.default_quant, self.quants[self.default_quant]
         for name, spec in self.quants.items():
@@ -212,8 +222,16 @@ def _entry(key: str, t: Mapping[str, Any], path: Path) -> ModelSpec:
     for name in _REQUIRED:
         if name not in t:
             raise _bad(path, key, name, "missing", "every entry needs " + ", ".join(_REQUIRED))
-    quants_table = t["quants"]
-    if not isinstance(quants_table, dict) or not quants_table:
+    quants_table = t.get("quants", {})
+    if ("quants" in t) != ("mmproj" in t):
+        raise _bad(
+            path,
+            key,
+            "quants" if "mmproj" in t else "mmproj",
+            "missing",
+            "name both the quants and the mmproj, or neither (files from the hub's listing)",
+        )
+    if not isinstance(quants_table, dict) or ("quants" in t and not quants_table):
         raise _bad(path, key, "quants", "must hold at least one [quants.NAME] table")
     quants = {}
     for qname, qtable in quants_table.items():
@@ -221,7 +239,7 @@ def _entry(key: str, t: Mapping[str, Any], path: Path) -> ModelSpec:
             raise _bad(path, key, f"quants.{qname}", "bad quant name", "e.g. Q4_K_M")
         quants[qname] = _file(path, key, f"quants.{qname}", qtable)
     default_quant = _text(path, key, t, "default_quant")
-    if default_quant not in quants:
+    if quants and default_quant not in quants:
         raise _bad(path, key, "default_quant", f"{default_quant!r} is not one of its quants")
     repo = _text(path, key, t, "repo")
     if not _REPO.match(repo):
@@ -230,8 +248,14 @@ def _entry(key: str, t: Mapping[str, Any], path: Path) -> ModelSpec:
     if not _REVISION.match(revision) or ".." in revision:
         raise _bad(path, key, "revision", f"{revision!r} is not a commit or branch name")
     chat_format = _text(path, key, t, "chat_format")
-    if chat_format not in CHAT_FORMATS:
-        raise _bad(path, key, "chat_format", f"{chat_format!r}", "use one of: gguf, llava")
+    if not _CHAT_FORMAT.match(chat_format):
+        raise _bad(
+            path,
+            key,
+            "chat_format",
+            f"{chat_format!r}",
+            "use gguf, llava or a llama.cpp built-in name (vicuna, mistral-v7, …)",
+        )
     context_length = t["context_length"]
     if (
         isinstance(context_length, bool)
@@ -256,7 +280,7 @@ def _entry(key: str, t: Mapping[str, Any], path: Path) -> ModelSpec:
         chat_format=chat_format,
         default_quant=default_quant,
         quants=quants,
-        mmproj=_file(path, key, "mmproj", t["mmproj"]),
+        mmproj=_file(path, key, "mmproj", t["mmproj"]) if "mmproj" in t else FROM_LISTING,
         aliases=tuple(aliases),
         source=path,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 from .units import human_bytes
@@ -52,6 +52,46 @@ def stream_answer(chunks: Iterable[str], out: TextIO | None = None) -> None:
         if wrote or sys.exc_info()[0] is None:
             out.write("\n")
             out.flush()
+
+
+class ThinkingEcho:
+    """Where a reasoning model's thinking goes: dimmed on stderr when that is a terminal,
+    nowhere otherwise. ``answer(stream)`` passes the answer through, after a blank line that
+    closes the thinking."""
+
+    def __init__(self) -> None:
+        self.enabled = stderr_is_terminal()
+        self._dim = ("\x1b[2m", "\x1b[0m") if _color(sys.stderr) else ("", "")
+        self._open = False
+
+    def __call__(self, text: str) -> None:
+        if not self.enabled:
+            return
+        sys.stderr.write(self._dim[0] + text.translate(_CONTROL) + self._dim[1])
+        sys.stderr.flush()
+        self._open = True
+
+    def close(self) -> None:
+        if self._open:
+            sys.stderr.write("\n\n")
+            sys.stderr.flush()
+            self._open = False
+
+    def answer(self, chunks: Iterable[str]) -> Iterator[str]:
+        for chunk in chunks:
+            self.close()
+            yield chunk
+        self.close()
+
+
+def exact_text(text: str, out: TextIO | None = None) -> None:
+    """Text on stdout byte for byte (a prompt, for a file or a diff); a terminal also gets a
+    final newline so that the shell prompt starts on a line of its own."""
+    out = out or sys.stdout
+    out.write(text)
+    if out.isatty() and not text.endswith("\n"):
+        out.write("\n")
+    out.flush()
 
 
 def json_value(value: Any, out: TextIO | None = None) -> None:

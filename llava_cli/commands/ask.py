@@ -38,6 +38,7 @@ class ModelOptions:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     max_pixels: int = DEFAULT_MAX_PIXELS
     offline: bool = False
+    think: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,7 @@ class AskOptions(ModelOptions):
     prompt: str | None = None
     together: bool = False
     json: bool = False
+    show_prompt: bool = False
 
 
 @dataclass
@@ -89,8 +91,11 @@ def run(opts: AskOptions) -> int:
         raise UsageError("no image given", "llava ask IMAGE... -p 'question'")
     if opts.images.count("-") > 1:
         raise UsageError("standard input ('-') can be read only once")
+    check_chat_format(opts.runtime.chat_format)
     prompt = read_prompt(opts)
     files = model_files(opts.model, opts.mmproj, offline=opts.offline)
+    if opts.show_prompt:
+        return _show_prompt(opts, files, prompt)
     runner = _Runner(opts, files)
     try:
         if opts.together:
@@ -105,6 +110,29 @@ def run(opts: AskOptions) -> int:
     if any(isinstance(f, BadInput) for f in runner.failures):
         return EXIT_BAD_INPUT
     return runner.failures[0].exit_code
+
+
+def check_chat_format(name: str) -> None:
+    """A --chat-format is checked before anything is resolved, pulled or loaded."""
+    from ..engine import builtin_templates
+    from ..templates import check_format_name
+
+    check_format_name(name, builtin_templates.names())
+
+
+def _show_prompt(opts: AskOptions, files: ModelFiles, prompt: str) -> int:
+    """Print the prompt each run would evaluate: images checked, never encoded. Exactly the
+    text (no newline added) unless stdout is a terminal."""
+    from ..conversation import prompt_format, render_turn
+
+    fmt = prompt_format(files.model, files.mmproj, opts.runtime, files.chat_format)
+    groups = [opts.images] if opts.together else [[source] for source in opts.images]
+    for group in groups:
+        for source in group:
+            _prepare(source, opts)
+        rendered = render_turn(fmt, opts.system, [], prompt, len(group), think=opts.think)
+        render.exact_text(rendered.text)
+    return EXIT_OK
 
 
 def model_files(model: str | None, mmproj: str | None, *, offline: bool) -> ModelFiles:
@@ -125,7 +153,8 @@ def _answer_one(runner: _Runner, source: str, prompt: str) -> None:
         render.info(f"==> {source} <==")  # which answer is which, for a reader at a terminal
     try:
         image = _prepare(source, opts)
-        completion = _ask(runner.get(), [image], prompt, opts)
+        conversation = runner.get()
+        _ask(conversation, [image], prompt, opts)
     except (ImageError, ContextOverflow) as exc:  # this image's problem: go on with the rest
         runner.failures.append(exc)
         render.error(exc.one_line())
@@ -134,17 +163,18 @@ def _answer_one(runner: _Runner, source: str, prompt: str) -> None:
         return
     if opts.json:
         render.json_line(
-            {"image": source, "sha256": image.sha256, **_record(runner.files, completion, prompt)}
+            {"image": source, "sha256": image.sha256, **_record(runner.files, conversation, prompt)}
         )
 
 
 def _answer_together(runner: _Runner, prompt: str) -> None:
     opts = runner.opts
     prepared = [_prepare(source, opts) for source in opts.images]
-    completion = _ask(runner.get(), prepared, prompt, opts)
+    conversation = runner.get()
+    _ask(conversation, prepared, prompt, opts)
     if opts.json:
         images = [{"image": p.source, "sha256": p.sha256} for p in prepared]
-        render.json_line({"images": images, **_record(runner.files, completion, prompt)})
+        render.json_line({"images": images, **_record(runner.files, conversation, prompt)})
 
 
 def _load(opts: AskOptions, files: ModelFiles) -> Conversation:
@@ -157,19 +187,19 @@ def _load(opts: AskOptions, files: ModelFiles) -> Conversation:
             f"(context {loaded.session.n_ctx}, {loaded.engine.n_threads} threads, "
             f"format: {loaded.fmt.name})"
         )
-    return Conversation(loaded, system=opts.system)
+    return Conversation(loaded, system=opts.system, think=opts.think)
 
 
 def _ask(
     conversation: Conversation, images: Sequence[PreparedImage], prompt: str, opts: AskOptions
 ) -> Completion:
     conversation.reset()  # each answer stands alone; the shared prefix stays in the KV cache
-    stream = conversation.ask(prompt, images, opts.sampling)
     if opts.json:
-        for _ in stream:
+        for _ in conversation.ask(prompt, images, opts.sampling):
             pass
     else:
-        render.stream_answer(stream)
+        echo = render.ThinkingEcho()
+        render.stream_answer(echo.answer(conversation.ask(prompt, images, opts.sampling, echo)))
     completion = conversation.last
     if opts.runtime.verbose:
         session = conversation.loaded.session
@@ -186,15 +216,19 @@ def _ask(
     return completion
 
 
-def _record(files: ModelFiles, completion: Completion, prompt: str) -> dict[str, Any]:
+def _record(files: ModelFiles, conversation: Conversation, prompt: str) -> dict[str, Any]:
     from dataclasses import asdict
 
+    completion = conversation.last
+    reply = conversation.last_reply
+    thinking = {"thinking": reply.thinking} if reply is not None and reply.thinking else {}
     return {
         "model": files.name,
         "model_path": str(files.model),
         "mmproj_path": str(files.mmproj),
         "prompt": prompt,
-        "answer": completion.text,
+        "answer": reply.answer if reply is not None else completion.text,
+        **thinking,
         "finish_reason": completion.finish_reason,
         "seed": completion.seed,
         "usage": asdict(completion.usage),

@@ -40,6 +40,7 @@ COMMANDS = {
     "/load": "FILE resume a saved chat",
     "/set": "KEY VALUE temperature, top-p, top-k, min-p, repeat-penalty, max-tokens, seed",
     "/stats": "context use, and the last turn's work and speed",
+    "/prompt": "[TEXT] the prompt as the model reads it: so far, or with TEXT as the next message",
     "/help": "this list",
     "/exit": "end the chat (also Ctrl-D)",
 }
@@ -80,7 +81,7 @@ def open_chat(opts: ChatOptions) -> Chat:
         f"llava chat · {files.name} · context {loaded.session.n_ctx} tokens · {backend}"
         " — /help for commands, Ctrl-D to quit"
     )
-    return Chat(Conversation(loaded, system=opts.system), files, opts)
+    return Chat(Conversation(loaded, system=opts.system, think=opts.think), files, opts)
 
 
 @dataclass
@@ -154,6 +155,7 @@ class Chat:
             "/load": self.cmd_load,
             "/set": self.cmd_set,
             "/stats": self.cmd_stats,
+            "/prompt": self.cmd_prompt,
             "/help": self.cmd_help,
         }
 
@@ -165,25 +167,29 @@ class Chat:
         sent = False
         try:
             self._make_room(prompt, images)
-            sent = self._answer(lambda: self.conversation.ask(prompt, images, self.sampling))
+            sent = self._answer(
+                lambda echo: self.conversation.ask(prompt, images, self.sampling, echo)
+            )
         finally:
             if sent:  # the question made it in, with its images
                 self.pending.clear()
             else:  # nothing was asked: whatever was dropped to make room comes back
                 self.conversation.replace(kept)
 
-    def _answer(self, start: Callable[[], Generator[str, None, None]]) -> bool:
-        """Stream one answer; True once the question is in the conversation."""
+    def _answer(self, start: Callable[[render.ThinkingEcho], Generator[str, None, None]]) -> bool:
+        """Stream one answer (a reasoning model's thinking dimmed on stderr before it);
+        True once the question is in the conversation."""
         session = self.conversation.loaded.session
         counters = session.counters.snapshot()
         before = len(self.conversation.messages)
-        stream = start()
+        echo = render.ThinkingEcho()
+        stream = start(echo)
         interrupted = False
         try:
             if self.markdown:
-                render.stream_markdown(stream)
+                render.stream_markdown(echo.answer(stream))
             else:
-                render.stream_answer(stream)
+                render.stream_answer(echo.answer(stream))
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -284,7 +290,7 @@ class Chat:
         sent = False
         try:
             sent = self._answer(
-                lambda: self.conversation.ask(last.prompt, last.images, self.sampling)
+                lambda echo: self.conversation.ask(last.prompt, last.images, self.sampling, echo)
             )
         finally:
             if not sent:  # not even the question was evaluated again: keep the old answer
@@ -354,6 +360,17 @@ class Chat:
             raise UsageError("/set takes a key and a value", "e.g. /set temperature 0.7")
         self.sampling = _set(self.sampling, parts[0], parts[1])
         render.info(f"{parts[0]} = {parts[1]}")
+
+    def cmd_prompt(self, arg: str) -> None:
+        """The text the model reads, exactly (on stdout: it is what was asked for)."""
+        if arg:
+            text = self.conversation.prompt_for(arg, self.pending)
+        elif self.conversation.messages:
+            text = self.conversation.prompt_so_far()
+        else:
+            render.info("nothing said yet: '/prompt TEXT' shows the prompt TEXT would make")
+            return
+        render.exact_text(text if text.endswith("\n") else text + "\n")
 
     def cmd_stats(self, _arg: str) -> None:
         session = self.conversation.loaded.session

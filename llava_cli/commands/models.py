@@ -77,7 +77,8 @@ def _spec_json(spec: ModelSpec, reg: registry.Registry, pulled: set[str]) -> dic
     data = asdict(spec)
     data["source"] = str(spec.source)
     data["default"] = spec.key == reg.default
-    data["pulled"] = sorted(q for q in spec.quants if f"{spec.key}:{q}" in pulled)
+    quants = list(spec.quants) or [spec.default_quant]
+    data["pulled"] = sorted(q for q in quants if f"{spec.key}:{q}" in pulled)
     return data
 
 
@@ -99,7 +100,9 @@ def show(text: str, *, ctx: int | None = None) -> int:
         ("revision", target.revision),
         ("chat format", _chat_format(target.chat_format)),
     ]
-    if spec is not None:
+    if spec is not None and spec.from_listing:
+        lines.append((f"quant {target.quant} (default)", _file_line(target.model)))
+    elif spec is not None:
         for quant, file in spec.quants.items():
             mark = " (default)" if quant == spec.default_quant else ""
             lines.append((f"quant {quant}{mark}", _file_line(file)))
@@ -158,6 +161,8 @@ def _chat_format(fmt: str) -> str:
 
 
 def _file_line(file: registry.FileSpec) -> str:
+    if not file.file:
+        return "chosen from the repo's listing at pull time, checked against its sha256"
     sha = file.sha256 or "checked against the hub's LFS sha256"
     return f"{file.file}, {render.human_bytes(file.size)}, sha256 {sha}"
 

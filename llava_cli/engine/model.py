@@ -7,6 +7,7 @@ import hashlib
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,23 @@ class Engine:
         except BaseException:
             engine.close()
             raise
+        return engine
+
+    @classmethod
+    def load_vocab(cls, opts: LoadOptions) -> Engine:
+        """Only the tokenizer and metadata (milliseconds): enough to render prompts."""
+        model_info = read_gguf(opts.model, "model")
+        init(opts.verbose)
+        engine = cls(opts, model_info)
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.vocab_only = True
+        engine.model = llama_cpp.llama_model_load_from_file(str(opts.model).encode(), mparams)
+        if not engine.model:
+            raise ModelFileError(
+                f"llama.cpp could not read the tokenizer of {opts.model}: {LOGS.last_error()}",
+                "check that the file is a complete GGUF text model (download it again?)",
+            )
+        engine.vocab = llama_cpp.llama_model_get_vocab(engine.model)
         return engine
 
     def identity(self) -> str:
@@ -173,13 +191,24 @@ class Engine:
     def is_end(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def token_piece(self, token: int) -> bytes:
+    def token_piece(self, token: int, *, special: bool = False) -> bytes:
+        """A token's bytes; control tokens are empty unless ``special``."""
         buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
+
+    def single_tokens(self, texts: Sequence[str]) -> frozenset[int]:
+        """The ids of those texts that are one special token each (a thinking model's
+        ``<|channel>``), so that generation can show them."""
+        ids = set()
+        for text in texts:
+            tokens = self.tokenize(text, add_special=False)
+            if len(tokens) == 1:
+                ids.add(tokens[0])
+        return frozenset(ids)
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         """Text to tokens; special-token text (``</s>``, ``<|im_end|>``) becomes those tokens."""

@@ -157,6 +157,8 @@ class Session:
         self.state_salt = ""  # what saved states depend on beyond the tokens (Engine.identity)
         self._writer: threading.Thread | None = None
         self.last: Completion | None = None
+        # Special tokens generation writes out (a thinking model's block delimiters).
+        self.shown_tokens: frozenset[int] = frozenset()
 
     @property
     def n_past(self) -> int:
@@ -389,7 +391,7 @@ class Session:
         tail = prompt[len(old_text) :].encode("utf-8", "replace")
         used, kept = 0, []
         for token in self.spans[-1].tokens:
-            piece = self.engine.token_piece(token)
+            piece = self.engine.token_piece(token, special=token in self.shown_tokens)
             if not piece or not tail.startswith(piece, used):
                 break
             used += len(piece)
@@ -615,7 +617,9 @@ class Session:
                     break
                 n_gen += 1
                 self.counters.tokens_generated += 1
-                if text := stream.feed(self.engine.token_piece(token)):
+                if text := stream.feed(
+                    self.engine.token_piece(token, special=token in self.shown_tokens)
+                ):
                     yield text
                 if stream.stopped:
                     finish = "stop"
