@@ -365,3 +365,67 @@ def test_single_bad_image_with_json_still_gets_its_record(
     assert out.returncode == 4
     record = json.loads(out.stdout)
     assert record["image"] == str(tmp_path / "gone.png") and record["exit_code"] == 4
+
+
+def test_a_bad_chat_format_is_refused_before_any_model_is_resolved(images: Path) -> None:
+    result = llava("ask", images / "red.png", "-m", "no-such-model", "--chat-format", "vicuan")
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert err.startswith("Error: unknown chat format 'vicuan' — did you mean vicuna?")
+    assert err.count("\n") == 1 and "no-such-model" not in err
+
+
+def test_show_prompt_with_a_builtin_format_encodes_nothing(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    args = [*model_args(oracle), "--chat-format", "vicuna", "--system", "Be brief."]
+    result = llava(
+        "ask", images / "red.png", images / "blue.png", "-p", "Q?", "--show-prompt", *args
+    )
+    one = "Be brief.\n\nUSER: <__media__>\nQ?\nASSISTANT:"  # llama.cpp's own vicuna layout
+    assert (result.returncode, result.stdout.decode(), result.stderr) == (0, one + one, b"")
+    together = llava(
+        "ask",
+        images / "red.png",
+        images / "blue.png",
+        "-p",
+        "Q?",
+        "--together",
+        "--show-prompt",
+        *args,
+    )
+    two = "Be brief.\n\nUSER: <__media__>\n<__media__>\nQ?\nASSISTANT:"
+    assert together.stdout.decode() == two
+    missing = llava("ask", images / "nope.png", "--show-prompt", *args)
+    assert missing.returncode == 4 and missing.stdout == b""
+
+
+def test_a_failing_template_is_one_line_naming_the_model_file(tmp_path: Path, images: Path) -> None:
+    pair = synthetic.build_colour_oracle(
+        tmp_path / "m",
+        chat_template="{{ raise_exception('Only user and assistant roles are supported!') }}",
+    )
+    result = llava("ask", images / "red.png", *model_args(pair))
+    assert (result.returncode, result.stdout) == (4, b"")
+    err = result.stderr.decode()
+    assert err.startswith(
+        "Error: oracle-model.gguf: the chat template failed: Only user and assistant roles"
+    )
+    assert err.count("\n") == 1 and "--show-prompt" in err and "--chat-format llava" not in err
+
+
+def test_thinking_never_reaches_stdout(tmp_path: Path, images: Path) -> None:
+    """A template that always opens a thinking block (as QwQ's and DeepSeek-R1's do, dropping
+    earlier thinking with ``split('</think>')``): the oracle's word lands inside it, so
+    the answer is empty; the thinking is in --json's field, and nowhere on a pipe."""
+    template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content.split('</think>')[-1] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: <think>\n{% endif %}"
+    )
+    pair = synthetic.build_colour_oracle(tmp_path / "m", chat_template=template)
+    plain = llava("ask", images / "red.png", "-p", Q, *model_args(pair))
+    assert (plain.returncode, plain.stdout, plain.stderr) == (0, b"\n", b"")
+    record = json.loads(
+        llava("ask", images / "red.png", "-p", Q, "--json", *model_args(pair)).stdout
+    )
+    assert (record["answer"], record["thinking"]) == ("", "red")
