@@ -81,6 +81,7 @@ ChatFormatOpt = Annotated[
     str,
     typer.Option(
         envvar="LLAVA_CHAT_FORMAT",
+        metavar="FORMAT",
         help="auto (the registry's format, else the model's own template, else llava), gguf "
         "(the GGUF's template), llava (LLaVA-1.5/Vicuna), or a llama.cpp built-in name "
         "(vicuna, chatml, mistral-v7, llama2, gemma, …; a typo lists them all).",

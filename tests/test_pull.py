@@ -497,3 +497,42 @@ def test_list_available_shows_the_registry() -> None:
     assert "3.3 GB" in gemma  # 2489757856 + 851251104 bytes, from the pins
     data = json.loads(llava("list", "--available", "--json").stdout)
     assert {d["key"] for d in data} >= {"llava-1.5-7b", "qwen2.5-vl-7b", "moondream2"}
+
+
+def test_an_entry_that_names_no_files_takes_them_from_the_listing(
+    served: Served, images: Path
+) -> None:
+    """The current-generation entries leave file names and pins to the hub."""
+    home = Path(os.environ["LLAVA_HOME"])
+    (home / "models.toml").write_text(
+        f"""
+[models.listed]
+name = "Colour oracle, files from the listing"
+description = "Answers with the colour of the image."
+repo = "{REPO}"
+revision = "main"
+license = "mit"
+parameters = "1M"
+context_length = 512
+chat_format = "vicuna"
+default_quant = "F16"
+"""
+    )
+    show = llava("show", "listed", env={**served.env, "HF_HUB_OFFLINE": "1"})
+    assert "chosen from the repo's listing at pull time" in show.stdout.decode()
+    result = llava("pull", "listed", env=served.env)
+    assert result.returncode == 0, result.stderr
+    assert "listed:F16: pulled" in result.stderr.decode()
+    assert served.blob(served.model).read_bytes() == served.model  # checked by its sha256
+    offline = {**served.env, "HF_HUB_OFFLINE": "1"}
+    prompt = llava(
+        "ask", images / "red.png", "-m", "listed", "-p", "Q?", "--show-prompt", env=offline
+    )
+    assert prompt.stdout == b"USER: <__media__>\nQ?\nASSISTANT:"  # the entry's format
+    answer = ask_red(images, "listed", offline)
+    assert (answer.returncode, answer.stdout) == (0, b"red\n"), answer.stderr
+    again = llava("pull", "listed", env=served.env)
+    assert "already pulled" in again.stderr.decode()
+    assert served.hub.bytes_sent(MODEL) == len(served.model)
+    wrong = llava("pull", "listed:Q4_K_M", env=served.env)
+    assert wrong.returncode == 2 and "has no Q4_K_M file" in wrong.stderr.decode()
