@@ -48,7 +48,7 @@ def open_model(
         fmt = chat_format(engine, opts.chat_format, known_format)
         session = engine.new_session(opts.ctx or min(DEFAULT_CTX, engine.n_ctx_train))
         if fmt.thinking is not None:
-            session.shown_tokens = engine.single_tokens([fmt.thinking.open, fmt.thinking.close])
+            session.shown_tokens = engine.special_tokens_in([fmt.thinking.open, fmt.thinking.close])
         if opts.cache:
             from .cache import PrefixCache
 

@@ -67,6 +67,8 @@ class ThinkingEcho:
     def __call__(self, text: str) -> None:
         if not self.enabled:
             return
+        if not self._open and not self._dim[0]:  # no colour to set it apart: say what it is
+            sys.stderr.write("thinking: ")
         sys.stderr.write(self._dim[0] + text.translate(_CONTROL) + self._dim[1])
         sys.stderr.flush()
         self._open = True

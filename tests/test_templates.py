@@ -226,3 +226,19 @@ def test_thinking_splitter_when_the_prompt_opened_the_block() -> None:
     splitter = ThinkingSplitter("<|channel>thought", "<channel|>", inside=True)
     pieces = [p for c in ("\nweigh it", "<channel|>", "blue") for p in splitter.feed(c)]
     assert pieces == [(True, "weigh it"), (False, "blue")]
+
+
+def test_earlier_thinking_is_kept_only_where_the_template_reads_it_back() -> None:
+    turns = [
+        Message("user", "Q1", n_images=1),
+        Message("assistant", "red", thinking="It looks red to me."),
+        Message("user", "Q2"),
+    ]
+    # Qwen3.5's real template (tests/templates) drops reasoning before the last question.
+    qwen = (Path(__file__).parent / "templates" / "qwen3.5.jinja").read_text()
+    assert "It looks red" not in JinjaFormat(qwen).render(turns).text
+    keeps = (
+        "{% for m in messages %}{% if m.reasoning_content %}<think>{{ m.reasoning_content }}"
+        "</think>{% endif %}{{ m.content }}|{% endfor %}"
+    )
+    assert "<think>It looks red to me.</think>red|" in JinjaFormat(keeps).render(turns).text

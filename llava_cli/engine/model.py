@@ -200,14 +200,14 @@ class Engine:
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
-    def single_tokens(self, texts: Sequence[str]) -> frozenset[int]:
-        """The ids of those texts that are one special token each (a thinking model's
-        ``<|channel>``), so that generation can show them."""
+    def special_tokens_in(self, texts: Sequence[str]) -> frozenset[int]:
+        """The special tokens these texts contain (Gemma 4's ``<|channel>``), which generation
+        otherwise writes as nothing: a thinking model's delimiters must stay visible."""
         ids = set()
         for text in texts:
-            tokens = self.tokenize(text, add_special=False)
-            if len(tokens) == 1:
-                ids.add(tokens[0])
+            for token in self.tokenize(text, add_special=False):
+                if not self.token_piece(token) and self.token_piece(token, special=True):
+                    ids.add(token)
         return frozenset(ids)
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
