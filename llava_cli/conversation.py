@@ -64,7 +64,18 @@ def chat_format(engine: Engine, wanted: str, known_format: str | None = None) ->
     """The chat format for a loaded model (the tokenizer is enough): ``wanted`` is the user's
     --chat-format; with ``auto`` the registry's format for the model, if it names one, wins."""
     from .engine import builtin_templates
+    from .errors import ConfigError, UsageError
+    from .templates import check_format_name
 
+    if known_format is not None:
+        try:
+            check_format_name(known_format, builtin_templates.names())
+        except UsageError as exc:
+            raise ConfigError(
+                f"the registry entry for {engine.opts.model.name} has chat_format "
+                f"{known_format!r}, which is not a format llava knows",
+                "fix chat_format in your models.toml (" + exc.hint + ")",
+            ) from None
     prefer = wanted
     if prefer == "auto" and known_format not in (None, "gguf"):
         prefer = known_format or "auto"

@@ -536,3 +536,14 @@ default_quant = "F16"
     assert served.hub.bytes_sent(MODEL) == len(served.model)
     wrong = llava("pull", "listed:Q4_K_M", env=served.env)
     assert wrong.returncode == 2 and "has no Q4_K_M file" in wrong.stderr.decode()
+
+
+def test_a_registry_chat_format_llava_does_not_know_is_named(served: Served, images: Path) -> None:
+    user_file = Path(os.environ["LLAVA_HOME"]) / "models.toml"
+    user_file.write_text(user_file.read_text().replace('"gguf"', '"vicunna"'))
+    assert llava("pull", "oracle", env=served.env).returncode == 0
+    result = ask_red(images, "oracle", {**served.env, "HF_HUB_OFFLINE": "1"})
+    assert (result.returncode, result.stdout) == (2, b"")
+    err = result.stderr.decode()
+    assert "chat_format 'vicunna', which is not a format llava knows" in err
+    assert "did you mean vicuna?" in err and err.count("\n") == 1

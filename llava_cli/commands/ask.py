@@ -25,6 +25,7 @@ from ..options import RuntimeOptions, SamplingParams
 if TYPE_CHECKING:
     from ..conversation import Conversation
     from ..engine import Completion
+    from ..templates import ChatFormat
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,12 +121,20 @@ def check_chat_format(name: str) -> None:
     check_format_name(name, builtin_templates.names())
 
 
+def warn_if_no_thinking(opts: ModelOptions, fmt: ChatFormat) -> None:
+    if opts.think and fmt.thinking is None:
+        render.info(
+            "--think: this model's chat template has no thinking block; it answers directly"
+        )
+
+
 def _show_prompt(opts: AskOptions, files: ModelFiles, prompt: str) -> int:
     """Print the prompt each run would evaluate: images checked, never encoded. Exactly the
     text (no newline added) unless stdout is a terminal."""
     from ..conversation import prompt_format, render_turn
 
     fmt = prompt_format(files.model, files.mmproj, opts.runtime, files.chat_format)
+    warn_if_no_thinking(opts, fmt)
     groups = [opts.images] if opts.together else [[source] for source in opts.images]
     for group in groups:
         for source in group:
@@ -181,6 +190,7 @@ def _load(opts: AskOptions, files: ModelFiles) -> Conversation:
     from ..conversation import Conversation, open_model
 
     loaded = open_model(files.model, files.mmproj, opts.runtime, known_format=files.chat_format)
+    warn_if_no_thinking(opts, loaded.fmt)
     if opts.runtime.verbose:
         render.info(
             f"loaded {files.model.name} + {files.mmproj.name} in {loaded.engine.load_s:.2f} s "

@@ -21,7 +21,7 @@ from ..errors import EXIT_OK, BadInput, ContextOverflow, LlavaError, UsageError
 from ..images import PreparedImage, load, thumbnail
 from ..modelref import ModelFiles
 from ..options import SamplingParams
-from .ask import ModelOptions, model_files
+from .ask import ModelOptions, check_chat_format, model_files, warn_if_no_thinking
 
 if TYPE_CHECKING:
     from ..conversation import Conversation
@@ -74,8 +74,10 @@ def open_chat(opts: ChatOptions) -> Chat:
     from ..conversation import Conversation, open_model
     from ..engine import backend_info
 
+    check_chat_format(opts.runtime.chat_format)
     files = model_files(opts.model, opts.mmproj, offline=opts.offline)
     loaded = open_model(files.model, files.mmproj, opts.runtime, known_format=files.chat_format)
+    warn_if_no_thinking(opts, loaded.fmt)
     backend = backend_info()["backend"]
     render.info(
         f"llava chat · {files.name} · context {loaded.session.n_ctx} tokens · {backend}"
