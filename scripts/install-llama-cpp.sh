@@ -19,4 +19,5 @@ if ! ls "$cache"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
   CMAKE_ARGS="$args" "$py" -m pip wheel --no-deps --no-cache-dir -w "$cache.tmp" "llama-cpp-python==$version"
   rm -rf "$cache" && mv "$cache.tmp" "$cache"
 fi
-"$py" -m pip install --no-deps "$cache"/llama_cpp_python-"$version"-*.whl
+# --force-reinstall: a venv that holds the same version built with other flags gets this build
+"$py" -m pip install --no-deps --force-reinstall "$cache"/llama_cpp_python-"$version"-*.whl

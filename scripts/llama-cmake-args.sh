@@ -4,7 +4,7 @@
 # A user's own CMAKE_ARGS always wins (e.g. -DGGML_CUDA=on). On x86-64 Linux the default
 # -march=native build compiles AMX tile instructions in, which crash with SIGILL on VMs whose
 # kernel does not grant AMX tile data (see shared/BUILD.md), so every instruction set is spelled
-# out instead: AVX-512 where the CPU has it, else a portable AVX2 build. Elsewhere (macOS: Metal)
+# out instead: AVX2, plus each AVX-512 and VNNI extension the CPU has. Elsewhere (macOS: Metal)
 # llama.cpp's defaults are right.
 set -eu
 if [ -n "${CMAKE_ARGS:-}" ]; then
@@ -21,8 +21,15 @@ esac
 portable="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
 has() { case " $flags " in *" $1 "*) return 0 ;; esac; return 1; }
-if has avx512f && has avx512bw && has avx512vl && has avx512_vnni && has avx512_bf16; then
-  printf '%s\n' "$portable -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
-else
-  printf '%s\n' "$portable"
+# Each extension only where /proc/cpuinfo names it: AMD EPYC (Zen 4) has AVX-512 VNNI but not
+# the VEX-encoded AVX-VNNI, and a build with GGML_AVX_VNNI dies there with SIGILL
+# (`{vex} vpdpbusd` in llamafile_sgemm) on the first Q4_K_M matrix multiply.
+args=$portable
+if has avx512f && has avx512cd && has avx512dq && has avx512bw && has avx512vl; then
+  args="$args -DGGML_AVX512=ON"
+  has avx512vbmi && args="$args -DGGML_AVX512_VBMI=ON"
+  has avx512_vnni && args="$args -DGGML_AVX512_VNNI=ON"
+  has avx512_bf16 && args="$args -DGGML_AVX512_BF16=ON"
 fi
+has avx_vnni && args="$args -DGGML_AVX_VNNI=ON"
+printf '%s\n' "$args"
