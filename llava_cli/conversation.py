@@ -6,7 +6,8 @@ with what its KV cache already holds and evaluates only the difference.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,18 +65,7 @@ def chat_format(engine: Engine, wanted: str, known_format: str | None = None) ->
     """The chat format for a loaded model (the tokenizer is enough): ``wanted`` is the user's
     --chat-format; with ``auto`` the registry's format for the model, if it names one, wins."""
     from .engine import builtin_templates
-    from .errors import ConfigError, UsageError
-    from .templates import check_format_name
 
-    if known_format is not None:
-        try:
-            check_format_name(known_format, builtin_templates.names())
-        except UsageError as exc:
-            raise ConfigError(
-                f"the registry entry for {engine.opts.model.name} has chat_format "
-                f"{known_format!r}, which is not a format llava knows",
-                "fix chat_format in your models.toml (" + exc.hint + ")",
-            ) from None
     prefer = wanted
     if prefer == "auto" and known_format not in (None, "gguf"):
         prefer = known_format or "auto"
@@ -124,9 +114,23 @@ def render_turn(
     think: bool = False,
 ) -> Rendered:
     """The whole prompt for a next user turn: system, earlier messages, this turn."""
-    head = [Message("system", system)] if system is not None else []
     user = Message("user", prompt, n_images=n_images)
-    return fmt.render([*head, *earlier, user], think=think)
+    return fmt.render(_with_system(system, [*earlier, user]), think=think)
+
+
+def _with_system(system: str | None, messages: Sequence[Message]) -> list[Message]:
+    return [Message("system", system), *messages] if system is not None else list(messages)
+
+
+def _route(
+    pieces: Iterable[tuple[bool, str]], on_thinking: Callable[[str], None] | None
+) -> Iterator[str]:
+    """The answer's pieces; the thinking's go to ``on_thinking``."""
+    for is_thinking, text in pieces:
+        if not is_thinking:
+            yield text
+        elif on_thinking is not None:
+            on_thinking(text)
 
 
 @dataclass(frozen=True)
@@ -158,9 +162,8 @@ class Conversation:
 
     def prompt_so_far(self) -> str:
         """The conversation as the model has read it (no next turn opened)."""
-        head = [Message("system", self.system)] if self.system is not None else []
         rendered = self.loaded.fmt.render(
-            [*head, *self.messages], add_generation_prompt=False, think=self.think
+            _with_system(self.system, self.messages), add_generation_prompt=False, think=self.think
         )
         return rendered.text
 
@@ -201,26 +204,22 @@ class Conversation:
             inside = tags.starts_open and (self.think or not tags.can_turn_off)
             splitter = ThinkingSplitter(tags.open, tags.close, inside=inside)
         try:
-            for chunk in session.generate(sampling):
-                if splitter is None:
-                    yield chunk
-                    continue
-                for is_thinking, text in splitter.feed(chunk):
-                    if not is_thinking:
-                        yield text
-                    elif on_thinking is not None:
-                        on_thinking(text)
-            if splitter is not None:
-                for is_thinking, text in splitter.finish():
-                    if not is_thinking:
-                        yield text
-                    elif on_thinking is not None:
-                        on_thinking(text)
+            # closing(): a stop anywhere (Ctrl-C, a closed stream) ends generate() before
+            # ``session.last`` is read below
+            with closing(session.generate(sampling)) as stream:
+                for chunk in stream:
+                    if splitter is None:
+                        yield chunk
+                    else:
+                        yield from _route(splitter.feed(chunk), on_thinking)
+                if splitter is not None:
+                    yield from _route(splitter.finish(), on_thinking)
         finally:  # an answer cut short (Ctrl-C, a closed stream) stays, as far as it got
             if session.last is not None:
                 if splitter is None:
                     reply = Reply(session.last.text)
                 else:
+                    splitter.finish()  # text held back at a stop still belongs to the reply
                     reply = Reply(splitter.answer, splitter.thinking.strip())
                 self.last_reply = reply
                 self.messages.append(Message("assistant", reply.answer, thinking=reply.thinking))

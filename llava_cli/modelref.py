@@ -16,9 +16,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import hub, registry, store
-from .errors import DownloadError, ModelNotAvailable, UsageError
+from .errors import ConfigError, DownloadError, ModelNotAvailable, UsageError
 from .registry import FileSpec, Ref
 from .store import RepoCache
+from .templates import OWN_FORMATS, check_format_name
 
 QUANT_PREFERENCE = ("Q4_K_M", "Q8_0")
 MMPROJ_PREFERENCE = ("F16", "BF16", "Q8_0", "F32")
@@ -89,6 +90,7 @@ def resolve(
             "a model named by reference brings its own projector; unset LLAVA_MMPROJ",
         )
     ref = registry.parse_ref(text)
+    check_chat_format(ref)
     found = find_local(ref)
     if found is not None:
         return found
@@ -106,9 +108,9 @@ def find_local(ref: Ref) -> ModelFiles | None:
     target = registry_target(ref) if not ref.is_repo else None
     record = store.record_for(target.ref if target else _repo_ref(ref))
     if record is not None and record.present() and (target is None or _matches(record, target)):
-        return ModelFiles(
-            record.ref, Path(record.model.path), Path(record.mmproj.path), record.chat_format
-        )
+        # The registry's format as it is now, not as it was when the model was pulled.
+        fmt = target.chat_format if target is not None else record.chat_format
+        return ModelFiles(record.ref, Path(record.model.path), Path(record.mmproj.path), fmt)
     if target is None:
         return _local_repo(ref)
     if target.from_listing:
@@ -277,8 +279,29 @@ def _check_pins(target: Target, spec: FileSpec, remote: hub.RemoteFile) -> None:
         )
 
 
+def check_chat_format(ref: Ref) -> None:
+    """A registry entry's chat_format must name a format llava knows, before anything is
+    pulled or loaded (the built-in names come from llama.cpp, so this is not in registry)."""
+    if ref.is_repo:
+        return
+    spec = registry.load().get(ref.name)
+    if spec.chat_format in OWN_FORMATS:
+        return
+    from .engine import builtin_templates
+
+    try:
+        check_format_name(spec.chat_format, builtin_templates.names())
+    except UsageError as exc:
+        raise ConfigError(
+            f"{spec.source}: models.{spec.key}.chat_format: {spec.chat_format!r} is not a "
+            "format llava knows",
+            exc.hint,
+        ) from None
+
+
 def pull(ref: Ref, progress: hub.Progress, *, offline: bool = False) -> PullResult:
     """Make the model's files present: reuse what is on disk, download (resumably) the rest."""
+    check_chat_format(ref)
     if not ref.is_repo or offline:  # a hub repo is checked for a newer commit when online
         found = find_local(ref)
         if found is not None:

@@ -18,10 +18,6 @@ from typing import Any
 from .config import paths, read_toml
 from .errors import ConfigError, UsageError
 
-# "gguf", "llava", or the name of one of llama.cpp's built-in formats (checked when used: the
-# names come from the engine, which this module does not load).
-_CHAT_FORMAT = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-
 _KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _QUANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -248,7 +244,9 @@ def _entry(key: str, t: Mapping[str, Any], path: Path) -> ModelSpec:
     if not _REVISION.match(revision) or ".." in revision:
         raise _bad(path, key, "revision", f"{revision!r} is not a commit or branch name")
     chat_format = _text(path, key, t, "chat_format")
-    if not _CHAT_FORMAT.match(chat_format):
+    # "gguf", "llava", or a llama.cpp built-in name: spelled like a key here, and checked
+    # against the engine's list before a pull (modelref.check_chat_format).
+    if not _KEY.match(chat_format):
         raise _bad(
             path,
             key,

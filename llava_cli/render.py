@@ -60,23 +60,24 @@ class ThinkingEcho:
     closes the thinking."""
 
     def __init__(self) -> None:
-        self.enabled = stderr_is_terminal()
-        self._dim = ("\x1b[2m", "\x1b[0m") if _color(sys.stderr) else ("", "")
+        self._err = sys.stderr  # held: a live view may stand in for sys.stderr later
+        self.enabled = self._err.isatty()
+        self._dim = ("\x1b[2m", "\x1b[0m") if _color(self._err) else ("", "")
         self._open = False
 
     def __call__(self, text: str) -> None:
         if not self.enabled:
             return
         if not self._open and not self._dim[0]:  # no colour to set it apart: say what it is
-            sys.stderr.write("thinking: ")
-        sys.stderr.write(self._dim[0] + text.translate(_CONTROL) + self._dim[1])
-        sys.stderr.flush()
+            self._err.write("thinking: ")
+        self._err.write(self._dim[0] + text.translate(_CONTROL) + self._dim[1])
+        self._err.flush()
         self._open = True
 
     def close(self) -> None:
         if self._open:
-            sys.stderr.write("\n\n")
-            sys.stderr.flush()
+            self._err.write("\n\n")
+            self._err.flush()
             self._open = False
 
     def answer(self, chunks: Iterable[str]) -> Iterator[str]:
@@ -226,9 +227,21 @@ def stream_markdown(chunks: Iterable[str], *, max_fps: float = 8.0) -> None:
 
     console = Console(highlight=False)
     text, last = "", 0.0
+    stream = iter(chunks)
     try:
-        with Live(console=console, auto_refresh=False, transient=True) as live:
-            for chunk in chunks:
+        # The live view opens with the answer's first text, so that whatever comes before it
+        # (a reasoning model's thinking, on stderr) is never caught in it; stderr is left
+        # alone (Rich would otherwise send it to stdout while the view is live).
+        first = next(stream, None)
+        if first is None:
+            return
+        text = first
+        with Live(
+            console=console, auto_refresh=False, transient=True, redirect_stderr=False
+        ) as live:
+            live.update(_Tail(_answer_markdown(text)), refresh=True)
+            last = time.monotonic()
+            for chunk in stream:
                 text += chunk
                 now = time.monotonic()
                 if now - last >= 1.0 / max_fps:

@@ -95,17 +95,20 @@ def _clean(text: str, *also: str) -> str:
     return text
 
 
-def _string_content(m: Message) -> str:
-    """A turn as one string: each image's marker on a line of its own before the text, as
-    LLaVA-style models were trained (``<image>\\nQuestion``)."""
+def _string_content(m: Message, *, image_line: bool = True) -> str:
+    """A turn as one string, its images' markers first. ``image_line``: each marker on a line
+    of its own, as LLaVA-style models were trained (``<image>\\nQuestion``); without it the
+    markers run straight into the text, as llama.cpp's own tools write them."""
     if m.role == "user":
-        return (MEDIA_MARKER + "\n") * m.n_images + _clean(m.content)
+        return (MEDIA_MARKER + ("\n" if image_line else "")) * m.n_images + _clean(m.content)
     return _clean(m.content)
 
 
 def _fold_system(messages: Sequence[Message]) -> list[Message]:
-    """A system message goes in front of the first user turn (llama.cpp's workaround for
-    templates without a system role); with no user turn it is dropped."""
+    """For templates without a system role: the system text goes in front of the first user
+    turn's question, after its images, which stay first as LLaVA-style models were trained
+    (llama.cpp folds it the same way but in front of the images); with no user turn it is
+    dropped."""
     system = [m.content for m in messages if m.role == "system"]
     rest = [m for m in messages if m.role != "system"]
     if not system:
@@ -151,7 +154,8 @@ class LegacyLlava:
 @dataclass(frozen=True)
 class BuiltinFormat:
     """One of llama.cpp's built-in formats (``vicuna``, ``mistral-v7``, …), rendered by
-    llama.cpp itself (``llama_chat_apply_template``, through the engine)."""
+    llama.cpp itself (``llama_chat_apply_template``, through the engine). Images go as
+    llama.cpp's ``llama-mtmd-cli`` puts them: their markers right before the text."""
 
     template: str
     apply: BuiltinApply = field(repr=False)
@@ -169,7 +173,7 @@ class BuiltinFormat:
         add_generation_prompt: bool = True,
         think: bool = False,
     ) -> Rendered:
-        pairs = [(m.role, _string_content(m)) for m in messages]
+        pairs = [(m.role, _string_content(m, image_line=False)) for m in messages]
         try:
             text = self.apply(self.template, pairs, add_generation_prompt)
         except ValueError as exc:
@@ -248,7 +252,7 @@ class JinjaFormat:
 
         def shows(out: str | None, *needles: str) -> bool:
             # A template that prints a list of parts as Python text has not read the parts.
-            printed_parts = out is not None and ("'type'" in out or '"type"' in out)
+            printed_parts = out is not None and ("'type': 'text'" in out or '"type": "text"' in out)
             return out is not None and not printed_parts and all(n in out for n in needles)
 
         typed_user = shows(self._try([user(_PROBE, True)]), _PROBE)

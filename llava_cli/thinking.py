@@ -34,6 +34,9 @@ class ThinkingSplitter:
                 self._emit(out, buf)  # one block per answer, at its start
                 return out
             at = buf.find(tag)
+            if at >= 0 and not self.inside and buf[:at].strip():
+                self._emit(out, buf)  # text before it: an answer that mentions the tag
+                return out
             if at >= 0:
                 self._emit(out, buf[:at])
                 buf = buf[at + len(tag) :]

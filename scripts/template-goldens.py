@@ -39,8 +39,9 @@ def hf_messages(family: dict[str, Any], messages: list[dict[str, Any]]) -> list[
 
 
 def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """llama.cpp's way with a template that refuses a system message: its text goes in front of
-    the first user turn's question (after that turn's images)."""
+    """Where a template refuses a system message no processor output exists: the golden then
+    records llava's rule (the system text in front of the first question, after its images),
+    not an independent rendering."""
     system = [m["text"] for m in messages if m["role"] == "system"]
     rest = [dict(m) for m in messages if m["role"] != "system"]
     for m in rest:
@@ -73,12 +74,12 @@ def main() -> int:
             except Exception as exc:  # a template without a system role: fold it, as llama.cpp
                 if not any(m["role"] == "system" for m in messages):
                     raise
-                print(f"{name}/{scenario}: {exc}; system folded into the first user turn")
+                print(f"{name}/{scenario}: {exc}; system folded into the first user turn")  # noqa: T201
                 text = render(source, hf_messages(family, fold_system(messages)), kwargs)
             image = family.get("image") or family["images_in_string"]
             text = text.replace(image, MARKER).replace(today, TODAY)
             (out_dir / f"{name}.{scenario}.txt").write_text(text)
-            print(f"wrote golden/{name}.{scenario}.txt")
+            print(f"wrote golden/{name}.{scenario}.txt")  # noqa: T201
     return 0
 
 

@@ -382,8 +382,26 @@ def test_show_prompt_with_a_builtin_format_encodes_nothing(
     result = llava(
         "ask", images / "red.png", images / "blue.png", "-p", "Q?", "--show-prompt", *args
     )
-    one = "Be brief.\n\nUSER: <__media__>\nQ?\nASSISTANT:"  # llama.cpp's own vicuna layout
-    assert (result.returncode, result.stdout.decode(), result.stderr) == (0, one + one, b"")
+    one = "Be brief.\n\nUSER: <__media__>Q?\nASSISTANT:"  # llama.cpp's own vicuna layout
+    assert (result.returncode, result.stdout.decode(), result.stderr) == (0, one + "\n" + one, b"")
+    lines = (
+        llava(
+            "ask",
+            images / "red.png",
+            images / "blue.png",
+            "-p",
+            "Q?",
+            "--show-prompt",
+            "--json",
+            *args,
+        )
+        .stdout.decode()
+        .splitlines()
+    )
+    assert [json.loads(line) for line in lines] == [
+        {"image": str(images / "red.png"), "prompt": one},
+        {"image": str(images / "blue.png"), "prompt": one},
+    ]
     together = llava(
         "ask",
         images / "red.png",
@@ -394,7 +412,7 @@ def test_show_prompt_with_a_builtin_format_encodes_nothing(
         "--show-prompt",
         *args,
     )
-    two = "Be brief.\n\nUSER: <__media__>\n<__media__>\nQ?\nASSISTANT:"
+    two = "Be brief.\n\nUSER: <__media__><__media__>Q?\nASSISTANT:"
     assert together.stdout.decode() == two
     missing = llava("ask", images / "nope.png", "--show-prompt", *args)
     assert missing.returncode == 4 and missing.stdout == b""
@@ -424,7 +442,8 @@ def test_thinking_never_reaches_stdout(tmp_path: Path, images: Path) -> None:
     )
     pair = synthetic.build_colour_oracle(tmp_path / "m", chat_template=template)
     plain = llava("ask", images / "red.png", "-p", Q, *model_args(pair))
-    assert (plain.returncode, plain.stdout, plain.stderr) == (0, b"\n", b"")
+    assert (plain.returncode, plain.stdout) == (0, b"\n")
+    assert plain.stderr == b"the model thought but gave no answer\n"  # no thinking: a pipe
     record = json.loads(
         llava("ask", images / "red.png", "-p", Q, "--json", *model_args(pair)).stdout
     )

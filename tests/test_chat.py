@@ -416,3 +416,49 @@ def test_ctrl_c_in_the_renderer_still_keeps_the_partial_answer(
         assert chat.pending == []  # the image went with the message
     finally:
         chat.close()
+
+
+def test_thinking_streams_to_stderr_above_a_live_markdown_answer() -> None:
+    """stdout and stderr each a terminal of their own: the thinking (dimmed) reaches only
+    stderr, the Markdown answer only stdout, even while Rich's live view is up."""
+    import pty
+    import select
+
+    script = (
+        "from llava_cli import render\n"
+        "echo = render.ThinkingEcho()\n"
+        "def answer():\n"
+        "    echo('Let me '); echo('think.')\n"
+        "    yield 'The answer '\n"
+        "    echo('late thought')\n"  # never happens in practice; must still not reach stdout
+        "    yield 'is **red**.'\n"
+        "render.stream_markdown(echo.answer(answer()))\n"
+    )
+    out_master, out_slave = pty.openpty()
+    err_master, err_slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=out_slave, stderr=err_slave, env=env
+    )
+    os.close(out_slave)
+    os.close(err_slave)
+    got = {out_master: b"", err_master: b""}
+    open_fds = set(got)
+    deadline = time.monotonic() + 30
+    while open_fds and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(open_fds), [], [], 1)
+        for fd in ready:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:  # the other end closed
+                data = b""
+            if data:
+                got[fd] += data
+            else:
+                open_fds.discard(fd)
+    assert proc.wait(timeout=10) == 0
+    stdout, stderr = got[out_master].decode(), got[err_master].decode()
+    assert "think." in stderr and "\x1b[2m" in stderr and "late thought" in stderr
+    assert "think" not in stdout and "thought" not in stdout
+    assert "red" in stdout and "red" not in stderr

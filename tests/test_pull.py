@@ -528,7 +528,7 @@ default_quant = "F16"
     prompt = llava(
         "ask", images / "red.png", "-m", "listed", "-p", "Q?", "--show-prompt", env=offline
     )
-    assert prompt.stdout == b"USER: <__media__>\nQ?\nASSISTANT:"  # the entry's format
+    assert prompt.stdout == b"USER: <__media__>Q?\nASSISTANT:"  # the entry's format
     answer = ask_red(images, "listed", offline)
     assert (answer.returncode, answer.stdout) == (0, b"red\n"), answer.stderr
     again = llava("pull", "listed", env=served.env)
@@ -538,12 +538,14 @@ default_quant = "F16"
     assert wrong.returncode == 2 and "has no Q4_K_M file" in wrong.stderr.decode()
 
 
-def test_a_registry_chat_format_llava_does_not_know_is_named(served: Served, images: Path) -> None:
+def test_a_registry_chat_format_llava_does_not_know_stops_before_the_pull(
+    served: Served, images: Path
+) -> None:
     user_file = Path(os.environ["LLAVA_HOME"]) / "models.toml"
     user_file.write_text(user_file.read_text().replace('"gguf"', '"vicunna"'))
-    assert llava("pull", "oracle", env=served.env).returncode == 0
-    result = ask_red(images, "oracle", {**served.env, "HF_HUB_OFFLINE": "1"})
-    assert (result.returncode, result.stdout) == (2, b"")
-    err = result.stderr.decode()
-    assert "chat_format 'vicunna', which is not a format llava knows" in err
-    assert "did you mean vicuna?" in err and err.count("\n") == 1
+    for result in (llava("pull", "oracle", env=served.env), ask_red(images, "oracle", served.env)):
+        assert (result.returncode, result.stdout) == (2, b"")
+        err = result.stderr.decode()
+        assert "models.oracle.chat_format: 'vicunna' is not a format llava knows" in err
+        assert "did you mean vicuna?" in err and err.count("\n") == 1
+    assert served.hub.bytes_sent(MODEL) == 0  # refused before anything was fetched

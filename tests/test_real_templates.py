@@ -135,3 +135,57 @@ def test_two_turn_chat_through_the_real_template(
     prompt = golden(family, "follow-up", bos="<s>")
     prompt += "" if prompt.endswith("\n") else "\n"
     assert result.stdout.decode() == "red\n" + prompt + "red\n"
+
+
+@pytest.mark.parametrize(
+    ("gguf_template", "chat_format", "expected"),
+    [
+        # Moondream2's GGUF: tokenizer.chat_template is the name "vicuna" (llama.cpp renders it;
+        # layout from src/llama-chat.cpp).
+        ("vicuna", "auto", "Be brief.\n\nUSER: <__media__>Q?\nASSISTANT:"),
+        # Mistral Small 3.1: the registry's mistral-v7-tekken (llama.cpp's rendering).
+        (
+            None,
+            "mistral-v7-tekken",
+            "[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]<__media__>Q?[/INST]",
+        ),
+    ],
+)
+def test_builtin_formats_answer_end_to_end(
+    gguf_template: str | None, chat_format: str, expected: str, tmp_path: Path, images: Path
+) -> None:
+    pair = synthetic.build_colour_oracle(tmp_path / "m", chat_template=gguf_template)
+    args = [
+        "--model",
+        pair.model,
+        "--mmproj",
+        pair.mmproj,
+        "--chat-format",
+        chat_format,
+        "--system",
+        "Be brief.",
+        "-p",
+        "Q?",
+    ]
+    result = llava("ask", images / "red.png", *args)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"red\n", b"")
+    shown = llava("ask", images / "red.png", "--show-prompt", *args)
+    assert (shown.returncode, shown.stdout.decode()) == (0, expected)
+
+
+def test_registry_builtin_formats_render_as_their_familys_processor() -> None:
+    """A registry entry on one of llama.cpp's formats gives the prompt its family's own template
+    gives (the tokenizer adds the BOS the template writes)."""
+    from llava_cli import registry
+    from llava_cli.engine import builtin_templates
+    from llava_cli.templates import BuiltinFormat
+
+    family_of = {"mistral-small-3.1-24b": "mistral-small-3_1"}
+    for key, spec in registry.load().models.items():
+        if spec.chat_format in ("gguf", "llava"):
+            continue
+        family = family_of[key]  # every such entry is held to a real template
+        fmt = BuiltinFormat(spec.chat_format, builtin_templates.apply)
+        rendered = fmt.render(messages("system"))
+        bos = FAMILIES[family].get("bos", "")
+        assert rendered.add_bos and bos + rendered.text == golden(family, "system")

@@ -117,7 +117,7 @@ def test_a_template_that_is_a_builtin_name_is_rendered_by_llama_cpp() -> None:
     assert isinstance(fmt, BuiltinFormat)
     out = fmt.render([Message("system", "Be brief."), Message("user", "Q?", n_images=1)])
     # llama.cpp's src/llama-chat.cpp, LLM_CHAT_TEMPLATE_VICUNA
-    assert out.text == f"Be brief.\n\nUSER: {MEDIA_MARKER}\nQ?\nASSISTANT:"
+    assert out.text == f"Be brief.\n\nUSER: {MEDIA_MARKER}Q?\nASSISTANT:"
     assert out.add_bos
 
 
@@ -242,3 +242,9 @@ def test_earlier_thinking_is_kept_only_where_the_template_reads_it_back() -> Non
         "</think>{% endif %}{{ m.content }}|{% endfor %}"
     )
     assert "<think>It looks red to me.</think>red|" in JinjaFormat(keeps).render(turns).text
+
+
+def test_an_answer_that_mentions_the_tag_in_its_first_chunk_is_all_answer() -> None:
+    splitter = ThinkingSplitter("<think>", "</think>")
+    pieces = splitter.feed("Use <think> tags") + splitter.finish()
+    assert pieces == [(False, "Use <think> tags")]

@@ -115,10 +115,12 @@ def run(opts: AskOptions) -> int:
 
 def check_chat_format(name: str) -> None:
     """A --chat-format is checked before anything is resolved, pulled or loaded."""
-    from ..engine import builtin_templates
-    from ..templates import check_format_name
+    from ..templates import OWN_FORMATS, check_format_name
 
-    check_format_name(name, builtin_templates.names())
+    if name not in OWN_FORMATS:  # the built-in names need llama.cpp loaded
+        from ..engine import builtin_templates
+
+        check_format_name(name, builtin_templates.names())
 
 
 def warn_if_no_thinking(opts: ModelOptions, fmt: ChatFormat) -> None:
@@ -128,19 +130,38 @@ def warn_if_no_thinking(opts: ModelOptions, fmt: ChatFormat) -> None:
         )
 
 
+def note_unanswered(conversation: Conversation) -> None:
+    """A reasoning model that thought but gave no answer: say so (stdout stays empty)."""
+    reply = conversation.last_reply
+    if reply is None or reply.answer.strip() or not reply.thinking:
+        return
+    if conversation.last.finish_reason == "length":
+        render.info(
+            "the model was still thinking when it was cut off (max-tokens or a full context) "
+            "and gave no answer — allow more tokens, or leave --think off"
+        )
+    else:
+        render.info("the model thought but gave no answer")
+
+
 def _show_prompt(opts: AskOptions, files: ModelFiles, prompt: str) -> int:
     """Print the prompt each run would evaluate: images checked, never encoded. Exactly the
-    text (no newline added) unless stdout is a terminal."""
+    text (no newline added unless stdout is a terminal); several prompts are parted by a
+    newline, or with --json each is a JSON line of its own."""
     from ..conversation import prompt_format, render_turn
 
     fmt = prompt_format(files.model, files.mmproj, opts.runtime, files.chat_format)
     warn_if_no_thinking(opts, fmt)
     groups = [opts.images] if opts.together else [[source] for source in opts.images]
-    for group in groups:
+    for i, group in enumerate(groups):
         for source in group:
             _prepare(source, opts)
         rendered = render_turn(fmt, opts.system, [], prompt, len(group), think=opts.think)
-        render.exact_text(rendered.text)
+        if opts.json:
+            key = {"images": group} if opts.together else {"image": group[0]}
+            render.json_line({**key, "prompt": rendered.text})
+        else:
+            render.exact_text(("\n" if i else "") + rendered.text)
     return EXIT_OK
 
 
@@ -210,6 +231,7 @@ def _ask(
     else:
         echo = render.ThinkingEcho()
         render.stream_answer(echo.answer(conversation.ask(prompt, images, opts.sampling, echo)))
+    note_unanswered(conversation)
     completion = conversation.last
     if opts.runtime.verbose:
         session = conversation.loaded.session

@@ -21,7 +21,13 @@ from ..errors import EXIT_OK, BadInput, ContextOverflow, LlavaError, UsageError
 from ..images import PreparedImage, load, thumbnail
 from ..modelref import ModelFiles
 from ..options import SamplingParams
-from .ask import ModelOptions, check_chat_format, model_files, warn_if_no_thinking
+from .ask import (
+    ModelOptions,
+    check_chat_format,
+    model_files,
+    note_unanswered,
+    warn_if_no_thinking,
+)
 
 if TYPE_CHECKING:
     from ..conversation import Conversation
@@ -199,6 +205,8 @@ class Chat:
             self.last_work = _delta(session.counters, counters)
             self.last_completion = session.last
         sent = len(self.conversation.messages) > before
+        if sent and not interrupted:
+            note_unanswered(self.conversation)
         if interrupted:
             render.info(
                 "(stopped; the answer so far stays in the conversation)"

@@ -157,7 +157,11 @@ def _record_target(r: store.Pulled) -> Target:
 
 
 def _chat_format(fmt: str) -> str:
-    return "LLaVA-1.5/Vicuna" if fmt == "llava" else "the GGUF's own template (else LLaVA-1.5)"
+    if fmt == "llava":
+        return "LLaVA-1.5/Vicuna (llava)"
+    if fmt == "gguf":
+        return "the GGUF's own template (else LLaVA-1.5)"
+    return f"llama.cpp's built-in {fmt}"
 
 
 def _file_line(file: registry.FileSpec) -> str:

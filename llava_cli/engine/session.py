@@ -14,7 +14,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -595,7 +595,7 @@ class Session:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def generate(self, params: SamplingParams) -> Iterator[str]:
+    def generate(self, params: SamplingParams) -> Generator[str, None, None]:
         """Stream the answer to the evaluated prompt. ``self.last`` holds the result after,
         also when the consumer stops early or Ctrl-C interrupts (finish_reason "interrupted")."""
         turn = self._turn or _Turn(started=time.perf_counter())
