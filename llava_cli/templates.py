@@ -194,7 +194,7 @@ class _Caps:
     thinking: Thinking | None
 
 
-_PROBE = "llava-probe-7f3a"  # plain text that survives trim/capitalize-free templates
+_PROBE = "llava-probe-7f3a"  # text no template writes of its own; lowercase, no edge spaces
 _PROBE_2 = "llava-probe-2c9e"
 _PROBE_SYSTEM = "llava-probe-system-5d1b"
 
@@ -255,16 +255,16 @@ class JinjaFormat:
             printed_parts = out is not None and ("'type': 'text'" in out or '"type": "text"' in out)
             return out is not None and not printed_parts and all(n in out for n in needles)
 
-        typed_user = shows(self._try([user(_PROBE, True)]), _PROBE)
+        typed_out = self._try([user(_PROBE, True)])
+        typed_user = shows(typed_out, _PROBE)
         string_user = shows(self._try([user(_PROBE, False)]), _PROBE)
         image_text = None
-        if typed_user:
+        if typed_user and typed_out is not None:
             with_image = self._try(
                 [{"role": "user", "content": [{"type": "image"}, *text(_PROBE, True)]}]
             )
-            without = self._try([user(_PROBE, True)])
-            if with_image is not None and without is not None:
-                image_text = _inserted(without, with_image) or None
+            if with_image is not None:
+                image_text = _inserted(typed_out, with_image) or None
         typed = {"user": typed_user and (image_text is not None or not string_user)}
 
         answer = "llava-probe-answer-91e0"
