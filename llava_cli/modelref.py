@@ -52,6 +52,10 @@ class Target:
         """A registry entry that names no files: they come from the repo's listing."""
         return not self.model.file
 
+    def with_files(self, model: str, mmproj: str) -> Target:
+        """A listed entry's target once its files are chosen."""
+        return replace(self, model=FileSpec(model), mmproj=FileSpec(mmproj))
+
 
 @dataclass(frozen=True)
 class PullResult:
@@ -90,7 +94,7 @@ def resolve(
             "a model named by reference brings its own projector; unset LLAVA_MMPROJ",
         )
     ref = registry.parse_ref(text)
-    check_chat_format(ref)
+    check_registry_format(ref)
     found = find_local(ref)
     if found is not None:
         return found
@@ -253,7 +257,7 @@ def plan(ref: Ref, progress: hub.Progress | None = None) -> tuple[Target, list[h
         if target.from_listing:
             listing = hub.list_files(target.repo, revision, progress)
             _, model, mmproj = choose_files(Ref(target.repo, target.quant), listing.sizes)
-            target = replace(target, model=FileSpec(model), mmproj=FileSpec(mmproj))
+            target = target.with_files(model, mmproj)
             revision = listing.commit
     model_file = hub.file_info(target.repo, revision, target.model.file, progress)
     mmproj_file = hub.file_info(target.repo, model_file.commit, target.mmproj.file, progress)
@@ -279,7 +283,7 @@ def _check_pins(target: Target, spec: FileSpec, remote: hub.RemoteFile) -> None:
         )
 
 
-def check_chat_format(ref: Ref) -> None:
+def check_registry_format(ref: Ref) -> None:
     """A registry entry's chat_format must name a format llava knows, before anything is
     pulled or loaded (the built-in names come from llama.cpp, so this is not in registry)."""
     if ref.is_repo:
@@ -301,14 +305,13 @@ def check_chat_format(ref: Ref) -> None:
 
 def pull(ref: Ref, progress: hub.Progress, *, offline: bool = False) -> PullResult:
     """Make the model's files present: reuse what is on disk, download (resumably) the rest."""
-    check_chat_format(ref)
+    check_registry_format(ref)
     if not ref.is_repo or offline:  # a hub repo is checked for a newer commit when online
         found = find_local(ref)
         if found is not None:
             target = registry_target(ref) if not ref.is_repo else local_target(ref, found)
             if target.from_listing:
-                names = FileSpec(found.model.name), FileSpec(found.mmproj.name)
-                target = replace(target, model=names[0], mmproj=names[1])
+                target = target.with_files(found.model.name, found.mmproj.name)
             _remember(target, found)
             return PullResult(found, target, 0)
     if offline:

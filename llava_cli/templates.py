@@ -446,11 +446,12 @@ def chat_format_for(
             raise ModelFileError(f"llama.cpp's chat format {name!r} is not available here", hint)
         return BuiltinFormat(name, apply_builtin, origin=origin)
 
-    if prefer == "llava" or (prefer == "auto" and not template):
+    empty = template is None or not template.strip()
+    if prefer == "llava" or (prefer == "auto" and empty):
         return LegacyLlava()
     if prefer not in ("auto", "gguf"):
         return builtin(prefer)
-    if not template or not template.strip():
+    if template is None or empty:
         raise ModelFileError(
             f"{origin} has no chat template (tokenizer.chat_template)",
             "use --chat-format llava or a llama.cpp name (see llava ask --help)",

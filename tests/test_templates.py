@@ -75,6 +75,7 @@ def test_template_raise_exception_becomes_a_clear_error() -> None:
 
 def test_format_choice() -> None:
     assert isinstance(chat_format_for(None), LegacyLlava)
+    assert isinstance(chat_format_for(" \n"), LegacyLlava)  # a blank template is none
     assert isinstance(chat_format_for(CHATML_TEMPLATE), JinjaFormat)
     assert isinstance(chat_format_for(CHATML_TEMPLATE, prefer="llava"), LegacyLlava)
     with pytest.raises(ModelFileError, match="no chat template"):

@@ -24,7 +24,6 @@ from ..options import RuntimeOptions, SamplingParams
 
 if TYPE_CHECKING:
     from ..conversation import Conversation
-    from ..engine import Completion
     from ..templates import ChatFormat
 
 
@@ -150,12 +149,12 @@ def _show_prompt(opts: AskOptions, files: ModelFiles, prompt: str) -> int:
     newline, or with --json each is a JSON line of its own."""
     from ..conversation import prompt_format, render_turn
 
+    for source in opts.images:  # every image checked before the model is read
+        _prepare(source, opts)
     fmt = prompt_format(files.model, files.mmproj, opts.runtime, files.chat_format)
     warn_if_no_thinking(opts, fmt)
     groups = [opts.images] if opts.together else [[source] for source in opts.images]
     for i, group in enumerate(groups):
-        for source in group:
-            _prepare(source, opts)
         rendered = render_turn(fmt, opts.system, [], prompt, len(group), think=opts.think)
         if opts.json:
             key = {"images": group} if opts.together else {"image": group[0]}
@@ -223,7 +222,7 @@ def _load(opts: AskOptions, files: ModelFiles) -> Conversation:
 
 def _ask(
     conversation: Conversation, images: Sequence[PreparedImage], prompt: str, opts: AskOptions
-) -> Completion:
+) -> None:
     conversation.reset()  # each answer stands alone; the shared prefix stays in the KV cache
     if opts.json:
         for _ in conversation.ask(prompt, images, opts.sampling):
@@ -245,7 +244,6 @@ def _ask(
             f"prefill {t.prefill_s:.2f} s, first token {t.ttft_s:.2f} s, "
             f"{t.decode_tokens_per_s:.1f} tokens/s"
         )
-    return completion
 
 
 def _record(files: ModelFiles, conversation: Conversation, prompt: str) -> dict[str, Any]:
@@ -253,13 +251,14 @@ def _record(files: ModelFiles, conversation: Conversation, prompt: str) -> dict[
 
     completion = conversation.last
     reply = conversation.last_reply
-    thinking = {"thinking": reply.thinking} if reply is not None and reply.thinking else {}
+    assert reply is not None, "no answer yet"
+    thinking = {"thinking": reply.thinking} if reply.thinking else {}
     return {
         "model": files.name,
         "model_path": str(files.model),
         "mmproj_path": str(files.mmproj),
         "prompt": prompt,
-        "answer": reply.answer if reply is not None else completion.text,
+        "answer": reply.answer,
         **thinking,
         "finish_reason": completion.finish_reason,
         "seed": completion.seed,
