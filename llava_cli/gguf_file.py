@@ -8,6 +8,8 @@ header (metadata and tensor table) through ``mmap``, so it is cheap even for mul
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,30 @@ _SCALARS: dict[int, str] = {
     12: "<d",
 }
 _STRING, _ARRAY = 8, 9
-_KEEP_ARRAY_MAX = 64
+_KEEP_ARRAY_MAX = 64  # longer arrays (vocabularies) are summarised, not decoded
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+
+# Limits. llama.cpp's own reader (ggml/src/gguf.cpp) takes strings and arrays of up to 2^30
+# bytes or elements, tensors of at most GGML_MAX_DIMS dimensions with names shorter than
+# GGML_MAX_NAME, and no arrays of arrays (an array's element type may not be an array): so
+# metadata nests one level deep at most. Every count is checked against the bytes left in the
+# file before anything is allocated or walked. The walks that cost time per element are bounded
+# far above any real model (vocabularies hold ~10^5 strings, tensor tables ~10^3 entries), so a
+# hostile header fails within a second.
+_MAX_STRING = 1 << 30  # GGUF_MAX_STRING_LENGTH
+_MAX_ARRAY = 1 << 30  # GGUF_MAX_ARRAY_ELEMENTS
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NAME = 64  # GGML_MAX_NAME: a tensor name is shorter
+_INT64_MAX = (1 << 63) - 1  # llama.cpp reads dimensions as int64
+_MAX_KV = 1 << 16
+_MAX_TENSORS = 1 << 18
+_MAX_STRINGS_WALKED = 1 << 23  # strings in long metadata arrays, all arrays of a file together
+_KEEP_STRING_MAX = 4 << 20  # a longer metadata string is summarised, not decoded
+_KEEP_TEXT_BUDGET = 64 << 20  # text decoded from one header (keys, strings), in bytes
+# The fewest bytes one metadata entry (key length, a 1-byte key, type, a 1-byte value) and one
+# tensor entry (name length, a 1-byte name, n_dims, type, offset) can take.
+_MIN_KV_BYTES = 8 + 1 + 4 + 1
+_MIN_TENSOR_BYTES = 8 + 1 + 4 + 4 + 8
 # ggml type -> (elements per block, bytes per block); gguf.constants has it, but importing
 # the gguf package costs half a second.
 _TYPE_SIZES: dict[int, tuple[int, int]] = {
@@ -38,8 +63,8 @@ _TYPE_SIZES: dict[int, tuple[int, int]] = {
     15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
     21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4),
     27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
-    39: (32, 17), 40: (64, 36), 41: (128, 18),
-}  # fmt: skip  # longer arrays (vocabularies) are summarised, not decoded
+    39: (32, 17), 40: (64, 36), 41: (128, 18), 42: (64, 18),
+}  # fmt: skip  # 4, 5, 31-33 and 36-38 were removed from ggml: llama.cpp refuses them
 
 # Projector output width, as libmtmd computes it: (tensor, ggml dim) per projector type.
 _PROJECTOR_WIDTH: dict[str, tuple[str, int]] = {
@@ -105,6 +130,13 @@ class ArraySummary:
 
 
 @dataclass(frozen=True)
+class LongString:
+    """A metadata string too long to keep (no real model's metadata has one), as its length."""
+
+    length: int
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     name: str
     shape: tuple[int, ...]  # ggml order: shape[0] is the innermost (row) dimension
@@ -125,6 +157,11 @@ class GGUFInfo:
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
 
+    @property
+    def vocab_only(self) -> bool:
+        """A file with metadata and no tensors: llama.cpp's tokenizer-only (vocab) GGUFs."""
+        return not self.tensors
+
     def get_int(self, key: str) -> int | None:
         value = self.metadata.get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -134,62 +171,141 @@ class GGUFInfo:
         return value if isinstance(value, str) else None
 
 
+class _Corrupt(Exception):
+    """What is wrong with a header; ``read_gguf`` names the file and turns it into a
+    ModelFileError."""
+
+    def __init__(self, reason: str, hint: str = "download it again") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+
+def _shown(text: str) -> str:
+    """Text from a file, safe to print: quoted with control and bidi characters escaped."""
+    return repr(text[:80] + ("…" if len(text) > 80 else ""))
+
+
 class _Reader:
+    """Reads a header from ``buf``; every read is checked against the bytes left first."""
+
     def __init__(self, buf: mmap.mmap | bytes) -> None:
         self.buf = buf
         self.pos = 0
+        self.end = len(buf)
+        self.text_left = _KEEP_TEXT_BUDGET
+        self.strings_left = _MAX_STRINGS_WALKED
 
-    def unpack(self, fmt: str) -> object:
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return value
+    def left(self) -> int:
+        return self.end - self.pos
 
-    def u32(self) -> int:
-        (value,) = struct.unpack_from("<I", self.buf, self.pos)
-        self.pos += 4
-        return int(value)
-
-    def u64(self) -> int:
-        (value,) = struct.unpack_from("<Q", self.buf, self.pos)
-        self.pos += 8
-        return int(value)
-
-    def string(self) -> str:
-        n = self.u64()
-        if self.pos + n > len(self.buf):
-            raise struct.error("string runs past the end of the file")
-        raw = self.buf[self.pos : self.pos + n]
+    def take(self, n: int, what: str) -> int:
+        """Step over ``n`` bytes; return where they start."""
+        if n > self.end - self.pos:
+            raise _Corrupt(f"{what} runs past the end of the file")
+        start = self.pos
         self.pos += n
-        return bytes(raw).decode("utf-8", errors="replace")
+        return start
 
-    def skip_string(self) -> None:
-        n = self.u64()
-        self.pos += n
+    def u32(self, what: str) -> int:
+        return int(_U32.unpack_from(self.buf, self.take(4, what))[0])
 
-    def value(self, vtype: int) -> object:
+    def u64(self, what: str) -> int:
+        return int(_U64.unpack_from(self.buf, self.take(8, what))[0])
+
+    def string_length(self, what: str) -> int:
+        n = self.u64(what)
+        if n > _MAX_STRING:
+            raise _Corrupt(f"{what} claims {n} bytes; llama.cpp reads at most {_MAX_STRING}")
+        if n > self.left():
+            raise _Corrupt(f"{what} claims {n} bytes, only {self.left()} are left in the file")
+        return n
+
+    def text(self, n: int, what: str) -> str:
+        if n > self.text_left:
+            raise _Corrupt(
+                f"its metadata holds more than {_KEEP_TEXT_BUDGET >> 20} MiB of text",
+                "this is not a model llava can read",
+            )
+        self.text_left -= n
+        start = self.take(n, what)
+        return bytes(self.buf[start : start + n]).decode("utf-8", errors="replace")
+
+    def key(self, index: int) -> str:
+        what = f"metadata key {index}"
+        n = self.string_length(what)
+        if n == 0:
+            raise _Corrupt(f"{what} is empty")
+        return self.text(n, what)
+
+    def value(self, vtype: int, key: str) -> object:
         if vtype == _STRING:
-            return self.string()
+            what = f"the value of {_shown(key)}"
+            n = self.string_length(what)
+            if n > _KEEP_STRING_MAX or n > self.text_left:
+                self.take(n, what)
+                return LongString(n)
+            return self.text(n, what)
         if vtype == _ARRAY:
-            etype = self.u32()
-            count = self.u64()
-            if count <= _KEEP_ARRAY_MAX:
-                return [self.value(etype) for _ in range(count)]
-            if etype == _STRING:
-                for _ in range(count):
-                    self.skip_string()
-            elif etype in _SCALARS:
-                self.pos += struct.calcsize(_SCALARS[etype]) * count
-            else:
-                raise ValueError(f"unsupported array element type {etype}")
-            return ArraySummary(etype, count)
+            return self.array(key)
         if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        raise ValueError(f"unknown metadata value type {vtype}")
+            fmt = _SCALARS[vtype]
+            start = self.take(struct.calcsize(fmt), f"the value of {_shown(key)}")
+            return struct.unpack_from(fmt, self.buf, start)[0]
+        raise _Corrupt(f"metadata {_shown(key)} has unknown value type {vtype}")
+
+    def array(self, key: str) -> object:
+        """An array's elements; not recursive, since an element may not be an array itself."""
+        etype = self.u32(f"the array {_shown(key)}")
+        count = self.u64(f"the array {_shown(key)}")
+        if etype == _ARRAY:
+            raise _Corrupt(
+                f"metadata {_shown(key)} is an array of arrays",
+                "llama.cpp cannot read nested arrays either: use a GGUF written by its converter",
+            )
+        if etype != _STRING and etype not in _SCALARS:
+            raise _Corrupt(f"the array {_shown(key)} has unknown element type {etype}")
+        if count > _MAX_ARRAY:
+            raise _Corrupt(
+                f"the array {_shown(key)} claims {count} elements; llama.cpp reads at most "
+                f"{_MAX_ARRAY}"
+            )
+        least = 8 if etype == _STRING else struct.calcsize(_SCALARS[etype])
+        if count * least > self.left():
+            raise _Corrupt(
+                f"the array {_shown(key)} claims {count} elements, more than the "
+                f"{self.left()} bytes left in the file can hold"
+            )
+        if count <= _KEEP_ARRAY_MAX:
+            return [self.value(etype, key) for _ in range(count)]
+        if etype == _STRING:
+            self.skip_strings(count, key)
+        else:
+            self.take(count * least, f"the array {_shown(key)}")
+        return ArraySummary(etype, count)
+
+    def skip_strings(self, count: int, key: str) -> None:
+        if count > self.strings_left:
+            raise _Corrupt(
+                f"its metadata arrays hold more than {_MAX_STRINGS_WALKED} strings",
+                "this is not a model llava can read",
+            )
+        self.strings_left -= count
+        buf, pos, end, unpack = self.buf, self.pos, self.end, _U64.unpack_from
+        for _ in range(count):  # the one loop per element: kept tight
+            if pos + 8 > end:
+                break
+            (n,) = unpack(buf, pos)
+            pos += 8 + n
+            if pos > end:
+                break
+        else:
+            self.pos = pos
+            return
+        raise _Corrupt(f"the array {_shown(key)} runs past the end of the file")
 
 
 def _tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
-    if ggml_type not in _TYPE_SIZES:
-        return 0  # a type newer than this table: skip its part of the truncation check
     block, size = _TYPE_SIZES[ggml_type]
     n = 1
     for d in shape:
@@ -198,28 +314,48 @@ def _tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
 
 
 def read_gguf(path: Path, role: str = "model") -> GGUFInfo:
-    """Parse ``path``'s header. ``role`` ("model", "mmproj") names the file in errors."""
+    """Parse ``path``'s header. ``role`` ("model", "mmproj") names the file in errors.
+
+    Raises ModelFileError and nothing else, whatever the file holds; time and memory are
+    bounded by the limits above, not by what the header claims."""
     what = f"{role} file {path}"
-    if not path.exists():
-        raise ModelFileError(f"{what} does not exist", _missing_hint(role))
-    if path.is_dir():
-        raise ModelFileError(f"{what} is a directory, not a GGUF file", _missing_hint(role))
     try:
-        size = path.stat().st_size
-        if size == 0:
+        # O_NONBLOCK: a FIFO must not hang the open; only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ModelFileError(f"{what} does not exist", _missing_hint(role)) from None
+    except IsADirectoryError:
+        raise ModelFileError(
+            f"{what} is a directory, not a GGUF file", _missing_hint(role)
+        ) from None
+    except OSError as exc:
+        raise ModelFileError(f"cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ModelFileError(f"{what} is a directory, not a GGUF file", _missing_hint(role))
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelFileError(
+                f"{what} is not a regular file (a device, FIFO or socket)", _missing_hint(role)
+            )
+        if st.st_size == 0:
             raise ModelFileError(f"{what} is empty", "download it again")
-        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
             if buf[:4] != _MAGIC:
                 raise ModelFileError(
                     f"{what} is not a GGUF file", f"give the {role} in GGUF format (*.gguf)"
                 )
-            return _parse(path, _Reader(buf), size)
-    except (struct.error, ValueError, KeyError, IndexError) as exc:
+            return _parse(path, _Reader(buf), st.st_size)
+    except _Corrupt as exc:
+        raise ModelFileError(f"{what} is truncated or corrupt ({exc.reason})", exc.hint) from None
+    except (struct.error, ValueError, OverflowError) as exc:  # a check above missed a case
         raise ModelFileError(
             f"{what} is truncated or corrupt ({exc})", "download it again"
         ) from None
     except OSError as exc:
         raise ModelFileError(f"cannot read {what}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def _missing_hint(role: str) -> str:
@@ -228,34 +364,73 @@ def _missing_hint(role: str) -> str:
     return "pass an existing GGUF file with --model PATH"
 
 
+def _check_count(n: int, what: str, most: int, least_bytes: int, left: int) -> None:
+    if n > most:
+        raise _Corrupt(f"it claims {n} {what}; llava reads at most {most}")
+    if n * least_bytes > left:
+        raise _Corrupt(f"it claims {n} {what}, more than the {left} bytes left can hold")
+
+
 def _parse(path: Path, r: _Reader, size: int) -> GGUFInfo:
     r.pos = 4
-    version = r.u32()
+    version = r.u32("the version")
     if version not in (2, 3):
-        raise ValueError(f"unsupported GGUF version {version}")
-    n_tensors = r.u64()
-    n_kv = r.u64()
+        raise _Corrupt(f"unsupported GGUF version {version}")
+    n_tensors = r.u64("the tensor count")
+    n_kv = r.u64("the metadata count")
+    _check_count(n_kv, "metadata entries", _MAX_KV, _MIN_KV_BYTES, r.left())
+    _check_count(n_tensors, "tensors", _MAX_TENSORS, _MIN_TENSOR_BYTES, r.left())
     metadata: dict[str, object] = {}
-    for _ in range(n_kv):
-        key = r.string()
-        metadata[key] = r.value(r.u32())
+    for index in range(n_kv):
+        key = r.key(index)
+        if key in metadata:
+            raise _Corrupt(f"metadata key {_shown(key)} appears twice")
+        metadata[key] = r.value(r.u32(f"the type of {_shown(key)}"), key)
+    _check_count(n_tensors, "tensors", _MAX_TENSORS, _MIN_TENSOR_BYTES, r.left())
     tensors: dict[str, TensorInfo] = {}
     data_end = 0
-    for _ in range(n_tensors):
-        name = r.string()
-        n_dims = r.u32()
-        shape = tuple(r.u64() for _ in range(n_dims))
-        ggml_type = r.u32()
-        offset = r.u64()
-        tensors[name] = TensorInfo(name, shape, ggml_type, offset)
-        data_end = max(data_end, offset + _tensor_nbytes(ggml_type, shape))
+    for index in range(n_tensors):
+        tensor = _tensor_info(r, index)
+        if tensor.name in tensors:
+            raise _Corrupt(f"tensor {_shown(tensor.name)} appears twice")
+        tensors[tensor.name] = tensor
+        data_end = max(data_end, tensor.offset + _tensor_nbytes(tensor.ggml_type, tensor.shape))
     align = metadata.get("general.alignment", 32)
-    align = align if isinstance(align, int) and align > 0 else 32
-    data_offset = (r.pos + align - 1) // align * align
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+        raise _Corrupt(f"general.alignment {align!r} is not a power of 2")
+    # llama.cpp pads to the alignment only before tensor data: a vocab-only file ends unpadded.
+    data_offset = (r.pos + align - 1) // align * align if tensors else r.pos
     info = GGUFInfo(path, metadata, tensors, data_offset, data_offset + data_end, size)
     if info.data_end > size:
-        raise ValueError(f"{size} bytes on disk, the header describes {info.data_end}")
+        raise _Corrupt(f"{size} bytes on disk, the header describes {info.data_end}")
     return info
+
+
+def _tensor_info(r: _Reader, index: int) -> TensorInfo:
+    n = r.string_length(f"the name of tensor {index}")
+    if n >= _MAX_NAME:
+        raise _Corrupt(
+            f"the name of tensor {index} is {n} bytes; llama.cpp takes under {_MAX_NAME}"
+        )
+    name = r.text(n, f"the name of tensor {index}")
+    n_dims = r.u32(f"tensor {_shown(name)}")
+    if n_dims > _MAX_DIMS:
+        raise _Corrupt(
+            f"tensor {_shown(name)} has {n_dims} dimensions; ggml has at most {_MAX_DIMS}"
+        )
+    shape = tuple(r.u64(f"tensor {_shown(name)}") for _ in range(n_dims))
+    elements = 1
+    for d in shape:
+        elements *= d
+    if any(d > _INT64_MAX for d in shape) or elements > _INT64_MAX:
+        raise _Corrupt(f"tensor {_shown(name)} has an impossible shape {shape}")
+    ggml_type = r.u32(f"tensor {_shown(name)}")
+    if ggml_type not in _TYPE_SIZES:
+        raise _Corrupt(f"tensor {_shown(name)} has ggml type {ggml_type}, unknown to llama.cpp")
+    if (shape[0] if shape else 1) % _TYPE_SIZES[ggml_type][0]:
+        raise _Corrupt(f"tensor {_shown(name)}'s rows are not whole blocks of its type")
+    offset = r.u64(f"tensor {_shown(name)}")
+    return TensorInfo(name, shape, ggml_type, offset)
 
 
 def projector_type(mmproj: GGUFInfo) -> str | None:
@@ -286,10 +461,20 @@ def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:
             f"{model.path} is a projector (mmproj), not a text model",
             "swap --model and --mmproj",
         )
+    if model.vocab_only:
+        raise ModelFileError(
+            f"{model.path} is a vocab-only GGUF: a tokenizer with no weights, it cannot answer",
+            "pass the full model file, the GGUF with the weights, with --model",
+        )
     if mmproj.architecture != "clip":
         raise ModelFileError(
             f"mmproj {mmproj.path} is not a CLIP projector "
             f"(architecture {mmproj.architecture or 'missing'})",
+            "pass the mmproj-*.gguf file that belongs to the model with --mmproj",
+        )
+    if mmproj.vocab_only:
+        raise ModelFileError(
+            f"mmproj {mmproj.path} holds no tensors: a projector without weights",
             "pass the mmproj-*.gguf file that belongs to the model with --mmproj",
         )
     ptype = projector_type(mmproj)
