@@ -15,7 +15,7 @@ import typer
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
 from .images import DEFAULT_MAX_PIXELS
-from .options import RuntimeOptions, SamplingParams
+from .options import LIMITS, RuntimeOptions, SamplingParams
 from .templates import MEDIA_MARKER
 
 app = typer.Typer(
@@ -46,6 +46,12 @@ def _root(
     ] = False,
 ) -> None:
     """Local chat with images."""
+
+
+def _bounds(name: str) -> dict[str, float]:
+    """``min``/``max`` for a numeric option, from the one table of limits (options.LIMITS)."""
+    limit = LIMITS[name]
+    return {"min": limit.kind(limit.low), "max": limit.kind(limit.high)}
 
 
 # Options shared by `ask` and `chat`: declared once, used by both signatures.
@@ -103,20 +109,30 @@ SystemOpt = Annotated[
 ]
 TemperatureOpt = Annotated[
     float,
-    typer.Option(envvar="LLAVA_TEMPERATURE", min=0.0, help="0 = greedy.", rich_help_panel=_GEN),
+    typer.Option(
+        envvar="LLAVA_TEMPERATURE",
+        **_bounds("temperature"),
+        help="0 = greedy.",
+        rich_help_panel=_GEN,
+    ),
 ]
-TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=_GEN)]
-TopKOpt = Annotated[int, typer.Option(min=0, rich_help_panel=_GEN)]
-MinPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=_GEN)]
-RepeatPenaltyOpt = Annotated[float, typer.Option(min=0.0, rich_help_panel=_GEN)]
+TopPOpt = Annotated[float, typer.Option(**_bounds("top-p"), rich_help_panel=_GEN)]
+TopKOpt = Annotated[int, typer.Option(**_bounds("top-k"), rich_help_panel=_GEN)]
+MinPOpt = Annotated[float, typer.Option(**_bounds("min-p"), rich_help_panel=_GEN)]
+RepeatPenaltyOpt = Annotated[float, typer.Option(**_bounds("repeat-penalty"), rich_help_panel=_GEN)]
 SeedOpt = Annotated[
     int | None,
-    typer.Option(envvar="LLAVA_SEED", min=0, help="Default: random.", rich_help_panel=_GEN),
+    typer.Option(
+        envvar="LLAVA_SEED", **_bounds("seed"), help="Default: random.", rich_help_panel=_GEN
+    ),
 ]
 MaxTokensOpt = Annotated[
     int | None,
     typer.Option(
-        envvar="LLAVA_MAX_TOKENS", min=1, help="Default: until done.", rich_help_panel=_GEN
+        envvar="LLAVA_MAX_TOKENS",
+        **_bounds("max-tokens"),
+        help="Default: until done.",
+        rich_help_panel=_GEN,
     ),
 ]
 StopOpt = Annotated[
@@ -127,20 +143,26 @@ CtxOpt = Annotated[
     int | None,
     typer.Option(
         envvar="LLAVA_CTX",
-        min=64,
-        help="Context size in tokens. Default: 4096, or less if the model has less.",
+        **_bounds("ctx"),
+        help="Context size in tokens, at most the model's training context. "
+        "Default: 4096, or less if the model has less.",
         rich_help_panel=_RUNTIME,
     ),
 ]
 ThreadsOpt = Annotated[
     int,
-    typer.Option(envvar="LLAVA_THREADS", min=0, help="0 = one per CPU.", rich_help_panel=_RUNTIME),
+    typer.Option(
+        envvar="LLAVA_THREADS",
+        **_bounds("threads"),
+        help="0 = one per CPU.",
+        rich_help_panel=_RUNTIME,
+    ),
 ]
 GpuLayersOpt = Annotated[
     int,
     typer.Option(
         envvar="LLAVA_GPU_LAYERS",
-        min=-1,
+        **_bounds("gpu-layers"),
         help="Layers to offload to the GPU; -1 = all (where supported), 0 = none.",
         rich_help_panel=_RUNTIME,
     ),
@@ -157,7 +179,7 @@ MaxPixelsOpt = Annotated[
     int,
     typer.Option(
         envvar="LLAVA_MAX_PIXELS",
-        min=1,
+        **_bounds("max-pixels"),
         help="Refuse images with more pixels than this.",
         rich_help_panel=_RUNTIME,
     ),
@@ -379,7 +401,9 @@ def show(
     ref: Annotated[str, typer.Argument(metavar="REF", help="NAME[:QUANT] or OWNER/REPO[:QUANT].")],
     ctx: Annotated[
         int | None,
-        typer.Option(envvar="LLAVA_CTX", min=64, help="Context size for the memory estimate."),
+        typer.Option(
+            envvar="LLAVA_CTX", **_bounds("ctx"), help="Context size for the memory estimate."
+        ),
     ] = None,
 ) -> None:
     """Everything about one model: files, hashes, license, where it is, memory it needs."""
@@ -441,26 +465,70 @@ def guarded(action: Callable[[], int]) -> int:
         # The reader went away (`llava ask … | head -1`): not an error worth a message.
         _silence_stdout()
         return 0
-    except Exception as exc:
-        if debug_enabled():
-            raise
-        render.error(f"unexpected {type(exc).__name__}: {exc} — set LLAVA_DEBUG=1 for a traceback")
+    except OSError as exc:
+        reason = render.stdout_failed()
+        if reason is None:
+            return _unexpected(exc)
+        _silence_stdout()  # what is still buffered must not fail again at exit
+        render.error(f"cannot write to standard output: {reason} — check where the output goes")
         return EXIT_RUNTIME
+    except Exception as exc:
+        return _unexpected(exc)
+
+
+def _unexpected(exc: Exception) -> int:
+    from . import render
+    from .config import debug_enabled
+
+    if debug_enabled():
+        raise exc
+    render.error(f"unexpected {type(exc).__name__}: {exc} — set LLAVA_DEBUG=1 for a traceback")
+    return EXIT_RUNTIME
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point. Typer reports its own usage errors (exit 2)."""
+    """Console entry point. Usage errors are one line, like every other error."""
+    from typer.exceptions import TyperException
+
+    from .render import guard_standard_streams
+
+    guard_standard_streams()
     try:
-        app(args=argv, prog_name="llava")
+        code = app(args=argv, prog_name="llava", standalone_mode=False)
     except KeyboardInterrupt:  # between argument parsing and a command's guard
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
+    except typer.Abort:  # Ctrl-D at a prompt Typer asked
+        code = EXIT_INTERRUPTED
+    except TyperException as exc:
+        code = usage_error(exc)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_error(exc: Exception) -> int:
+    """Typer's usage block (usage line, "Try …", error) as one line that names the help to
+    read: ``Error: no such option: --bogus — see llava ask --help``."""
+    from . import render
+
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `llava` alone: Typer's help, as before
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        return int(getattr(exc, "exit_code", 2))
+    command = ctx.command_path if ctx is not None else "llava"
+    format_message = getattr(exc, "format_message", None)
+    message = format_message() if callable(format_message) else str(exc)
+    message = " ".join(str(message).split()).rstrip(".")
+    render.error(f"{message[:1].lower()}{message[1:]} — see {command} --help")
+    return int(getattr(exc, "exit_code", 2))
 
 
 def _silence_stdout() -> None:
     import os
 
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, 1)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

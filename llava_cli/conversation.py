@@ -47,7 +47,7 @@ def open_model(
     )
     try:
         fmt = chat_format(engine, opts.chat_format, known_format)
-        session = engine.new_session(opts.ctx or min(DEFAULT_CTX, engine.n_ctx_train))
+        session = engine.new_session(context_size(engine, opts.ctx))
         if fmt.thinking is not None:
             session.shown_tokens = engine.special_tokens_in([fmt.thinking.open, fmt.thinking.close])
         if opts.cache:
@@ -59,6 +59,23 @@ def open_model(
         engine.close()
         raise
     return LoadedModel(engine, session, fmt)
+
+
+def context_size(engine: Engine, wanted: int | None) -> int:
+    """``--ctx``, at most what the model was trained for (more only degrades its answers and
+    costs memory); by default DEFAULT_CTX, or less if the model has less."""
+    from . import render
+
+    trained = engine.n_ctx_train
+    if wanted is None:
+        return min(DEFAULT_CTX, trained) if trained > 0 else DEFAULT_CTX
+    if 0 < trained < wanted:
+        render.info(
+            f"context: --ctx {wanted:,} is more than {engine.opts.model.name} was trained for; "
+            f"using {trained:,} tokens"
+        )
+        return trained
+    return wanted
 
 
 def chat_format(engine: Engine, wanted: str, known_format: str | None = None) -> ChatFormat:

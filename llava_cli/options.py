@@ -27,3 +27,49 @@ class RuntimeOptions:
     chat_format: str = "auto"  # "auto" | "gguf" | "llava"
     verbose: bool = False
     cache: bool = True  # keep and reuse image prefixes between runs (the prefix cache)
+
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The accepted range of a numeric option: the one source for the command-line options,
+    chat's ``/set`` and saved chats. Integers stay inside what llama.cpp's C types hold."""
+
+    kind: type
+    low: float
+    high: float
+
+    def allows(self, value: float) -> bool:
+        return self.low <= value <= self.high  # NaN fails every comparison, so it fails here
+
+
+LIMITS: dict[str, Limit] = {
+    "temperature": Limit(float, 0.0, 100.0),
+    "top-p": Limit(float, 0.0, 1.0),
+    "top-k": Limit(int, 0, INT32_MAX),
+    "min-p": Limit(float, 0.0, 1.0),
+    "repeat-penalty": Limit(float, 0.0, 100.0),
+    "seed": Limit(int, 0, 2**32 - 2),  # llama.cpp's seed is a uint32; 2^32-1 means "random"
+    "max-tokens": Limit(int, 1, INT32_MAX),
+    "ctx": Limit(int, 64, INT32_MAX),  # and at most the model's training context
+    "threads": Limit(int, 0, 512),  # GGML_MAX_N_THREADS
+    "gpu-layers": Limit(int, -1, INT32_MAX),
+    "max-pixels": Limit(int, 1, 1_000_000_000),  # 3 GB of RGB at the top
+}
+
+
+def parse_number(name: str, text: str) -> int | float:
+    """``text`` as option ``name`` takes it, range-checked (``/set top-p 0.9``)."""
+    from .errors import UsageError
+
+    limit = LIMITS[name]
+    try:
+        value = limit.kind(text)
+    except (ValueError, OverflowError):
+        kind = "a whole number" if limit.kind is int else "a number"
+        raise UsageError(f"{name} must be {kind}, not {text!r}") from None
+    if not limit.allows(value):
+        raise UsageError(f"{name} must be between {limit.low:g} and {limit.high:g}, not {text}")
+    return value  # type: ignore[no-any-return]

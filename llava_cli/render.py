@@ -6,11 +6,13 @@ literally). Colour only when stderr is a terminal and ``NO_COLOR`` is unset.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from .units import human_bytes
 
@@ -25,15 +27,102 @@ def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+class _GuardedOutput:
+    """Standard output that remembers why it failed: a full disk (``>/dev/full``), an I/O
+    error, or a descriptor the shell closed (``>&-``, where every write fails as writing to a
+    closed descriptor does, so an answer is never silently lost). Everything else is the
+    real stream's."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream
+        self.failure: str | None = None
+        self.encoding = stream.encoding if stream is not None else "utf-8"
+
+    def isatty(self) -> bool:
+        return self._stream is not None and self._stream.isatty()
+
+    def fileno(self) -> int:
+        return 1
+
+    def write(self, text: str) -> int:
+        if self._stream is None:
+            self.failure = "standard output is closed"
+            raise OSError(errno.EBADF, self.failure)
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            self.failure = exc.strerror or str(exc)
+            raise
+
+    def flush(self) -> None:
+        if self._stream is None or self.failure is not None:
+            return  # what failed once is not retried (nor at exit)
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            self.failure = exc.strerror or str(exc)
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        if self._stream is None:
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+def guard_standard_streams() -> None:
+    """Put /dev/null on descriptors 0-2 where the shell closed them, before anything is
+    opened: otherwise the first file opened becomes "standard output" and the answer is
+    written into it. A closed stderr stays silent (the exit code still tells); standard
+    output remembers a failed write (``stdout_failed``)."""
+    closed = set()
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.add(fd)
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if 0 in closed:
+        sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
+    if 2 in closed:
+        sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    stream = None if 1 in closed or sys.stdout is None else sys.stdout
+    sys.stdout = cast(TextIO, _GuardedOutput(stream))
+
+
+def stdout_failed() -> str | None:
+    """Why standard output could not take what was written (a full disk, a closed
+    descriptor), or ``None``: asked after an OSError, to tell it apart from other failures."""
+    return sys.stdout.failure if isinstance(sys.stdout, _GuardedOutput) else None
+
+
+# Characters that must not reach a terminal from a file name, GGUF metadata or the network:
+# C0 and C1 controls (escape sequences) and the bidirectional controls that make text read
+# otherwise than it is ("Trojan Source").
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control or bidi character written as an escape (``\\u202e``)."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 def error(message: str) -> None:
-    """One line on stderr: ``Error: <what> — <fix>``."""
+    """One line on stderr: ``Error: <what> — <fix>`` (whatever came from files, escaped)."""
     prefix = "\x1b[1;31mError:\x1b[0m " if _color(sys.stderr) else "Error: "
-    sys.stderr.write(prefix + message + "\n")
+    sys.stderr.write(prefix + printable(message) + "\n")
     sys.stderr.flush()
 
 
 def info(message: str) -> None:
     """A progress or diagnostic line on stderr."""
+    message = printable(message)
     line = f"\x1b[2m{message}\x1b[0m" if _color(sys.stderr) else message
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
@@ -124,6 +213,7 @@ def confirm(question: str) -> bool:
 def table(rows: list[list[str]], out: TextIO | None = None) -> None:
     """Plain aligned columns on stdout (the first row is the header); no colour, easy to cut."""
     out = out or sys.stdout
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]

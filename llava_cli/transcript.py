@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInput
+from .files import check_write_target, read_regular
 from .store import write_atomic
 
 FORMAT = "llava-chat/1"
+MAX_BYTES = 128 << 20  # a 20,000-turn chat with long answers is about 40 MB
 _MARK = "<!-- llava-chat\n"
 
 
@@ -68,6 +70,7 @@ def save(transcript: Transcript, path: Path) -> None:
         text = json.dumps(record, ensure_ascii=False, indent=2) + "\n"
     else:
         text = _markdown(transcript, record)
+    check_write_target(path, "chat file")
     try:
         write_atomic(path, text.encode("utf-8", "replace"))
     except OSError as exc:
@@ -94,11 +97,20 @@ def _markdown(t: Transcript, record: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _image(item: Any) -> SavedImage:
+    image = SavedImage(**item)
+    if not (isinstance(image.path, str) and isinstance(image.sha256, str)):
+        raise ValueError("an image without a path or sha256")
+    if not (isinstance(image.width, int) and isinstance(image.height, int)):
+        raise ValueError("an image without its size")
+    return image
+
+
 def load(path: Path) -> Transcript:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"cannot read {path}: {exc}") from exc
+        text = read_regular(path, MAX_BYTES, "chat file").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{path} is not a chat saved by llava (not UTF-8 text)") from exc
     start = text.rfind(_MARK)
     if start >= 0:
         text = text[start + len(_MARK) : text.rindex("-->")]
@@ -109,7 +121,7 @@ def load(path: Path) -> Transcript:
         turns = [
             SavedTurn(
                 str(t["prompt"]),
-                [SavedImage(**i) for i in t.get("images", [])],
+                [_image(i) for i in t.get("images", [])],
                 None if t.get("answer") is None else str(t["answer"]),
             )
             for t in data["turns"]
@@ -124,7 +136,7 @@ def load(path: Path) -> Transcript:
             turns,
             float(data.get("saved_at") or 0),
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise BadInput(
             f"{path} is not a chat saved by llava ({exc})", "save one with /save FILE"
         ) from exc

@@ -116,7 +116,7 @@ def show(text: str, *, ctx: int | None = None) -> int:
     lines.append(("memory", _memory(target, local, ctx, spec)))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
-        sys.stdout.write(f"{key:<{width}}  {value}\n")
+        sys.stdout.write(f"{key:<{width}}  {render.printable(value)}\n")
     return EXIT_OK
 
 
@@ -194,16 +194,9 @@ def _memory(target: Target, local: Any, ctx: int | None, spec: ModelSpec | None)
 
 def _kv_bytes(model: Path, n_ctx: int) -> int:
     from ..gguf_file import read_gguf
+    from ..memory import kv_cache_bytes
 
-    info = read_gguf(model, "model")
-    arch = info.architecture
-    layers = info.get_int(f"{arch}.block_count") or 0
-    heads = info.get_int(f"{arch}.attention.head_count") or 1
-    kv_heads = info.get_int(f"{arch}.attention.head_count_kv") or heads
-    width = info.get_int(f"{arch}.embedding_length") or 0
-    head_dim = info.get_int(f"{arch}.attention.key_length") or width // heads
-    value_dim = info.get_int(f"{arch}.attention.value_length") or head_dim
-    return layers * kv_heads * (head_dim + value_dim) * 2 * n_ctx
+    return kv_cache_bytes(read_gguf(model, "model"), n_ctx)
 
 
 def rm(refs: list[str], *, yes: bool = False) -> int:
@@ -254,7 +247,7 @@ def cache_info() -> int:
 
     info = PrefixCache.default().info()
     sys.stdout.write(
-        f"folder   {info.folder}\n"
+        f"folder   {render.printable(str(info.folder))}\n"
         f"entries  {info.entries}\n"
         f"size     {render.human_bytes(info.size)} of {render.human_bytes(info.cap)} "
         "(LLAVA_CACHE_SIZE)\n"

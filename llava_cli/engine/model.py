@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 
-from ..errors import ModelFileError
+from ..errors import EngineError, ModelFileError
 from ..gguf_file import GGUFInfo, check_pair, read_gguf
 from ..templates import MEDIA_MARKER
+from ..units import human_bytes
 from .native import INTERRUPTS, LOGS, default_threads, init
 
 if TYPE_CHECKING:
@@ -225,7 +226,27 @@ class Engine:
     def new_session(self, n_ctx: int) -> Session:
         from .session import Session
 
+        self.check_context_fits(n_ctx)
         return Session(self, n_ctx)
+
+    def check_context_fits(self, n_ctx: int) -> None:
+        """Refuse a context whose KV cache cannot fit in the memory left, before llama.cpp
+        allocates it (on the CPU the allocation succeeds and the OOM killer strikes later).
+        Offloaded layers keep their cache on the GPU, whose allocator fails cleanly."""
+        from ..memory import available_bytes, kv_cache_bytes
+
+        if self.opts.gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload():
+            return
+        need = kv_cache_bytes(self.model_info, n_ctx, lower_bound=True)
+        free = available_bytes()
+        if free is None or need <= free:
+            return
+        per_token = max(1, kv_cache_bytes(self.model_info, 1))
+        raise EngineError(
+            f"a context of {n_ctx:,} tokens needs at least {human_bytes(need)} for its KV "
+            f"cache, and {human_bytes(free)} of memory is available",
+            f"use a smaller --ctx (about {free // per_token // 2:,} tokens fit with room to work)",
+        )
 
     def close(self) -> None:
         if self.mctx:
