@@ -38,6 +38,14 @@ def kv_cache_bytes(info: GGUFInfo, n_ctx: int, *, lower_bound: bool = False) -> 
     return kv_heads * (head_dim + value_dim) * 2 * cells
 
 
+def context_bytes_at_least(info: GGUFInfo, n_ctx: int, n_ubatch: int) -> int:
+    """A lower bound of what llama.cpp allocates for a context: the KV cache and the f16
+    attention mask of one micro-batch over every cell (its compute buffers hold more)."""
+    window = info.get_int(f"{info.architecture}.attention.sliding_window")
+    cells = min(n_ctx, window) if window else n_ctx
+    return kv_cache_bytes(info, n_ctx, lower_bound=True) + cells * n_ubatch * 2
+
+
 def available_bytes() -> int | None:
     """Memory this process can still take: the least of the system's available memory, the
     cgroup's headroom (containers) and the address-space limit (``ulimit -v``); ``None``

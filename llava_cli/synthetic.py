@@ -120,13 +120,14 @@ def write_text_model(
     chat_template: str | None,
     embd: int = EMBD,
     name: str = "llava-synthetic",
+    context: int = CONTEXT,
 ) -> None:
     """Write a llama-architecture GGUF with the given tensors (numpy ``[out, in]`` shapes)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
-    w.add_context_length(CONTEXT)
+    w.add_context_length(context)
     w.add_embedding_length(embd)
     w.add_block_count(LAYERS)
     w.add_feed_forward_length(FFN)
@@ -269,8 +270,10 @@ def build_random(
     chat_template: str | None = CHATML_TEMPLATE,
     mmproj_embd: int = EMBD,
     projector_type: str | None = "mlp",
+    context: int = CONTEXT,
 ) -> ModelPair:
-    """A random pair. ``mmproj_embd`` != 64 or ``projector_type=None`` make a mismatched pair."""
+    """A random pair. ``mmproj_embd`` != 64 or ``projector_type=None`` make a mismatched pair;
+    ``context`` is the training context it claims."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab = build_vocab(extra_control=("<|im_start|>", "<|im_end|>"))
     n_vocab = len(vocab.tokens)
@@ -284,7 +287,9 @@ def build_random(
     vision = _random_weights(_vision_shapes(mmproj_embd), seed + 1, 0.1)
     model = directory / "random-model.gguf"
     mmproj = directory / "random-mmproj.gguf"
-    write_text_model(model, vocab, text, chat_template=chat_template, name="llava-random")
+    write_text_model(
+        model, vocab, text, chat_template=chat_template, name="llava-random", context=context
+    )
     write_mmproj(mmproj, vision, projector_type=projector_type)
     return ModelPair(model, mmproj)
 

@@ -233,18 +233,18 @@ class Engine:
         """Refuse a context whose KV cache cannot fit in the memory left, before llama.cpp
         allocates it (on the CPU the allocation succeeds and the OOM killer strikes later).
         Offloaded layers keep their cache on the GPU, whose allocator fails cleanly."""
-        from ..memory import available_bytes, kv_cache_bytes
+        from ..memory import available_bytes, context_bytes_at_least
 
         if self.opts.gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload():
             return
-        need = kv_cache_bytes(self.model_info, n_ctx, lower_bound=True)
+        need = context_bytes_at_least(self.model_info, n_ctx, self.opts.n_batch)
         free = available_bytes()
         if free is None or need <= free:
             return
-        per_token = max(1, kv_cache_bytes(self.model_info, 1))
+        per_token = max(1, context_bytes_at_least(self.model_info, 1, self.opts.n_batch))
         raise EngineError(
-            f"a context of {n_ctx:,} tokens needs at least {human_bytes(need)} for its KV "
-            f"cache, and {human_bytes(free)} of memory is available",
+            f"a context of {n_ctx:,} tokens needs at least {human_bytes(need)} (KV cache and "
+            f"attention buffers), and {human_bytes(free)} of memory is available",
             f"use a smaller --ctx (about {free // per_token // 2:,} tokens fit with room to work)",
         )
 

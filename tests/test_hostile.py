@@ -1,0 +1,408 @@
+"""Hostile and unusual input, through the real CLI: every run bounded in memory and time.
+
+Each case runs ``llava`` as a subprocess under an address-space limit and a timeout, and
+asserts the documented exit code, exactly one line on stderr (``Error: …``), never
+``unexpected`` or a traceback, a peak RSS well under 1 GB (the models here are tiny, so that
+is all llava's own), and no half-written file left behind. Module-level suites cover the same
+ground in depth (test_images, test_gguf_file, test_template_limits, test_pull, …); this one is
+the catalogue, run the way a user would meet it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_cli import synthetic
+from llava_cli.commands.chat import Chat
+
+from .test_chat import drive, open_test_chat
+
+ADDRESS_SPACE = 4 << 30  # a safety net: a runaway read or allocation fails instead of the VM
+PEAK_RSS = 1 << 30  # what the issue allows beyond the model; the models here are ~1 MB
+
+
+@dataclass
+class Run:
+    code: int
+    out: bytes
+    err: str
+    peak_rss: int  # bytes
+    seconds: float
+
+    @property
+    def lines(self) -> list[str]:
+        return self.err.splitlines()
+
+
+# Runs llava in a grandchild so that its own peak RSS can be read with wait4, under the limit.
+_LAUNCHER = r"""
+import os, resource, sys
+limit, report = int(sys.argv[1]), sys.argv[2]
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    os.execv(sys.executable, [sys.executable, "-m", "llava_cli", *sys.argv[3:]])
+_, status, usage = os.wait4(pid, 0)
+code = os.waitstatus_to_exitcode(status)
+with open(report, "w") as f:
+    f.write(f"{code} {usage.ru_maxrss * 1024}")
+sys.exit(0)
+"""
+
+
+def bounded(
+    *args: str | Path,
+    stdin: bytes | int | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> Run:
+    """``llava ARGS`` limited to ADDRESS_SPACE and ``timeout``; its exit code (negative: the
+    signal that killed it) and its own peak RSS."""
+    report = Path(os.environ["LLAVA_HOME"]).parent / f"run-{time.monotonic_ns()}.txt"
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, str(ADDRESS_SPACE), str(report), *map(str, args)],
+        stdin=subprocess.PIPE if isinstance(stdin, bytes) or stdin is None else stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(stdin if isinstance(stdin, bytes) else b"", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"llava {' '.join(map(str, args))} ran past {timeout} s")
+    code, rss = map(int, report.read_text().split())
+    report.unlink()
+    return Run(code, out, err.decode("utf-8", "replace"), rss, time.monotonic() - start)
+
+
+def assert_refused(run: Run, code: int, *words: str) -> None:
+    """One ``Error:`` line with the documented code, bounded, naming what it should."""
+    assert run.code == code, run.err
+    assert len(run.lines) == 1 and run.lines[0].startswith("Error: "), run.err
+    assert "unexpected" not in run.err and "Traceback" not in run.err, run.err
+    assert run.peak_rss < PEAK_RSS, f"peak RSS {run.peak_rss >> 20} MB"
+    for word in words:
+        assert word in run.err, run.err
+
+
+@pytest.fixture
+def pair_args(oracle: synthetic.ModelPair) -> list[str]:
+    return ["-m", str(oracle.model), "--mmproj", str(oracle.mmproj)]
+
+
+# -- options and settings ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--top-p", "2"),
+        ("--top-p", "nan"),
+        ("--temperature", "inf"),
+        ("--temperature", "nan"),
+        ("--seed", "4294967296"),
+        ("--top-k", "99999999999999"),
+        ("--ctx", "4294967360"),
+        ("--ctx", "12"),
+        ("--threads", "100000"),
+        ("--max-tokens", "0"),
+        ("--chat-format", "bogus"),
+    ],
+)
+def test_a_bad_option_value_is_one_line_before_anything_loads(
+    option: str, value: str, images: Path
+) -> None:
+    run = bounded("ask", images / "red.png", option, value, "--offline")
+    assert_refused(run, 2, option if option != "--chat-format" else "bogus")
+    assert "see llava ask --help" in run.err or "--chat-format" in option
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("LLAVA_CTX", "nan"), ("LLAVA_CTX", "1e99"), ("LLAVA_TEMPERATURE", "-1")],
+)
+def test_a_bad_numeric_environment_value_is_a_usage_error(
+    variable: str, value: str, images: Path
+) -> None:
+    run = bounded("ask", images / "red.png", "--offline", env={variable: value})
+    assert_refused(run, 2, variable)
+
+
+def test_an_unknown_option_is_one_line_naming_the_help() -> None:
+    run = bounded("ask", "--bogus")
+    assert_refused(run, 2, "no such option: --bogus", "see llava ask --help")
+
+
+def test_a_context_above_the_training_context_is_clamped_with_a_notice(
+    oracle: synthetic.ModelPair, images: Path, pair_args: list[str]
+) -> None:
+    run = bounded("ask", images / "red.png", *pair_args, "--ctx", "1000000000")
+    assert run.code == 0, run.err
+    assert run.out == b"red\n"
+    assert "more than oracle-model.gguf was trained for; using 4,096 tokens" in run.err
+    assert run.peak_rss < PEAK_RSS
+
+
+def test_a_context_that_cannot_fit_in_memory_is_refused_with_the_numbers(
+    tmp_path_factory: pytest.TempPathFactory, images: Path
+) -> None:
+    """A model that claims a 2^31-token training context: the KV cache for 10^9 tokens is
+    refused before llama.cpp allocates it, not killed by the OOM killer."""
+    pair = synthetic.build_random(tmp_path_factory.mktemp("long"), context=2**31 - 1)
+    run = bounded(
+        "ask", images / "red.png", "-m", pair.model, "--mmproj", pair.mmproj,
+        "--ctx", "1000000000", "--max-tokens", "2",
+    )  # fmt: skip
+    assert_refused(run, 1, "a context of 1,000,000,000 tokens needs at least", "--ctx")
+
+
+# -- where the answer goes -----------------------------------------------------------------
+
+
+def test_a_full_disk_on_stdout_is_one_line_and_exit_1(images: Path, pair_args: list[str]) -> None:
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "llava_cli", "ask", str(images / "red.png"), *pair_args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert err == (
+        "Error: cannot write to standard output: No space left on device — "
+        "check where the output goes\n"
+    )
+
+
+def test_a_closed_stdout_is_an_error_and_no_file_takes_its_place(
+    images: Path, pair_args: list[str]
+) -> None:
+    """With descriptor 1 closed, the first file opened would become "stdout": the model file
+    must not receive the answer."""
+    before = Path(pair_args[1]).read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "llava_cli", "ask", str(images / "red.png"), *pair_args],
+        capture_output=True,
+        preexec_fn=lambda: os.close(1),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.decode().startswith("Error: cannot write to standard output: standard")
+    assert Path(pair_args[1]).read_bytes() == before
+
+
+def test_a_closed_stderr_keeps_the_exit_code(images: Path, pair_args: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "llava_cli", "ask", str(images / "missing.png"), *pair_args],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 4
+    assert proc.stdout == b""
+
+
+# -- chat: /set, /save, /load --------------------------------------------------------------
+
+
+@pytest.fixture
+def chat(oracle: synthetic.ModelPair) -> Iterator[Chat]:
+    c = open_test_chat(oracle)
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "/set temperature nan",
+        "/set temperature inf",
+        "/set top-p nan",
+        "/set seed 4294967296",
+        "/set top-k 1e3",
+        "/set max-tokens 99999999999",
+    ],
+)
+def test_set_refuses_what_the_options_refuse(
+    chat: Chat, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = chat.sampling
+    drive(chat, line)
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and len(err.splitlines()) == 1, err
+    assert chat.sampling == before
+
+
+def _special_targets(tmp_path: Path) -> dict[str, Path]:
+    real = tmp_path / "real.md"
+    real.write_text("keep me\n")
+    link = tmp_path / "link.md"
+    link.symlink_to(real)
+    fifo = tmp_path / "fifo.md"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.md"
+    folder.mkdir()
+    return {"link": link, "fifo": fifo, "folder": folder, "device": Path("/dev/null")}
+
+
+def test_save_refuses_links_fifos_folders_and_devices(
+    chat: Chat, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drive(chat, f"/image {images / 'red.png'}", "What colour is this?")
+    capsys.readouterr()
+    targets = _special_targets(tmp_path)
+    for target in targets.values():
+        drive(chat, f"/save {target}")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == len(targets), err
+    assert "is a symbolic link (to" in err[0]
+    assert "is a FIFO (named pipe), not a file" in err[1]
+    assert "is a directory, not a file" in err[2]
+    assert "is a character device, not a file" in err[3]
+    assert (tmp_path / "real.md").read_text() == "keep me\n"
+    assert targets["link"].is_symlink() and Path("/dev/null").is_char_device()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_load_refuses_fifos_devices_and_huge_files_without_reading_them(
+    chat: Chat, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "chat.fifo"
+    os.mkfifo(fifo)  # no writer: opening it for a blocking read would wait forever
+    huge = tmp_path / "huge.md"
+    with huge.open("wb") as f:
+        f.truncate(4 << 30)  # sparse: 4 GB that take no disk
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    for path in (fifo, Path("/dev/zero"), huge, nested):
+        drive(chat, f"/load {path}")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4, err
+    assert "is a FIFO" in err[0] and "is a character device" in err[1]
+    assert "over the limit" in err[2] and "not a chat saved by llava" in err[3]
+
+
+def test_a_long_transcript_fits_the_context_in_a_few_renders(
+    oracle: synthetic.ModelPair, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A saved chat of 4,000 turns loaded into a 512-token context: the oldest turns are
+    dropped by bisection (about log2(4000) ≈ 12 measurements), not one at a time."""
+    record = {
+        "format": "llava-chat/1",
+        "model": "x",
+        "system": None,
+        "settings": {},
+        "turns": [{"prompt": f"question {i}", "images": [], "answer": "none"} for i in range(4000)],
+    }
+    saved = tmp_path / "long.json"
+    saved.write_text(json.dumps(record))
+    chat = open_test_chat(oracle, ctx=512)
+    measured = 0
+    measure = chat.conversation.measure
+
+    def counting(*args: object, **kwargs: object) -> int:
+        nonlocal measured
+        measured += 1
+        return measure(*args, **kwargs)  # type: ignore[arg-type]
+
+    chat.conversation.measure = counting  # type: ignore[method-assign]
+    try:
+        drive(chat, f"/load {saved}", f"/image {images / 'red.png'}", "What colour is this?")
+        out, err = capsys.readouterr()
+        assert out == "red\n", err
+        assert measured <= 16, measured
+        kept = chat.conversation.exchanges()
+        assert 1 < len(kept) < 4000 and kept[-1].prompt == "What colour is this?"
+        assert f"dropping the {4001 - len(kept)} oldest messages" in err
+    finally:
+        chat.close()
+
+
+# -- a generated set: truncations and byte flips, fixed seed ---------------------------------
+
+
+def _mutants(data: bytes, seed: int, count: int) -> Iterator[tuple[str, bytes]]:
+    rng = random.Random(seed)
+    for i in range(count):
+        if i % 2 == 0:
+            cut = rng.randrange(1, len(data))
+            yield f"truncated at {cut}", data[:cut]
+        else:
+            flipped = bytearray(data)
+            for _ in range(rng.randrange(1, 9)):
+                flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            yield "bytes flipped", bytes(flipped)
+
+
+def test_mutated_images_are_answered_or_refused_cleanly(
+    tmp_path: Path, pair_args: list[str]
+) -> None:
+    """Twelve truncations and flips of a PNG, a JPEG and a TIFF, all in one run: each gets
+    an answer or one error line (exit 4), never anything else."""
+    sources = []
+    for fmt, ext in (("PNG", "png"), ("JPEG", "jpg"), ("TIFF", "tif")):
+        path = tmp_path / f"src.{ext}"
+        Image.new("RGB", (40, 30), (200, 30, 30)).save(path, fmt)
+        sources.append(path)
+    paths = []
+    for k, source in enumerate(sources):
+        for j, (_, data) in enumerate(_mutants(source.read_bytes(), seed=k, count=4)):
+            path = tmp_path / f"m{k}-{j}{source.suffix}"
+            path.write_bytes(data)
+            paths.append(path)
+    run = bounded("ask", *paths, *pair_args, "--json")
+    answers = [json.loads(line) for line in run.out.decode().splitlines()]
+    assert len(answers) == len(paths)
+    errors = [a["error"] for a in answers if "error" in a]
+    assert run.code == (4 if errors else 0), run.err
+    assert len(run.lines) == len(errors), run.err
+    assert "unexpected" not in run.err and "Traceback" not in run.err
+    assert run.peak_rss < PEAK_RSS
+
+
+@pytest.mark.parametrize("which", ["model", "mmproj"])
+def test_mutated_gguf_files_are_answered_or_refused_cleanly(
+    which: str, oracle: synthetic.ModelPair, images: Path, tmp_path: Path
+) -> None:
+    """Truncations and flips of the model and of the projector, through the whole CLI (header
+    checks, then llama.cpp's own loader): an answer or one line with exit 4 or 1."""
+    source = oracle.model if which == "model" else oracle.mmproj
+    data = source.read_bytes()
+    for label, mutant in _mutants(data, seed=7, count=6):
+        path = tmp_path / f"mutant-{which}.gguf"
+        path.write_bytes(mutant)
+        files = {"model": oracle.model, "mmproj": oracle.mmproj, which: path}
+        run = bounded(
+            "ask", images / "red.png", "-m", files["model"], "--mmproj", files["mmproj"],
+            "--max-tokens", "4",
+        )  # fmt: skip
+        if run.code == 0:
+            continue
+        assert run.code in (1, 4), (label, run.err)
+        assert_refused(run, run.code)
+
+
+def test_no_temporary_files_are_left_behind(tmp_path: Path) -> None:
+    home = Path(os.environ["LLAVA_HOME"])
+    leftovers = [p for p in home.rglob("*") if p.name.endswith(".tmp")] if home.exists() else []
+    assert leftovers == []
