@@ -6,11 +6,17 @@ appends to ``blobs/<sha256>.llava-partial`` (a ``kill -9`` loses nothing already
 resumes with an HTTP ``Range`` request, retries dropped connections, hashes as it goes, and moves
 the file into place only once its sha256 matches. One lock per blob (the same lock file
 huggingface_hub uses) makes concurrent pulls of one file wait for each other instead of racing.
+
+Every file-system error on the way (a read-only or immutable cache, a file where a folder should
+be, a full disk) becomes a DownloadError naming the path and the fix; a disk that fills mid-pull
+keeps the partial file and says how much more is needed. What the hub sends that becomes a path
+on disk (file names in a listing, commit ids) is checked before it is used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from .errors import DownloadError, LlavaError, ModelNotAvailable
+from .registry import escaped, unsafe_character
 from .store import RepoCache
 from .units import human_bytes
 
@@ -31,8 +38,11 @@ ATTEMPTS = 3  # tries in a row without progress before giving up; each retry res
 MAX_TRIES = 20  # in all, progress or not (wget's default)
 DISK_MARGIN = 64 << 20  # keep this much free beyond the download
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_GIT_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
+# A full disk, a quota, or a file-size limit (RLIMIT_FSIZE): all "free space, then resume".
+DISK_FULL = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+CACHE_SETTING = "HF_HOME (or HF_HUB_CACHE)"
 
 
 class Progress(Protocol):
@@ -63,7 +73,7 @@ class RemoteFile:
 
     @property
     def is_sha256(self) -> bool:
-        return bool(_SHA256.match(self.digest))
+        return bool(_SHA256.fullmatch(self.digest))
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,35 @@ def list_files(repo: str, revision: str, progress: Progress | None = None) -> Li
 
     info = _retrying(call, progress, repo)
     sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
-    return Listing(str(info.sha or revision), sizes)
+    for name in sizes:
+        _check_listed_name(repo, name)
+    return Listing(_commit(repo, info.sha, revision), sizes)
+
+
+def _check_listed_name(repo: str, name: str) -> None:
+    """A listed file name must be usable as a path under the snapshot: a name with control or
+    bidi characters, a backslash, or an empty, '.' or '..' part means a hostile repo."""
+    unsafe = unsafe_character(name)
+    parts = name.split("/")
+    if unsafe is None and "\\" not in name and all(p not in ("", ".", "..") for p in parts):
+        return
+    what = f"a file name with {unsafe}" if unsafe else f"the file name {escaped(name)!r}"
+    raise DownloadError(
+        f"{repo} lists {what}: refusing a repo whose file names are not plain",
+        "nothing was downloaded; choose another repo or report it to its owner",
+    )
+
+
+def _commit(repo: str, sha: object, revision: str) -> str:
+    """The commit id the hub named (it becomes a folder name in the cache): 40 hex digits."""
+    if sha is None:
+        return revision
+    if not isinstance(sha, str) or not _GIT_SHA1.fullmatch(sha):
+        raise DownloadError(
+            f"the hub gave {repo} a malformed commit id {escaped(str(sha))[:60]!r}",
+            "nothing was downloaded; check HF_ENDPOINT",
+        )
+    return sha
 
 
 def file_info(repo: str, revision: str, file: str, progress: Progress | None = None) -> RemoteFile:
@@ -129,10 +167,14 @@ def file_info(repo: str, revision: str, file: str, progress: Progress | None = N
             return get_hf_file_metadata(url, timeout=_timeout("metadata"), endpoint=endpoint())
 
     meta = _retrying(call, progress, file)
-    commit = meta.commit_hash or revision
+    commit = _commit(repo, meta.commit_hash, revision)
     url = hf_hub_url(repo, file, revision=commit, endpoint=endpoint())
     digest = (meta.etag or "").lower()
-    if meta.size is None or not (_SHA256.match(digest) or _GIT_SHA1.match(digest)):
+    if (
+        meta.size is None
+        or meta.size < 0
+        or not (_SHA256.fullmatch(digest) or _GIT_SHA1.fullmatch(digest))
+    ):
         raise DownloadError(
             f"the hub gave no size or content hash for {file} in {repo}",
             "cannot verify it, so it is not downloaded; check HF_ENDPOINT",
@@ -184,10 +226,70 @@ def translate(repo: str, revision: str = "main", file: str | None = None) -> Ite
             "check the network (or raise HF_HUB_DOWNLOAD_TIMEOUT); run again to resume",
         ) from exc
     except httpx2.TransportError as exc:
-        raise NetworkError(
-            f"cannot reach {endpoint()} for {what}: {type(exc).__name__}",
-            "check the network and HF_ENDPOINT; run again to resume",
-        ) from exc
+        raise _unreachable(what, exc) from exc
+    except OSError as exc:  # huggingface_hub reading HF_HOME (its token file), or a socket
+        if exc.filename is None:
+            raise _unreachable(what, exc) from exc
+        raise filesystem_error(exc, Path(os.fsdecode(exc.filename)), action="use") from exc
+
+
+def _unreachable(what: str, exc: Exception) -> NetworkError:
+    return NetworkError(
+        f"cannot reach {endpoint()} for {what}: {type(exc).__name__}",
+        "check the network and HF_ENDPOINT; run again to resume",
+    )
+
+
+def filesystem_error(
+    exc: OSError, where: Path, *, setting: str = CACHE_SETTING, action: str = "write to"
+) -> DownloadError:
+    """A failed read or write under a folder llava keeps, as one line: the path and the fix.
+
+    ``where`` is the path the operation was about, for errors that do not name one; ``setting``
+    the variable that moves that folder elsewhere.
+    """
+    path = Path(os.fsdecode(exc.filename)) if isinstance(exc.filename, str | bytes) else where
+    code = exc.errno
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _file_in_the_way(path)
+        if blocker is not None:
+            return DownloadError(
+                f"{blocker} is a file where a folder should be",
+                f"move it away, or point {setting} at a folder",
+            )
+    if code in DISK_FULL:
+        return DownloadError(
+            f"disk full at {path}", "free some space and run `llava pull` again to resume"
+        )
+    hint = f"point {setting} at a writable folder"
+    if code == errno.EROFS:
+        reason = "read-only file system"
+    elif code == errno.EPERM:
+        reason = "operation not permitted"
+        hint = f"make it writable (`chattr -i` if `lsattr` shows it immutable), or {hint}"
+    elif code == errno.EACCES:
+        reason = "permission denied"
+        hint = f"give this user access to it, or {hint}"
+    else:
+        reason = (exc.strerror or type(exc).__name__).lower()
+    return DownloadError(f"cannot {action} {path}: {reason}", hint)
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first part of ``path`` that exists and is not a folder (a file in the way)."""
+    for part in (*reversed(path.parents), path):
+        if os.path.lexists(part) and not part.is_dir():
+            return part
+    return None
+
+
+@contextlib.contextmanager
+def cache_writes(where: Path, *, setting: str = CACHE_SETTING) -> Iterator[None]:
+    """File-system errors in the block → DownloadError with the path and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        raise filesystem_error(exc, where, setting=setting) from exc
 
 
 def _http_error(status: int, what: str) -> LlavaError:
@@ -205,20 +307,28 @@ def _http_error(status: int, what: str) -> LlavaError:
 
 
 def check_space(folder: Path, needed: int) -> None:
+    """Refuse before a byte is fetched when what is left to download cannot fit."""
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    with cache_writes(probe):
+        free = shutil.disk_usage(probe).free
     if needed + DISK_MARGIN > free:
         raise DownloadError(
             f"not enough disk space: {human_bytes(needed)} to download, "
-            f"{human_bytes(free)} free at {probe}",
-            "free some space, or point HF_HUB_CACHE (or HF_HOME) at a bigger disk",
+            f"{human_bytes(free)} free at {probe} ({human_bytes(DISK_MARGIN)} is kept free)",
+            f"free {human_bytes(needed + DISK_MARGIN - free)} more, "
+            f"or point {CACHE_SETTING} at a bigger disk",
         )
 
 
 def download(cache: RepoCache, remote: RemoteFile, progress: Progress) -> Path:
     """Fetch one file into the cache's blobs (resuming, verified, atomic) and return the blob."""
+    with cache_writes(cache.folder):
+        return _download_locked(cache, remote, progress)
+
+
+def _download_locked(cache: RepoCache, remote: RemoteFile, progress: Progress) -> Path:
     from filelock import FileLock, Timeout
 
     blob = cache.blob(remote.digest)
@@ -339,7 +449,7 @@ def _fetch(remote: RemoteFile, state: _Partial, progress: Progress) -> int:
                 state.restart()
                 return 0
             state.restart()  # the server ignored Range and sends it all: take it from 0
-        with state.path.open("ab" if state.have else "wb") as out:
+        with _writing_partial(state), state.path.open("ab" if state.have else "wb") as out:
             for chunk in response.iter_bytes():  # as received: a drop loses nothing
                 if state.have + len(chunk) > remote.size:
                     raise DownloadError(
@@ -353,6 +463,27 @@ def _fetch(remote: RemoteFile, state: _Partial, progress: Progress) -> int:
                 added += len(chunk)
                 progress.advance(len(chunk))
     return added
+
+
+@contextlib.contextmanager
+def _writing_partial(state: _Partial) -> Iterator[None]:
+    """A full disk mid-pull keeps the partial file (the next pull resumes from it) and says how
+    much more room the file needs; other write errors name the path."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise filesystem_error(exc, state.path) from exc
+        try:  # what reached the disk: the next pull resumes from exactly this
+            kept = state.path.stat().st_size
+        except OSError:
+            kept = state.have
+        size = state.remote.size
+        raise DownloadError(
+            f"disk full at {state.path.parent}: {human_bytes(max(size - kept, 0))} more needed "
+            f"for {state.remote.file} ({human_bytes(kept)} of {human_bytes(size)} downloaded)",
+            "free space and run `llava pull` again to resume",
+        ) from exc
 
 
 def _range_start(response: Any) -> int | None:

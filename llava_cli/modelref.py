@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import hub, registry, store
+from .config import paths
 from .errors import ConfigError, DownloadError, ModelNotAvailable, UsageError
 from .registry import FileSpec, Ref
 from .store import RepoCache
@@ -330,9 +331,11 @@ def pull(ref: Ref, progress: hub.Progress, *, offline: bool = False) -> PullResu
         hub.check_space(cache.folder, needed)
     for remote in unique:
         hub.download(cache, remote, progress)
-    paths = [cache.link(r.commit, r.file, r.digest) for r in remotes]
-    cache.set_ref(target.revision, remotes[0].commit)
-    files = ModelFiles(target.ref, paths[0], paths[1], target.chat_format)
+    with hub.cache_writes(cache.folder):
+        linked = [cache.link(r.commit, r.file, r.digest) for r in remotes]
+        if cache.commit_for(target.revision) != remotes[0].commit:  # a read-only cache is fine
+            cache.set_ref(target.revision, remotes[0].commit)
+    files = ModelFiles(target.ref, linked[0], linked[1], target.chat_format)
     _remember(target, files, [r.digest for r in remotes])
     return PullResult(files, target, needed)
 
@@ -350,20 +353,20 @@ def _remember(target: Target, files: ModelFiles, digests: list[str] | None = Non
         digest = digests[i] if digests else path.resolve().name
         stored.append(store.StoredFile(spec.file, digest, path.stat().st_size, str(path)))
     commit = files.model.parent.name if store.is_commit(files.model.parent.name) else ""
-    store.save(
-        store.Pulled(
-            ref=target.ref,
-            name=target.name,
-            repo=target.repo,
-            revision=target.revision,
-            commit=commit,
-            quant=target.quant,
-            chat_format=target.chat_format,
-            model=stored[0],
-            mmproj=stored[1],
-            pulled_at=time.time(),
-        )
+    record = store.Pulled(
+        ref=target.ref,
+        name=target.name,
+        repo=target.repo,
+        revision=target.revision,
+        commit=commit,
+        quant=target.quant,
+        chat_format=target.chat_format,
+        model=stored[0],
+        mmproj=stored[1],
+        pulled_at=time.time(),
     )
+    with hub.cache_writes(paths().data_dir, setting="LLAVA_HOME"):
+        store.save(record)
 
 
 def find_mmproj(model: Path) -> Path:

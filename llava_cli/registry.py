@@ -3,13 +3,16 @@
 The user file (``$LLAVA_HOME/models.toml``, else the platform's config dir) adds entries, or
 changes built-in ones key by key (a whole quant or mmproj table at a time). Both files are
 checked strictly: an unknown key or a bad value is an error that names the file, the entry and
-the key, because a typo in a pin must never turn into an unverified download.
+the key, because a typo in a pin must never turn into an unverified download. Every key and
+string in both files is plain text: a control, bidi or other invisible character is refused
+where the file is read, named by its code point, and never printed.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +21,19 @@ from typing import Any
 from .config import paths, read_toml
 from .errors import ConfigError, UsageError
 
-_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_QUANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+# Whole-string patterns: used with fullmatch (``$`` alone would let a trailing newline through).
+_KEY = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# The hub's repo-id form (huggingface_hub's validate_repo_id), with the owner required: each part
+# 1-96 of [A-Za-z0-9._-], starting and ending with a letter, digit or '_'; no '--' or '..'.
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+_REPO = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+_QUANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+# Control (Cc), format (Cf: bidi overrides and isolates, marks, zero-width), line and paragraph
+# separators, lone surrogates: never in a name, and never to be printed as they are.
+_UNSAFE_CATEGORIES = frozenset(("Cc", "Cf", "Zl", "Zp", "Cs"))
+_FILE_NAME_MAX = 255  # bytes (UTF-8), the usual file-system limit on one name
 
 _REQUIRED = (
     "name",
@@ -129,14 +140,55 @@ class Registry:
         )
 
 
+def unsafe_character(text: str) -> str | None:
+    """The first control, bidi or other invisible character in ``text``, described by its code
+    point (``U+202E (RIGHT-TO-LEFT OVERRIDE)``); None when the text is plain."""
+    for char in text:
+        if unicodedata.category(char) in _UNSAFE_CATEGORIES:
+            name = unicodedata.name(char, "") or "control character"
+            return f"U+{ord(char):04X} ({name})"
+    return None
+
+
+def escaped(text: str) -> str:
+    """``text`` with each unsafe character written as ``<U+XXXX>``: safe to print."""
+    return "".join(
+        f"<U+{ord(c):04X}>" if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in text
+    )
+
+
+def is_repo_id(text: str) -> bool:
+    """OWNER/NAME in the form the hub accepts."""
+    return (
+        bool(_REPO.fullmatch(text))
+        and ".." not in text
+        and "--" not in text
+        and not text.endswith(".git")
+    )
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a plain file name (no folders, no '..', nothing invisible); or None."""
+    unsafe = unsafe_character(name)
+    if unsafe is not None:
+        return f"holds {unsafe}"
+    if not name:
+        return "is empty"
+    if any(c in name for c in "/\\:") or name.startswith(("~", ".")):
+        return f"{name!r} is not a plain file name"
+    if len(name.encode("utf-8", "surrogatepass")) > _FILE_NAME_MAX:
+        return f"is longer than {_FILE_NAME_MAX} bytes"
+    return None
+
+
 def parse_ref(text: str) -> Ref:
     name, sep, quant = text.strip().partition(":")
-    if sep and not _QUANT.match(quant):
+    if sep and not _QUANT.fullmatch(quant):
         raise UsageError(f"bad quant in {text!r}", "write NAME[:QUANT], e.g. llava-1.5-7b:q8_0")
     if "/" in name:
-        if not _REPO.match(name):
+        if not is_repo_id(name):
             raise UsageError(f"bad repo id {name!r}", "write OWNER/REPO[:QUANT]")
-    elif not _KEY.match(name.lower()):
+    elif not _KEY.fullmatch(name.lower()):
         raise UsageError(f"bad model name {text!r}", "see `llava list --available`")
     return Ref(name, quant or None)
 
@@ -173,6 +225,7 @@ def load() -> Registry:
 
 def _read(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
     data = read_toml(path)
+    _check_plain_text(path, data, "")
     unknown = set(data) - {"default", "models"}
     if unknown:
         raise ConfigError(
@@ -180,7 +233,7 @@ def _read(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
             "the top level has `default` and `models`",
         )
     default = data.get("default")
-    if default is not None and (not isinstance(default, str) or not _KEY.match(default)):
+    if default is not None and (not isinstance(default, str) or not _KEY.fullmatch(default)):
         raise ConfigError(
             f"{path}: `default` must be a model name", 'e.g. default = "llava-1.5-7b"'
         )
@@ -188,7 +241,7 @@ def _read(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
     if not isinstance(models, dict):
         raise ConfigError(f"{path}: `models` must be a table", "write [models.NAME] sections")
     for key, table in models.items():
-        if not _KEY.match(key):
+        if not _KEY.fullmatch(key):
             raise ConfigError(
                 f"{path}: bad entry name {key!r}", "use lowercase letters, digits, '.', '_' and '-'"
             )
@@ -196,6 +249,33 @@ def _read(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
             raise ConfigError(f"{path}: models.{key} must be a table")
         _check_keys(path, key, table)
     return models, default
+
+
+def _check_plain_text(path: Path, value: Any, where: str) -> None:
+    """Every key and string in the file, at any depth, free of control and bidi characters."""
+    items: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            here = f"{where}.{escaped(key)}" if where else escaped(key)
+            unsafe = unsafe_character(key)
+            if unsafe is not None:
+                raise _unsafe(path, here, unsafe, "its name")
+            items.append((here, inner))
+    elif isinstance(value, list):
+        items = [(f"{where}[{i}]", inner) for i, inner in enumerate(value)]
+    elif isinstance(value, str):
+        unsafe = unsafe_character(value)
+        if unsafe is not None:
+            raise _unsafe(path, where, unsafe, "its value")
+    for here, inner in items:
+        _check_plain_text(path, inner, here)
+
+
+def _unsafe(path: Path, where: str, unsafe: str, part: str) -> ConfigError:
+    return ConfigError(
+        f"{path}: {where}: {part} holds {unsafe}",
+        "names and text in a registry are plain: remove control and bidi characters",
+    )
 
 
 def _check_keys(path: Path, key: str, table: Mapping[str, Any]) -> None:
@@ -231,22 +311,28 @@ def _entry(key: str, t: Mapping[str, Any], path: Path) -> ModelSpec:
         raise _bad(path, key, "quants", "must hold at least one [quants.NAME] table")
     quants = {}
     for qname, qtable in quants_table.items():
-        if not _QUANT.match(qname):
+        if not _QUANT.fullmatch(qname):
             raise _bad(path, key, f"quants.{qname}", "bad quant name", "e.g. Q4_K_M")
         quants[qname] = _file(path, key, f"quants.{qname}", qtable)
     default_quant = _text(path, key, t, "default_quant")
     if quants and default_quant not in quants:
         raise _bad(path, key, "default_quant", f"{default_quant!r} is not one of its quants")
     repo = _text(path, key, t, "repo")
-    if not _REPO.match(repo):
-        raise _bad(path, key, "repo", f"{repo!r} is not OWNER/NAME")
+    if not is_repo_id(repo):
+        raise _bad(
+            path,
+            key,
+            "repo",
+            f"{repo!r} is not a hub repo id",
+            "write OWNER/NAME: letters, digits, '.', '_' and '-', no '--' or '..'",
+        )
     revision = _text(path, key, t, "revision")
-    if not _REVISION.match(revision) or ".." in revision:
+    if not _REVISION.fullmatch(revision) or ".." in revision:
         raise _bad(path, key, "revision", f"{revision!r} is not a commit or branch name")
     chat_format = _text(path, key, t, "chat_format")
     # "gguf", "llava", or a llama.cpp built-in name: spelled like a key here, and checked
     # against the engine's list before a pull (modelref.check_chat_format).
-    if not _KEY.match(chat_format):
+    if not _KEY.fullmatch(chat_format):
         raise _bad(
             path,
             key,
@@ -263,7 +349,7 @@ def _entry(key: str, t: Mapping[str, Any], path: Path) -> ModelSpec:
         raise _bad(path, key, "context_length", "must be a positive integer")
     aliases = t.get("aliases", [])
     if not isinstance(aliases, list) or not all(
-        isinstance(a, str) and _KEY.match(a) for a in aliases
+        isinstance(a, str) and _KEY.fullmatch(a) for a in aliases
     ):
         raise _bad(path, key, "aliases", "must be a list of lowercase names")
     return ModelSpec(
@@ -293,15 +379,14 @@ def _file(path: Path, key: str, where: str, table: Any) -> FileSpec:
     name = table.get("file")
     if not isinstance(name, str) or not name:
         raise _bad(path, key, f"{where}.file", "missing", "give the file's name in the repo")
-    if "/" in name or "\\" in name or name in (".", "..") or name.startswith(("~", ".")):
-        raise _bad(
-            path, key, f"{where}.file", f"{name!r} is not a plain file name", "no paths or '..'"
-        )
+    problem = file_name_problem(name)
+    if problem is not None:
+        raise _bad(path, key, f"{where}.file", problem, "give the plain name: no folders or '..'")
     size = table.get("size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
         raise _bad(path, key, f"{where}.size", "must be a positive number of bytes")
     sha = table.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
+    if sha is not None and (not isinstance(sha, str) or not _SHA256.fullmatch(sha)):
         raise _bad(
             path, key, f"{where}.sha256", "must be 64 lowercase hex digits", "or leave it out"
         )

@@ -10,11 +10,13 @@ import hashlib
 import json
 import os
 import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -549,3 +551,232 @@ def test_a_registry_chat_format_llava_does_not_know_stops_before_the_pull(
         assert "models.oracle.chat_format: 'vicunna' is not a format llava knows" in err
         assert "did you mean vicuna?" in err and err.count("\n") == 1
     assert served.hub.bytes_sent(MODEL) == 0  # refused before anything was fetched
+
+
+# ---- faults on disk and hostile text: a small repo of plain bytes (pull never parses them) ----
+
+SMALL = "test/small-GGUF"
+SMALL_MODEL = "small-Q4_K_M.gguf"
+SMALL_MMPROJ = "mmproj-small-F16.gguf"
+
+
+@dataclass(frozen=True)
+class SmallHub:
+    hub: FakeHub
+    model: bytes
+    env: dict[str, str]
+
+    @property
+    def cache(self) -> Path:
+        return Path(os.environ["HF_HOME"]) / "hub" / "models--test--small-GGUF"
+
+    @property
+    def partial(self) -> Path:
+        return self.cache / "blobs" / f"{hashlib.sha256(self.model).hexdigest()}.llava-partial"
+
+
+@pytest.fixture
+def small() -> Iterator[SmallHub]:
+    model = bytes(range(256)) * 1200  # 307,200 bytes
+    with FakeHub() as hub:
+        hub.add_repo(SMALL, {SMALL_MODEL: model, SMALL_MMPROJ: b"p" * 1000})
+        env = {
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_ETAG_TIMEOUT": "2",
+            "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+        }
+        yield SmallHub(hub, model, env)
+
+
+def one_error_line(result: subprocess.CompletedProcess[bytes], code: int) -> str:
+    """The run failed with `code`, and its last stderr line is the one clean error."""
+    err = result.stderr.decode()
+    assert result.returncode == code, err
+    assert result.stdout == b""
+    assert "unexpected" not in err and "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("Error: ") and " — " in last
+    return last
+
+
+@pytest.fixture
+def immutable() -> Iterator[Callable[[Path], None]]:
+    """Make a folder unwritable even for root: `chattr +i` (or mode 555 for other users)."""
+    made: list[Path] = []
+
+    def freeze(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+        else:
+            chattr = shutil.which("chattr")
+            frozen = chattr and subprocess.run(
+                [chattr, "+i", str(folder)], capture_output=True, check=False
+            )
+            if not frozen or frozen.returncode:
+                pytest.skip("chattr +i is not available here (root ignores mode bits)")
+        made.append(folder)
+
+    yield freeze
+    for folder in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("frozen", ["hf-home", "hf-home/hub"])
+def test_an_unwritable_cache_is_one_line_with_the_path(
+    small: SmallHub, immutable: Callable[[Path], None], frozen: str, images: Path
+) -> None:
+    folder = Path(os.environ["HF_HOME"]).parent / frozen
+    immutable(folder)
+    last = one_error_line(llava("pull", SMALL, env=small.env), 1)
+    assert last.startswith(f"Error: cannot write to {folder}/")
+    assert ("operation not permitted" if os.geteuid() == 0 else "permission denied") in last
+    assert last.endswith("point HF_HOME (or HF_HUB_CACHE) at a writable folder")
+    assert small.hub.gets(SMALL_MODEL) == []  # refused before any byte was fetched
+    # ask pulls a missing model itself: the same line, the same exit code
+    ask = llava("ask", "--model", SMALL, images / "red.png", env=small.env)
+    assert one_error_line(ask, 1) == last
+
+
+@pytest.mark.parametrize(
+    ("in_the_way", "env_name"),
+    [
+        ("hf-home", "HF_HOME"),  # HF_HOME is a file: huggingface_hub trips on it first
+        ("hf-home/hub", "HF_HOME"),
+        ("hf-home/hub/models--test--small-GGUF/blobs", "HF_HOME"),
+        ("elsewhere/cache", "HF_HUB_CACHE"),
+    ],
+)
+def test_a_file_where_a_cache_folder_should_be(
+    small: SmallHub, in_the_way: str, env_name: str
+) -> None:
+    blocker = Path(os.environ["HF_HOME"]).parent / in_the_way
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_bytes(b"not a folder")
+    env = dict(small.env)
+    if env_name == "HF_HUB_CACHE":
+        env["HF_HUB_CACHE"] = str(blocker)
+    last = one_error_line(llava("pull", SMALL, env=env), 1)
+    assert last == (
+        f"Error: {blocker} is a file where a folder should be"
+        " — move it away, or point HF_HOME (or HF_HUB_CACHE) at a folder"
+    )
+    assert blocker.read_bytes() == b"not a folder"
+
+
+def test_an_unwritable_record_folder_names_llava_home(
+    small: SmallHub, immutable: Callable[[Path], None]
+) -> None:
+    immutable(Path(os.environ["LLAVA_HOME"]))
+    last = one_error_line(llava("pull", SMALL, env=small.env), 1)
+    assert last.startswith(f"Error: cannot write to {os.environ['LLAVA_HOME']}/pulled")
+    assert last.endswith("point LLAVA_HOME at a writable folder")
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """In the child: writes past `limit` bytes fail with EFBIG, as on a full disk."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_disk_that_fills_mid_pull_keeps_the_partial_and_says_how_much_more(
+    small: SmallHub,
+) -> None:
+    limit = 100_000
+    result = subprocess.run(
+        [sys.executable, "-m", "llava_cli", "pull", SMALL],
+        env={**os.environ, **small.env},
+        capture_output=True,
+        timeout=60,
+        preexec_fn=_file_size_limit(limit),
+        check=False,
+    )
+    last = one_error_line(result, 1)
+    blobs = small.cache / "blobs"
+    assert last == (
+        f"Error: disk full at {blobs}: 207.2 kB more needed for {SMALL_MODEL}"
+        " (100.0 kB of 307.2 kB downloaded)"
+        " — free space and run `llava pull` again to resume"
+    )
+    assert small.partial.read_bytes() == small.model[:limit]  # kept, and exactly the prefix
+
+    again = llava("pull", SMALL, env=small.env)
+    assert again.returncode == 0, again.stderr
+    assert "resuming at 100.0 kB of 307.2 kB" in again.stderr.decode()
+    resumed = small.hub.gets(SMALL_MODEL)[-1]
+    assert (resumed.range_start, resumed.body_bytes) == (limit, len(small.model) - limit)
+    assert (blobs / hashlib.sha256(small.model).hexdigest()).read_bytes() == small.model
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("evil\u202egguf.gguf", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        ("two\nlines-Q8_0.gguf", "U+000A (control character)"),
+        ("isolate\u2066-F16.gguf", "U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+        ("..\\escape-Q8_0.gguf", "the file name '..\\\\escape-Q8_0.gguf'"),
+        ("sub/../../escape.gguf", "the file name 'sub/../../escape.gguf'"),
+    ],
+)
+def test_a_listing_with_hostile_file_names_is_refused(
+    small: SmallHub, name: str, shown: str
+) -> None:
+    small.hub.add_repo(SMALL, {SMALL_MODEL: small.model, SMALL_MMPROJ: b"p", name: b"x"})
+    last = one_error_line(llava("pull", SMALL, env=small.env), 1)
+    assert last.startswith(f"Error: {SMALL} lists ")
+    assert shown in last and "refusing a repo whose file names are not plain" in last
+    assert not any(c in last for c in "\u202e\u2066\n")
+    assert small.hub.gets(SMALL_MODEL) == []
+
+
+def test_a_malformed_commit_id_from_the_hub_is_refused(small: SmallHub) -> None:
+    small.hub.add_repo(SMALL, {SMALL_MODEL: small.model, SMALL_MMPROJ: b"p"}, commit="../../x")
+    last = one_error_line(llava("pull", SMALL, env=small.env), 1)
+    assert last == (
+        f"Error: the hub gave {SMALL} a malformed commit id '../../x'"
+        " — nothing was downloaded; check HF_ENDPOINT"
+    )
+    assert not (small.cache / "snapshots").exists()
+
+
+def test_a_registry_entry_with_a_bidi_override_stops_before_the_hub(small: SmallHub) -> None:
+    """It used to be retried against the hub ("cannot reach … RemoteProtocolError"), and the
+    override reached the terminal as it was."""
+    user_file = Path(os.environ["LLAVA_HOME"]) / "models.toml"
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text(
+        f"""
+[models.evil]
+name = "Evil"
+description = "A file name that reads backwards."
+repo = "{SMALL}"
+revision = "main"
+license = "mit"
+parameters = "1M"
+context_length = 512
+chat_format = "gguf"
+default_quant = "Q4_K_M"
+[models.evil.quants.Q4_K_M]
+file = "small-Q4_K_M\\u202egguf.exe"
+[models.evil.mmproj]
+file = "{SMALL_MMPROJ}"
+""",
+        encoding="utf-8",
+    )
+    for result in (llava("pull", "evil", env=small.env), llava("show", "evil", env=small.env)):
+        last = one_error_line(result, 2)
+        assert last == (
+            f"Error: {user_file}: models.evil.quants.Q4_K_M.file: its value holds"
+            " U+202E (RIGHT-TO-LEFT OVERRIDE)"
+            " — names and text in a registry are plain: remove control and bidi characters"
+        )
+        assert "\u202e" not in result.stderr.decode()
+    assert small.hub.requests == []

@@ -194,3 +194,136 @@ def test_choose_files_from_a_repo_listing() -> None:
     assert choose_files(Ref("o/m"), no_default)[1] == "m-Q2_K.gguf"  # then the smallest
     with pytest.raises(UsageError, match=r"has no Q5_K_M file.*Q2_K, Q4_K_M, Q8_0"):
         choose_files(Ref("o/m", "Q5_K_M"), listing)
+
+
+UNSAFE = [
+    ("\n", "U+000A (control character)"),
+    ("\0", "U+0000 (control character)"),
+    ("\x1b", "U+001B (control character)"),
+    ("\x7f", "U+007F (control character)"),
+    ("\u202e", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+    ("\u202a", "U+202A (LEFT-TO-RIGHT EMBEDDING)"),
+    ("\u2066", "U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+    ("\u2069", "U+2069 (POP DIRECTIONAL ISOLATE)"),
+    ("\u200e", "U+200E (LEFT-TO-RIGHT MARK)"),
+    ("\u200f", "U+200F (RIGHT-TO-LEFT MARK)"),
+    ("\u061c", "U+061C (ARABIC LETTER MARK)"),
+    ("\u2028", "U+2028 (LINE SEPARATOR)"),
+]
+
+
+def toml_escaped(text: str) -> str:
+    """`text` inside a TOML basic string: every non-ASCII or control character as \\uXXXX."""
+    return "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else f"\\u{ord(c):04x}" for c in text)
+
+
+@pytest.mark.parametrize(("char", "shown"), UNSAFE)
+@pytest.mark.parametrize(
+    ("old", "where"),
+    [
+        ('file = "mine-Q8_0.gguf"', "models.mine.quants.Q8_0.file"),
+        ('file = "mmproj-mine.gguf"', "models.mine.mmproj.file"),
+        ('repo = "me/mine-GGUF"', "models.mine.repo"),
+        ('revision = "main"', "models.mine.revision"),
+        ('description = "A test model."', "models.mine.description"),
+        ('name = "Mine"', "models.mine.name"),
+    ],
+)
+def test_control_and_bidi_characters_are_refused_by_code_point(
+    char: str, shown: str, old: str, where: str
+) -> None:
+    key, value = old.split(" = ")
+    new = f'{key} = "{toml_escaped(value.strip(chr(34))[:4] + char + value.strip(chr(34))[4:])}"'
+    text = ENTRY.format(sha="a" * 64, mmproj="mmproj-mine.gguf").replace(old, new)
+    path = user_registry(text)
+    with pytest.raises(ConfigError) as caught:
+        registry.load()
+    assert caught.value.one_line() == (
+        f"{path}: {where}: its value holds {shown}"
+        " — names and text in a registry are plain: remove control and bidi characters"
+    )
+    assert char not in caught.value.one_line()
+    assert caught.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("tables", "where"),
+    [
+        ('[models."mi\\u202ene"]\nname = "x"\n', "models.mi<U+202E>ne: its name"),
+        (
+            '[models.mine.quants."Q8\\n0"]\nfile = "x.gguf"\n',
+            "models.mine.quants.Q8<U+000A>0: its name",
+        ),
+        ('[models.other]\naliases = ["ok", "b\\u200fad"]\n', "models.other.aliases[1]: its value"),
+        ('default = "mi\\u0000ne"\n', "default: its value"),
+    ],
+)
+def test_keys_lists_and_the_default_are_checked_too(tables: str, where: str) -> None:
+    text = ENTRY.format(sha="a" * 64, mmproj="m.gguf")
+    text = tables + text if tables.startswith("default") else text + tables
+    path = user_registry(text)
+    with pytest.raises(ConfigError) as caught:
+        registry.load()
+    message = caught.value.one_line()
+    assert message.startswith(f"{path}: {where} holds U+")
+    assert not any(c in message for c in "\u202e\n\u200f\0")
+
+
+@pytest.mark.parametrize(
+    ("file", "problem"),
+    [
+        ("..", "'..' is not a plain file name"),
+        (".", "'.' is not a plain file name"),
+        ("C:evil.gguf", "'C:evil.gguf' is not a plain file name"),
+        ("C:\\\\evil.gguf", "'C:\\\\evil.gguf' is not a plain file name"),  # TOML "C:\\evil"
+        ("~/x.gguf", "'~/x.gguf' is not a plain file name"),
+        ("x" * 252 + ".gguf", "is longer than 255 bytes"),
+    ],
+)
+def test_file_names_are_plain_names(file: str, problem: str) -> None:
+    path = user_registry(ENTRY.format(sha="a" * 64, mmproj=file))
+    with pytest.raises(ConfigError) as caught:
+        registry.load()
+    assert caught.value.one_line().startswith(f"{path}: models.mine.mmproj.file: {problem} — ")
+
+
+@pytest.mark.parametrize(
+    "repo",
+    [
+        "me/mine-GGUF\\n",  # a trailing newline once passed a `$` pattern
+        "me/mi--ne",
+        "me/../mine",
+        "me/mine.git",
+        "-me/mine",
+        "me/mine-",
+        "me/" + "m" * 97,
+        "me/mine/extra",
+        "mine",
+    ],
+)
+def test_repos_must_be_hub_repo_ids(repo: str) -> None:
+    text = ENTRY.format(sha="a" * 64, mmproj="m.gguf").replace("me/mine-GGUF", repo)
+    path = user_registry(text)
+    with pytest.raises(ConfigError) as caught:
+        registry.load()
+    message = caught.value.one_line()
+    assert message.startswith(f"{path}: models.mine.repo: ")
+    assert "is not a hub repo id" in message or "holds U+000A" in message
+
+
+@pytest.mark.parametrize("revision", ["main\\n", "a//b", "a/", "../main", "v1/../../x"])
+def test_revisions_are_branch_or_commit_names(revision: str) -> None:
+    text = ENTRY.format(sha="a" * 64, mmproj="m.gguf").replace(
+        'revision = "main"', f'revision = "{revision}"'
+    )
+    user_registry(text)
+    with pytest.raises(ConfigError, match=r"models\.mine\.revision: "):
+        registry.load()
+
+
+@pytest.mark.parametrize(
+    "text", ["me/mi\nne", "me/mi\u202ene", "me/mi--ne", "me/x.git", "mine\n:Q8_0", "mine:Q8\n_0"]
+)
+def test_refs_with_control_characters_or_bad_repo_ids_are_usage_errors(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_ref(text)
