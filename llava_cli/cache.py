@@ -1,13 +1,16 @@
 """The prefix cache between runs: saved KV-cache states, so an image asked about again is
 neither encoded nor prefilled again.
 
-One file per entry, ``<key>.kv`` in ``<cache dir>/prefix``: a header (magic, the metadata the
-engine needs to know what the state holds, the payload's length and sha256) and the payload,
-llama.cpp's own sequence state. The key is a hash the engine computes from everything the state
-depends on (model and projector files, prefix tokens, image pixels, build); a different input
-is a different file, never a wrong answer. Entries are written atomically; one that is
-truncated, corrupt or unreadable is deleted and treated as a miss. The folder is an LRU capped
-at ``LLAVA_CACHE_SIZE`` (default 2 GiB): a hit refreshes an entry, a write evicts the oldest.
+One file per entry, ``<key>.kv`` in ``<cache dir>/prefix``: a header (magic, the key the entry
+was saved under, the metadata the engine needs to know what the state holds, the payload's
+length, and a sha256 of all of it) and the payload, llama.cpp's own sequence state. The key is
+a hash the engine computes from everything the state depends on (model and projector files,
+prefix tokens, image pixels, build); a different input is a different file, never a wrong
+answer, and an entry renamed or copied under another key is a miss, since it names its own.
+Entries are written atomically; one that is truncated, corrupt or unreadable is deleted and
+treated as a miss, and so is anything at an entry's path that is not a regular file within the
+cap (a FIFO, a device, a link). The folder is an LRU capped at ``LLAVA_CACHE_SIZE`` (default
+2 GiB): a hit refreshes an entry, a write evicts the oldest.
 """
 
 from __future__ import annotations
@@ -17,31 +20,46 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from .config import paths
 from .errors import ConfigError
-from .store import Bytes, write_atomic
+from .store import Bytes, read_own_file, write_atomic
 
 DEFAULT_CAP = 2 << 30
-MAGIC = b"LLAVAKV1"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+MAX_CAP = 1 << 50  # 1 PiB: far beyond any disk a cache lives on, and still exact as a float
+MAGIC = b"LLAVAKV2"  # 2: the header names its key, and the sha256 covers the header too
+_HEAD = struct.Struct("<8s32sI")  # magic, key, metadata length; then metadata, length, sha256
+_SIZE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*(?:([KMGTP])(I)?)?B?\s*", re.I | re.A)
+SIZE_FORMS = "bytes (1500) or a number with a unit (500MB, 2GiB, 1.5TB), from 0 to 1 PiB"
 
 
-def parse_size(text: str) -> int:
-    """Byte counts: ``2GiB`` is 2·2³⁰, ``2GB`` is 2·10⁹, ``1500`` is bytes."""
-    match = _SIZE.match(text)
+def parse_size(text: str, what: str = "LLAVA_CACHE_SIZE") -> int:
+    """Byte counts: ``2GiB`` is 2·2³⁰, ``2GB`` is 2·10⁹, ``1500`` is bytes; 0 to 1 PiB.
+
+    Exact arithmetic on bounded digits (no float, no int of unbounded length), so no
+    spelling of a number can overflow; ``what`` names the setting in the error."""
+    match = _SIZE.fullmatch(text)
+    shown = repr(text[:40] + ("…" if len(text) > 40 else ""))
     if not match:
-        raise ConfigError(f"bad size {text!r}", "write bytes, or e.g. 500MB, 2GiB")
-    number, unit = float(match.group(1)), (match.group(2) or "").upper()
-    prefix = unit[:1] if unit[:1] in "KMGT" else ""
-    scale = 1024 ** ("KMGT".index(prefix) + 1) if prefix and "I" in unit else _UNITS[prefix]
-    return int(number * scale)
+        raise ConfigError(f"{what}={shown} is not a size", f"write {SIZE_FORMS}")
+    whole, fraction, prefix, binary = match.groups()
+    whole = whole.lstrip("0")
+    fraction = (fraction or "")[:18]  # beyond 10^-18, not a byte even at 1 PiB
+    power = "KMGTP".index(prefix.upper()) + 1 if prefix else 0
+    if len(whole) > 16:  # over 10^16: more than 1 PiB whatever the unit
+        raise ConfigError(f"{what}={shown} is more than 1 PiB", f"write {SIZE_FORMS}")
+    number = int(whole or "0") + Fraction(int(fraction or "0"), 10 ** len(fraction))
+    size = number * (1024 if binary else 1000) ** power
+    if size > MAX_CAP:
+        raise ConfigError(f"{what}={shown} is more than 1 PiB", f"write {SIZE_FORMS}")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -60,7 +78,10 @@ class PrefixCache:
     @classmethod
     def default(cls) -> PrefixCache:
         cap = os.environ.get("LLAVA_CACHE_SIZE")
-        return cls(paths().cache_dir / "prefix", parse_size(cap) if cap else DEFAULT_CAP)
+        return cls(
+            paths().cache_dir / "prefix",
+            parse_size(cap, "LLAVA_CACHE_SIZE") if cap else DEFAULT_CAP,
+        )
 
     def _path(self, key: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{64}", key):
@@ -68,17 +89,14 @@ class PrefixCache:
         return self.folder / f"{key}.kv"
 
     def get(self, key: str) -> tuple[dict[str, Any], memoryview] | None:
-        """The entry, verified; ``None`` for a miss (a damaged entry is removed). The payload
-        is a writable view into one buffer read from disk: no further copies."""
+        """The entry saved under ``key``, verified; ``None`` for a miss (a damaged entry, or one
+        saved under another key, is removed). The payload is a writable view into one buffer
+        read from disk: no further copies."""
         path = self._path(key)
-        try:
-            with path.open("rb") as f:
-                data = bytearray(os.fstat(f.fileno()).st_size)
-                if f.readinto(data) != len(data):
-                    return None
-        except OSError:
+        data = read_own_file(path, self.cap)  # only a regular file, at most the cap
+        if data is None:
             return None
-        entry = _parse(data)
+        entry = _parse(key, data)
         if entry is None:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -87,6 +105,14 @@ class PrefixCache:
             os.utime(path)  # most recently used
         return entry
 
+    def _usable(self, path: Path) -> bool:
+        """Whether ``get`` would read the file at ``path``: a regular file within the cap."""
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return False
+        return stat.S_ISREG(info.st_mode) and info.st_size <= self.cap
+
     def fits(self, size: int) -> bool:
         """Whether an entry of about this many bytes is worth saving at all."""
         return 0 < size <= self.cap
@@ -94,7 +120,7 @@ class PrefixCache:
     def put(self, key: str, meta: dict[str, Any], payload: Bytes) -> None:
         """Write an entry (atomically); an entry already there is only marked as used."""
         path = self._path(key)
-        if path.is_file():
+        if self._usable(path):
             with contextlib.suppress(OSError):
                 os.utime(path)
             return
@@ -102,16 +128,16 @@ class PrefixCache:
         header = json.dumps(meta, separators=(",", ":")).encode()
         head = b"".join(
             (
-                MAGIC,
-                struct.pack("<I", len(header)),
+                _HEAD.pack(MAGIC, bytes.fromhex(key), len(header)),
                 header,
                 struct.pack("<Q", len(view)),
-                hashlib.sha256(view).digest(),
             )
         )
-        if not self.fits(len(head) + len(view)):
+        digest = hashlib.sha256(head)
+        digest.update(view)
+        if not self.fits(len(head) + 32 + len(view)):
             return
-        write_atomic(path, head, view)
+        write_atomic(path, head, digest.digest(), view)  # whatever else was there is replaced
         self.evict()
 
     def entries(self) -> list[Path]:
@@ -122,7 +148,7 @@ class PrefixCache:
         found = []
         for path in self.folder.glob(pattern) if self.folder.is_dir() else []:
             with contextlib.suppress(OSError):
-                found.append((path, path.stat()))
+                found.append((path, path.lstat()))  # a link counts as itself, not its target
         return found
 
     def _leftovers(self, older_than: float) -> list[tuple[Path, os.stat_result]]:
@@ -156,21 +182,25 @@ class PrefixCache:
         return gone
 
 
-def _parse(data: bytearray) -> tuple[dict[str, Any], memoryview] | None:
+def _parse(key: str, data: bytearray) -> tuple[dict[str, Any], memoryview] | None:
+    """The metadata and payload of an entry saved under ``key``; None if it names another
+    key, or its sha256 (over the header and the payload) does not match."""
     try:
-        if not data.startswith(MAGIC):
+        magic, saved_key, meta_len = _HEAD.unpack_from(data, 0)
+        if magic != MAGIC or saved_key != bytes.fromhex(key):
             return None
-        offset = len(MAGIC)
-        (meta_len,) = struct.unpack_from("<I", data, offset)
-        offset += 4
-        meta = json.loads(data[offset : offset + meta_len])
-        offset += meta_len
+        offset = _HEAD.size + meta_len
         (size,) = struct.unpack_from("<Q", data, offset)
         offset += 8
         digest = bytes(data[offset : offset + 32])
         payload = memoryview(data)[offset + 32 :]
-        if len(payload) != size or hashlib.sha256(payload).digest() != digest:
+        if len(payload) != size:
             return None
+        check = hashlib.sha256(memoryview(data)[:offset])
+        check.update(payload)
+        if check.digest() != digest:
+            return None
+        meta = json.loads(data[_HEAD.size : _HEAD.size + meta_len])
         return (meta, payload) if isinstance(meta, dict) else None
-    except (struct.error, ValueError):
+    except (struct.error, ValueError, RecursionError):  # RecursionError: {"a": [[[…]]]}
         return None

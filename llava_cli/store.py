@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from typing import Any
 from .config import hf_hub_cache, paths
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_REF_MAX = 4096  # refs/<branch>: a commit hash
+_RECORD_MAX = 1 << 20  # a pulled model's record: a few hundred bytes of JSON
 
 
 def is_commit(revision: str) -> bool:
@@ -64,10 +67,8 @@ class RepoCache:
     def commit_for(self, revision: str) -> str | None:
         if is_commit(revision):
             return revision
-        try:
-            commit = (self.folder / "refs" / revision).read_text(encoding="utf-8").strip()
-        except OSError:
-            return None
+        data = read_own_file(self.folder / "refs" / revision, _REF_MAX)
+        commit = bytes(data or b"").decode("ascii", "replace").strip()
         return commit if is_commit(commit) else None
 
     def set_ref(self, revision: str, commit: str) -> None:
@@ -125,6 +126,38 @@ def _digest_ok(path: Path, digest: str | None) -> bool:
 
 
 Bytes = bytes | bytearray | memoryview
+_OPEN_OWN = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)  # a FIFO put in a file's place must not hang the open
+    | getattr(os, "O_NOFOLLOW", 0)  # nor a link lead the read elsewhere
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+def read_own_file(path: Path, max_bytes: int) -> bytearray | None:
+    """The bytes of a file llava keeps in its own folders (a prefix-cache entry, a record, a
+    ref), or None when it is missing, unreadable, not a regular file (a FIFO, a device, a
+    symbolic link) or larger than ``max_bytes``: such a file is as good as absent. Never
+    blocks, and never allocates more than ``max_bytes``."""
+    try:
+        fd = os.open(path, _OPEN_OWN)
+    except OSError:  # missing, a link (ELOOP), a permission, …
+        return None
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+                return None
+            data = bytearray(info.st_size)
+            view, got = memoryview(data), 0
+            while got < len(data):  # one read() returns at most ~2 GiB on Linux
+                n = f.readinto(view[got:])
+                if not n:
+                    return None  # it shrank while we read it
+                got += n
+            return data
+        except (OSError, MemoryError):
+            return None
 
 
 def write_atomic(path: Path, *parts: Bytes) -> None:
@@ -252,11 +285,15 @@ def forget(ref: str) -> None:
 
 
 def _parse(path: Path) -> Pulled | None:
-    """A record we cannot read is skipped: it only describes files, it never holds them."""
+    """A record we cannot read is skipped: it only describes files, it never holds them.
+    So is one that is not a regular file or is far larger than a record can be."""
+    raw = read_own_file(path, _RECORD_MAX)
+    if raw is None:
+        return None
     try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        data: dict[str, Any] = json.loads(raw.decode("utf-8"))
         data["model"] = StoredFile(**data["model"])
         data["mmproj"] = StoredFile(**data["mmproj"])
         return Pulled(**data)
-    except (OSError, ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: [[[…]]]
         return None

@@ -5,19 +5,35 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-from llava_cli import synthetic
-from llava_cli.cache import PrefixCache, parse_size
+from llava_cli import store, synthetic
+from llava_cli.cache import MAX_CAP, PrefixCache, parse_size
 from llava_cli.conversation import Conversation, open_model
+from llava_cli.errors import ConfigError
 from llava_cli.images import load
 from llava_cli.options import RuntimeOptions, SamplingParams
 
 from .conftest import llava
 
 KEY = "ab" * 32
+OTHER = "cd" * 32
+T = TypeVar("T")
+
+
+def within(seconds: float, call: Callable[[], T]) -> T:
+    """``call()``, failing the test (not hanging it) if it takes longer than ``seconds``."""
+    result: list[T] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return result[0]
 
 
 def prefix_files() -> list[Path]:
@@ -75,10 +91,49 @@ def test_lru_evicts_down_to_its_cap(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "size"), [("2GiB", 2 << 30), ("500MB", 500_000_000), ("1024", 1024), ("1.5k", 1500)]
-)
+    ("text", "size"),
+    [
+        ("2GiB", 2 << 30), ("500MB", 500_000_000), ("1024", 1024), ("1.5k", 1500), ("0", 0),
+        (" 2 gib ", 2 << 30), ("7B", 7), ("111111111111", 111_111_111_111), ("1PiB", MAX_CAP),
+        ("1." + "0" * 5000 + "1", 1),
+    ],
+)  # fmt: skip
 def test_cache_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("1" * 400, "more than 1 PiB"),  # was float("1…1") = inf: OverflowError in int()
+        ("9" * 5000, "more than 1 PiB"),  # past int()'s 4,300-digit limit
+        ("1.0000001PiB", "more than 1 PiB"), ("2PB", "more than 1 PiB"),
+        ("nan", "not a size"), ("inf", "not a size"), ("-1", "not a size"),
+        ("1e5", "not a size"), ("", "not a size"), ("12 parsecs", "not a size"),
+        ("\u0663", "not a size"), ("1\x1b[31m", "not a size"),
+    ],
+)  # fmt: skip
+def test_bad_cache_sizes_name_the_setting_and_the_range(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_size(text)
+    message = str(err.value)
+    assert message.startswith("LLAVA_CACHE_SIZE=") and problem in message
+    assert "2GiB" in message and "from 0 to 1 PiB" in message
+    assert err.value.exit_code == 2
+    assert "\x1b" not in message and len(message) < 200
+
+
+def test_the_cli_refuses_a_bad_cache_size_in_one_line(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    huge = "1" * 400
+    for args in (["cache", "info"], ["ask", images / "red.png", "--model", oracle.model]):
+        result = llava(*args, env={"LLAVA_CACHE_SIZE": huge})
+        assert result.returncode == 2 and result.stdout == b""
+        [line] = result.stderr.decode().splitlines()
+        assert line.startswith("Error: LLAVA_CACHE_SIZE=") and "more than 1 PiB" in line
+    info = llava("cache", "info", env={"LLAVA_CACHE_SIZE": "111111111111"})
+    assert info.returncode == 0 and "of 111.1 GB" in info.stdout.decode()
 
 
 def test_a_restored_prefix_answers_the_same_without_encoding(
@@ -221,3 +276,111 @@ def test_help_imports_no_heavy_module(args: list[str]) -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def answer(pair: synthetic.ModelPair, image: Path, *, cache: bool = True) -> tuple[str, int]:
+    """The answer about ``image``, and how many prefixes came from the cache."""
+    loaded = open_model(pair.model, pair.mmproj, RuntimeOptions(cache=cache))
+    try:
+        conv = Conversation(loaded)
+        sampling = SamplingParams(temperature=0, max_tokens=12)
+        text = "".join(conv.ask("What colour is this?", [load(str(image))], sampling))
+        return text.strip(), loaded.session.counters.prefixes_restored
+    finally:
+        loaded.close()
+
+
+def test_an_entry_copied_under_another_key_is_not_restored(
+    oracle: synthetic.ModelPair, images: Path, tmp_path: Path
+) -> None:
+    """Two models of the same shape and tokenizer, asked about the same image, have the same
+    prefix tokens; only the key tells their states apart. An entry carries its key."""
+    blind = synthetic.build_colour_oracle(tmp_path / "blind", gain=0.0)  # sees no colour
+    blue = images / "blue.png"
+    assert answer(blind, blue, cache=False) == ("none", 0)  # as --no-cache answers
+    assert answer(oracle, blue) == ("blue", 0)
+    [oracle_entry] = prefix_files()
+    assert answer(blind, blue) == ("none", 0)
+    [blind_entry] = [p for p in prefix_files() if p != oracle_entry]
+    blind_entry.write_bytes(oracle_entry.read_bytes())  # the oracle's state, under blind's key
+    assert answer(blind, blue) == ("none", 0)  # before: ("blue", 1), the oracle's answer
+    assert blind_entry.read_bytes() != oracle_entry.read_bytes()  # replaced by blind's own
+    assert answer(blind, blue) == ("none", 1)
+
+
+def test_an_entry_names_its_key(tmp_path: Path) -> None:
+    cache = PrefixCache(tmp_path)
+    cache.put(KEY, {"spans": []}, b"state" * 100)
+    saved = (tmp_path / f"{KEY}.kv").read_bytes()
+    copy = tmp_path / f"{OTHER}.kv"
+    copy.write_bytes(saved)  # the right bytes under the wrong name
+    assert cache.get(OTHER) is None and not copy.exists()
+    assert cache.get(KEY) is not None
+    forged = bytearray(saved)
+    forged[8:40] = bytes.fromhex(OTHER)  # the key in the header rewritten: its sha256 fails
+    copy.write_bytes(forged)
+    assert cache.get(OTHER) is None
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a device", "link to an entry", "over the cap"])
+def test_only_a_regular_entry_within_the_cap_is_read(kind: str, tmp_path: Path) -> None:
+    cache = PrefixCache(tmp_path / "prefix", cap=10_000)
+    cache.folder.mkdir()
+    path = cache.folder / f"{KEY}.kv"
+    if kind == "fifo":
+        os.mkfifo(path)  # no writer: a blocking open would wait forever
+    elif kind == "link to a device":
+        path.symlink_to("/dev/zero")
+    elif kind == "link to an entry":
+        elsewhere = PrefixCache(tmp_path / "elsewhere")
+        elsewhere.put(KEY, {}, b"x" * 100)
+        path.symlink_to(elsewhere.folder / f"{KEY}.kv")
+    else:
+        PrefixCache(cache.folder, cap=1 << 20).put(KEY, {}, b"x" * 20_000)
+    assert within(5, lambda: cache.get(KEY)) is None
+    cache.put(KEY, {"n": 1}, b"y" * 100)  # a real entry takes its place
+    assert path.is_file() and not path.is_symlink()
+    assert cache.get(KEY) == ({"n": 1}, b"y" * 100)
+    assert cache.info().entries == 1
+
+
+def test_a_fifo_in_place_of_an_entry_does_not_hang_the_next_ask(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    ask_json(oracle, images / "red.png")
+    [entry] = prefix_files()
+    entry.unlink()
+    os.mkfifo(entry)
+    args = ["--model", oracle.model, "--temperature", "0", "--json"]
+    result = llava("ask", images / "red.png", *args, timeout=60)
+    assert result.returncode == 0, result.stderr
+    again = json.loads(result.stdout)
+    assert again["answer"] == "red" and encoded(again)
+    assert entry.is_file()  # written anew in the FIFO's place
+    assert not encoded(ask_json(oracle, images / "red.png"))
+
+
+def pulled(ref: str) -> store.Pulled:
+    file = store.StoredFile("m.gguf", "0" * 64, 1, "/nowhere/m.gguf")
+    return store.Pulled(ref, ref, "o/r", "main", "1" * 40, "q8_0", "chatml", file, file, 1.0)
+
+
+def test_records_that_are_not_small_regular_files_are_skipped(tmp_path: Path) -> None:
+    store.save(pulled("good:q8_0"))
+    folder = store._record_path("good:q8_0").parent
+    os.mkfifo(folder / "fifo.json")
+    (folder / "device.json").symlink_to("/dev/zero")
+    (folder / "huge.json").write_bytes(b" " * (2 << 20))
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert [r.ref for r in within(5, lambda: list(store.records()))] == ["good:q8_0"]
+    os.mkfifo(store._record_path("fifo:q8_0"))
+    assert within(5, lambda: store.record_for("fifo:q8_0")) is None
+
+
+def test_a_ref_that_is_not_a_regular_file_is_no_commit(tmp_path: Path) -> None:
+    repo = store.RepoCache("owner/name", tmp_path)
+    (repo.folder / "refs").mkdir(parents=True)
+    os.mkfifo(repo.folder / "refs" / "main")
+    assert within(5, lambda: repo.commit_for("main")) is None
+    repo.set_ref("dev", "a" * 40)
+    assert repo.commit_for("dev") == "a" * 40

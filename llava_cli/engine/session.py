@@ -347,12 +347,12 @@ class Session:
         entry = self.state_store.get(key)
         if entry is None:
             return
-        meta, payload = entry
+        meta, payload = entry  # saved under this key (the store checks the entry names it)
         try:
             spans = [_Span(**span) for span in meta["spans"]]
+            held = [t for s in spans for t in ([s.key] if s.kind == "image" else s.tokens)]
         except (KeyError, TypeError):
             return
-        held = [t for s in spans for t in ([s.key] if s.kind == "image" else s.tokens)]
         if held != prefix:
             return  # not this prompt's prefix after all: ignore it
         started = time.perf_counter()
