@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import BadInput, ConfigError
 
 DEFAULT_CTX = 4096
 DEFAULT_PROMPT = "Describe this image."
+SETTINGS_MAX_BYTES = 1 << 20  # config.toml and models.toml: a registry of thousands fits
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,15 @@ CONFIG_KEYS = {"model": "the model used when none is named (NAME[:QUANT], OWNER/
 
 def read_toml(path: Path) -> dict[str, Any]:
     """A settings file as a dict; unreadable or malformed is a ConfigError naming it."""
+    from .files import read_regular
+
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
+        return tomllib.loads(read_regular(path, SETTINGS_MAX_BYTES, "settings file").decode())
+    except BadInput as exc:  # a FIFO, a device, a huge file: the user's settings are wrong
+        raise ConfigError(exc.message, exc.hint) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text", "fix its encoding") from exc
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax") from exc
 
 
@@ -97,7 +102,7 @@ def config_file() -> Path:
 def settings() -> dict[str, str]:
     """``config.toml``, checked strictly: unknown keys and wrong types are errors."""
     path = config_file()
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
     data = read_toml(path)
     for key, value in data.items():

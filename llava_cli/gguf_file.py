@@ -453,9 +453,8 @@ def text_width(model: GGUFInfo) -> int | None:
     return model.get_int(f"{model.architecture}.embedding_length")
 
 
-def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:
-    """Fail with a clear error when ``mmproj`` cannot serve ``model``."""
-    names = f"model {model.path.name} and mmproj {mmproj.path.name}"
+def check_model(model: GGUFInfo) -> None:
+    """Fail with a clear error when ``model`` is not a text model with weights."""
     if model.architecture == "clip":
         raise ModelFileError(
             f"{model.path} is a projector (mmproj), not a text model",
@@ -466,6 +465,12 @@ def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:
             f"{model.path} is a vocab-only GGUF: a tokenizer with no weights, it cannot answer",
             "pass the full model file, the GGUF with the weights, with --model",
         )
+
+
+def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:
+    """Fail with a clear error when ``mmproj`` cannot serve ``model``."""
+    names = f"model {model.path.name} and mmproj {mmproj.path.name}"
+    check_model(model)
     if mmproj.architecture != "clip":
         raise ModelFileError(
             f"mmproj {mmproj.path} is not a CLIP projector "

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from .errors import DownloadError, LlavaError, ModelNotAvailable
-from .registry import escaped, unsafe_character
 from .store import RepoCache
+from .text import escaped, unsafe_character
 from .units import human_bytes
 
 T = TypeVar("T")

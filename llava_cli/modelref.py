@@ -18,6 +18,7 @@ from pathlib import Path
 from . import hub, registry, store
 from .config import paths
 from .errors import ConfigError, DownloadError, ModelNotAvailable, UsageError
+from .gguf_file import check_model, read_gguf
 from .registry import FileSpec, Ref
 from .store import RepoCache
 from .templates import OWN_FORMATS, check_format_name
@@ -88,6 +89,8 @@ def resolve(
         path = Path(text).expanduser()
         if mmproj:
             return ModelFiles(path.name, path, Path(mmproj).expanduser())
+        # A missing, broken or weightless model says so before its projector is looked for.
+        check_model(read_gguf(path, "model"))
         return ModelFiles(path.name, path, find_mmproj(path))
     if mmproj:
         raise UsageError(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 from .config import paths, read_toml
 from .errors import ConfigError, UsageError
+from .text import escaped, unsafe_character
 
 # Whole-string patterns: used with fullmatch (``$`` alone would let a trailing newline through).
 _KEY = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -32,7 +32,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 # Control (Cc), format (Cf: bidi overrides and isolates, marks, zero-width), line and paragraph
 # separators, lone surrogates: never in a name, and never to be printed as they are.
-_UNSAFE_CATEGORIES = frozenset(("Cc", "Cf", "Zl", "Zp", "Cs"))
 _FILE_NAME_MAX = 255  # bytes (UTF-8), the usual file-system limit on one name
 
 _REQUIRED = (
@@ -138,23 +137,6 @@ class Registry:
             f"unknown model {name!r}",
             hint + "see `llava list --available`, or name a hub repo as OWNER/REPO[:QUANT]",
         )
-
-
-def unsafe_character(text: str) -> str | None:
-    """The first control, bidi or other invisible character in ``text``, described by its code
-    point (``U+202E (RIGHT-TO-LEFT OVERRIDE)``); None when the text is plain."""
-    for char in text:
-        if unicodedata.category(char) in _UNSAFE_CATEGORIES:
-            name = unicodedata.name(char, "") or "control character"
-            return f"U+{ord(char):04X} ({name})"
-    return None
-
-
-def escaped(text: str) -> str:
-    """``text`` with each unsafe character written as ``<U+XXXX>``: safe to print."""
-    return "".join(
-        f"<U+{ord(c):04X}>" if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in text
-    )
 
 
 def is_repo_id(text: str) -> bool:

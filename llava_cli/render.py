@@ -9,11 +9,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO, cast
 
+from .text import escaped
 from .units import human_bytes
 
 __all__ = ["human_bytes"]  # re-exported for the commands
@@ -102,39 +102,31 @@ def stdout_failed() -> str | None:
     return sys.stdout.failure if isinstance(sys.stdout, _GuardedOutput) else None
 
 
-# Characters that must not reach a terminal from a file name, GGUF metadata or the network:
-# C0 and C1 controls (escape sequences) and the bidirectional controls that make text read
-# otherwise than it is ("Trojan Source").
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str) -> str:
-    """``text`` with each control or bidi character written as an escape (``\\u202e``)."""
-    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
-
-
 def error(message: str) -> None:
     """One line on stderr: ``Error: <what> — <fix>`` (whatever came from files, escaped)."""
     prefix = "\x1b[1;31mError:\x1b[0m " if _color(sys.stderr) else "Error: "
-    sys.stderr.write(prefix + printable(message) + "\n")
+    sys.stderr.write(prefix + escaped(message) + "\n")
     sys.stderr.flush()
 
 
 def info(message: str) -> None:
     """A progress or diagnostic line on stderr."""
-    message = printable(message)
+    message = escaped(message)
     line = f"\x1b[2m{message}\x1b[0m" if _color(sys.stderr) else message
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
 def stream_answer(chunks: Iterable[str], out: TextIO | None = None) -> None:
-    """Write text chunks to stdout as they come, then a newline (also after a cut-off one)."""
+    """Write text chunks to stdout as they come, then a newline (also after a cut-off one).
+    A terminal gets no control characters (a model's escape sequences); a pipe gets every
+    byte the model wrote."""
     out = out or sys.stdout
+    terminal = out.isatty()
     wrote = False
     try:
         for chunk in chunks:
-            out.write(chunk)
+            out.write(chunk.translate(_CONTROL) if terminal else chunk)
             out.flush()
             wrote = True
     finally:
@@ -213,7 +205,7 @@ def confirm(question: str) -> bool:
 def table(rows: list[list[str]], out: TextIO | None = None) -> None:
     """Plain aligned columns on stdout (the first row is the header); no colour, easy to cut."""
     out = out or sys.stdout
-    rows = [[printable(cell) for cell in row] for row in rows]
+    rows = [[escaped(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]

@@ -14,6 +14,7 @@ from ..errors import EXIT_OK, LlavaError, ModelNotAvailable, UsageError
 from ..hub import RemoteFile
 from ..modelref import Target, find_local, local_target, plan, registry_target
 from ..registry import ModelSpec, Ref, parse_ref
+from ..text import escaped
 
 
 def list_pulled(*, json: bool = False) -> int:
@@ -116,7 +117,7 @@ def show(text: str, *, ctx: int | None = None) -> int:
     lines.append(("memory", _memory(target, local, ctx, spec)))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
-        sys.stdout.write(f"{key:<{width}}  {render.printable(value)}\n")
+        sys.stdout.write(f"{key:<{width}}  {escaped(value)}\n")
     return EXIT_OK
 
 
@@ -247,7 +248,7 @@ def cache_info() -> int:
 
     info = PrefixCache.default().info()
     sys.stdout.write(
-        f"folder   {render.printable(str(info.folder))}\n"
+        f"folder   {escaped(str(info.folder))}\n"
         f"entries  {info.entries}\n"
         f"size     {render.human_bytes(info.size)} of {render.human_bytes(info.cap)} "
         "(LLAVA_CACHE_SIZE)\n"
