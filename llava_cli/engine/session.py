@@ -72,7 +72,8 @@ class Completion:
 
 
 class StateStore(Protocol):
-    """Where prefix states are kept between runs (``llava_cli.cache.PrefixCache``)."""
+    """Where prefix states are kept between runs (``llava_cli.cache.PrefixCache``). ``get(key)``
+    returns only an entry that was saved under ``key``, verified."""
 
     def get(self, key: str) -> tuple[dict[str, Any], memoryview] | None: ...
     def put(self, key: str, meta: dict[str, Any], payload: memoryview) -> None: ...
