@@ -3,15 +3,26 @@
 Whatever comes in (JPEG, PNG, WebP, GIF, BMP, TIFF; CMYK, 16-bit, palette, greyscale, alpha),
 what comes out is 8-bit RGB pixels, upright, on white where it was transparent. libmtmd gets
 those raw pixels (``mtmd_bitmap_init``): lossless, and no second decode of a compressed file.
+
+Inputs are hostile until decoded: only regular files are opened as paths (a FIFO or a device
+is refused, ``-`` is the way to stream), bytes are counted as they arrive against
+``max_bytes``, any exception a decoder raises is bad input (exit 4), and what native decoders
+(libtiff) write to file descriptor 2 is captured, never shown.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import re
+import stat
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from .errors import ImageError
 
@@ -19,8 +30,18 @@ if TYPE_CHECKING:
     from PIL import Image
 
 DEFAULT_MAX_PIXELS = 100_000_000
+# Measured: decoding the worst image within DEFAULT_MAX_PIXELS (10000x10000 RGBA, CMYK or
+# float; the pixels alone are 400 MB as Pillow holds them) peaks at 0.69 GB over the process's
+# baseline. The source bytes are let go once decoded, so they only add while the decoder runs:
+# 256 MiB + 400 MB = 0.66 GB, under that peak and the 1 GB an image may cost. A 100-megapixel
+# camera JPEG is 30-60 MB; noise at JPEG quality 100 is 156 MiB.
+DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
 SUPPORTED = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 _FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "DIB")
+_READ_CHUNK = 1 << 20
+_BAND_PIXELS = 1 << 20  # pixels converted at a time: 4 MiB of RGBA
+_RAISE_BYTES_HINT = "raise the limit with --max-image-bytes / LLAVA_MAX_IMAGE_BYTES"
+_STDIN_HINT = "pipe an image in: cat x.png | llava ask -"
 
 
 @dataclass(frozen=True)
@@ -38,73 +59,198 @@ class PreparedImage:
         return f"{self.width}x{self.height} {self.format} {self.mode}"
 
 
-def read_source(source: str, stdin: BinaryIO | None = None) -> bytes:
-    """The bytes of ``source``: a file path, or ``-`` for standard input."""
+def read_source(
+    source: str, stdin: BinaryIO | None = None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> bytes:
+    """The bytes of ``source``: a regular file's path, or ``-`` for standard input. More than
+    ``max_bytes`` is refused as soon as it is seen, before it is all read."""
     if source == "-":
         if stdin is None and (sys.stdin is None or sys.stdin.isatty()):
             raise ImageError(
-                "'-' reads an image from standard input, but nothing is piped in",
-                "pipe an image in: cat x.png | llava ask -",
+                "'-' reads an image from standard input, but nothing is piped in", _STDIN_HINT
             )
-        data = (stdin or sys.stdin.buffer).read()
+        stream = stdin or sys.stdin.buffer
+        data = _read_bounded(stream.read, max_bytes, _READ_CHUNK, "standard input")
         if not data:
-            raise ImageError(
-                "no image data on standard input", "pipe an image in: cat x.png | llava ask -"
-            )
+            raise ImageError("no image data on standard input", _STDIN_HINT)
         return data
-    path = Path(source)
+    fd = _open_regular_file(source, max_bytes)
     try:
-        if path.is_dir():
-            raise ImageError(f"{source} is a directory, not an image", "pass image files")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"image {source} does not exist", "check the path") from None
-    except PermissionError:
-        raise ImageError(f"cannot read image {source}: permission denied") from None
+        size = os.fstat(fd).st_size
+        # One read of the whole file when its size is known; a file that grows (or a /proc
+        # file that claims size 0) is still cut off at max_bytes + 1.
+        first = min(size, max_bytes) + 1
+        data = _read_bounded(lambda n: os.read(fd, n), max_bytes, first, f"image {source}")
     except OSError as exc:
         raise ImageError(f"cannot read image {source}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     if not data:
         raise ImageError(f"image {source} is empty", "pass a complete image file")
     return data
 
 
+def _open_regular_file(source: str, max_bytes: int) -> int:
+    """A read-only descriptor on ``source``, which must be a regular file (a symbolic link to
+    one is fine) of at most ``max_bytes``. Checked before opening, so that opening a device has
+    no side effect, and again on the open descriptor, in case the path was swapped between."""
+    try:
+        _check_regular(source, os.stat(source), max_bytes)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # a FIFO cannot block
+        fd = os.open(source, flags)
+    except FileNotFoundError:
+        raise ImageError(f"image {source} does not exist", "check the path") from None
+    except PermissionError:
+        raise ImageError(f"cannot read image {source}: permission denied") from None
+    except ValueError:  # a NUL byte in the path
+        raise ImageError(f"image path {source!r} holds a NUL byte", "check the path") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read image {source}: {exc.strerror or exc}") from None
+    try:
+        _check_regular(source, os.fstat(fd), max_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_regular(source: str, st: os.stat_result, max_bytes: int) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{source} is a directory, not an image", "pass image files")
+    if not stat.S_ISREG(st.st_mode):
+        kind = _file_kind(st.st_mode)
+        hint = (
+            f"read it as standard input: llava ask - < {source}"
+            if stat.S_ISFIFO(st.st_mode)
+            else "pass an image file; to stream one, pipe it to '-': … | llava ask -"
+        )
+        raise ImageError(f"{source} is {kind}, not a regular file", hint)
+    if st.st_size > max_bytes:
+        raise ImageError(
+            f"image {source} is {_size(st.st_size)}, over the limit of {_size(max_bytes)}",
+            _RAISE_BYTES_HINT,
+        )
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a file"
+
+
+def _read_bounded(read: Callable[[int], bytes], max_bytes: int, first: int, what: str) -> bytes:
+    """Everything ``read`` gives, or ImageError as soon as it gives more than ``max_bytes``:
+    at most ``max_bytes + 1`` bytes are ever held, however much is on offer, and never twice
+    (the first read is returned as it is when it was all; later ones grow one buffer)."""
+    data = read(min(first, max_bytes + 1))
+    total = len(data)
+    grown: io.BytesIO | None = None
+    while data and total <= max_bytes:
+        chunk = read(min(_READ_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            break
+        if grown is None:
+            grown = io.BytesIO(data)
+            grown.seek(0, io.SEEK_END)
+        grown.write(chunk)
+        total += len(chunk)
+    if total > max_bytes:
+        raise ImageError(
+            f"{what} is more than {_size(max_bytes)}, the limit for an image", _RAISE_BYTES_HINT
+        )
+    return data if grown is None else grown.getvalue()
+
+
+def _size(n: int) -> str:
+    """``268,435,456 bytes (256 MiB)``: exact, and readable."""
+    exact = f"{n:,} bytes"
+    if n < 1024:
+        return exact
+    value, unit = n / 1024, "KiB"
+    for larger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{exact} ({value:.4g} {unit})"
+
+
 def prepare(source: str, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """Decode ``data`` into upright 8-bit RGB, refusing anything over ``max_pixels``."""
+    return _decode(source, io.BytesIO(data), max_pixels)
+
+
+def load(
+    source: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    stdin: BinaryIO | None = None,
+) -> PreparedImage:
+    # Only the stream holds the source bytes, and it is closed once they are decoded: the
+    # compressed file and the converted pixels are never in memory together.
+    stream = io.BytesIO(read_source(source, stdin, max_bytes=max_bytes))
+    return _decode(source, stream, max_pixels)
+
+
+def _decode(source: str, stream: io.BytesIO, max_pixels: int) -> PreparedImage:
     import logging
     import warnings
 
     # Pillow reports oddities of a file (unknown TIFF tags, palette notes) through logging and
-    # warnings; stderr is ours. Failures still raise and become one ImageError line.
+    # warnings, libtiff straight to file descriptor 2; stderr is ours. Failures still raise and
+    # become one ImageError line, with libtiff's last word as the reason where it has one.
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
-    with warnings.catch_warnings():
+    name = _shown(source)
+    with warnings.catch_warnings(), _native_stderr_captured() as native:
         warnings.simplefilter("ignore")
-        return _prepare(source, data, max_pixels)
+        try:
+            return _decode_quietly(source, stream, max_pixels, native)
+        except ImageError:
+            raise
+        except MemoryError:
+            raise ImageError(
+                f"not enough memory to decode {name}", "downscale it, or free some memory"
+            ) from None
+        except Exception as exc:  # any decoder failure is the file's fault, not ours
+            raise ImageError(
+                f"{name} is not a readable image ({_reason(exc, native)})", f"use {SUPPORTED}"
+            ) from None
 
 
-def _prepare(source: str, data: bytes, max_pixels: int) -> PreparedImage:
-    import io
+def _shown(source: str) -> str:
+    return "the image on standard input" if source == "-" else source
 
+
+def _decode_quietly(
+    source: str, stream: io.BytesIO, max_pixels: int, native: _NativeStderr
+) -> PreparedImage:
     from PIL import Image, UnidentifiedImageError
 
+    name = _shown(source)
+    sha256 = hashlib.sha256(stream.getvalue()).hexdigest()  # getvalue shares, never copies
     Image.MAX_IMAGE_PIXELS = None  # we enforce our own, configurable limit below
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(stream)
     except UnidentifiedImageError:
         raise ImageError(
-            f"{source} is not an image this tool can read", f"use one of {SUPPORTED}"
+            f"{name} is not an image this tool can read", f"use one of {SUPPORTED}"
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{source} is not a readable image ({exc})", f"use {SUPPORTED}") from None
-    with im:
+    try:
         fmt = im.format or "unknown"
         if fmt not in _FORMATS:
-            raise ImageError(
-                f"{source} is a {fmt} image, which is not supported", f"use {SUPPORTED}"
-            )
+            raise ImageError(f"{name} is a {fmt} image, which is not supported", f"use {SUPPORTED}")
         width, height = im.size
+        if width * height == 0:
+            raise ImageError(f"{name} is {width}x{height}: it has no pixels", f"use {SUPPORTED}")
         if width * height > max_pixels:
             raise ImageError(
-                f"{source} is {width}x{height} = {width * height:,} pixels, over the limit of "
+                f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of "
                 f"{max_pixels:,} (a decompression bomb?)",
                 "downscale it, or raise the limit with --max-pixels / LLAVA_MAX_PIXELS",
             )
@@ -112,69 +258,210 @@ def _prepare(source: str, data: bytes, max_pixels: int) -> PreparedImage:
         try:
             im.seek(0)  # first frame of an animation
             im.load()
-            rgb = to_rgb(im)
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            orientation = _orientation(im)  # read while the file is still open
+            stream.close()  # everything is decoded; let the source bytes go
+            width, height, pixels = upright_rgb_bytes(im, orientation)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            if native.last_line():  # libtiff said why: an encoding this build lacks, most often
+                raise ImageError(
+                    f"{name} cannot be decoded ({_reason(exc, native)})",
+                    "re-export it as PNG or JPEG",
+                ) from None
             raise ImageError(
-                f"{source} is truncated or corrupt ({exc})", "re-export or re-download the image"
+                f"{name} is truncated or corrupt ({_reason(exc, native)})",
+                "re-export or re-download the image",
             ) from None
-    pixels = rgb.tobytes()
-    key = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
+    finally:
+        im.close()
+    key = hashlib.sha256(f"{width}x{height}:".encode())
     key.update(pixels)
     return PreparedImage(
         source=source,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256,
         format=fmt,
         mode=mode,
-        width=rgb.width,
-        height=rgb.height,
+        width=width,
+        height=height,
         rgb=pixels,
         key=key.hexdigest(),
     )
 
 
-def load(
-    source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, stdin: BinaryIO | None = None
-) -> PreparedImage:
-    return prepare(source, read_source(source, stdin), max_pixels=max_pixels)
+class _NativeStderr:
+    """What native code has written to file descriptor 2 while it pointed at ``sink``."""
+
+    def __init__(self, sink: IO[bytes]) -> None:
+        self.sink = sink
+
+    def last_line(self) -> str:
+        try:
+            size = self.sink.seek(0, os.SEEK_END)
+            self.sink.seek(max(0, size - 4096))
+            text = self.sink.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Upright 8-bit RGB: EXIF orientation applied, alpha flattened onto white."""
-    from PIL import Image, ImageOps
+@contextmanager
+def _native_stderr_captured() -> Iterator[_NativeStderr]:
+    """Point file descriptor 2 at a temporary file while decoders run, then restore it.
 
-    oriented = ImageOps.exif_transpose(im)
-    if oriented is not None:
-        im = oriented
-    if im.mode.startswith("I;16") or im.mode == "I":
-        # 16-bit samples: scale to 8 bits (Pillow's own conversion clips at 255 instead).
-        im = im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    elif im.mode == "F":
-        im = im.convert("L")
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if has_alpha:
-        rgba = im.convert("RGBA")
+    libtiff prints warnings and errors with ``fprintf(stderr, …)``; Python's ``warnings`` and
+    ``logging`` never see them. The capture is process-wide for its duration (decoding is
+    short and happens before any progress display)."""
+    with _temporary_file_or_devnull() as sink:
+        try:
+            saved: int | None = os.dup(2)
+        except OSError:  # stderr is closed: keep it closed afterwards
+            saved = None
+        if sys.stderr is not None:
+            with suppress(OSError, ValueError):
+                sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield _NativeStderr(sink)
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+            elif sink.fileno() != 2:
+                os.close(2)
+
+
+def _temporary_file_or_devnull() -> IO[bytes]:
+    try:
+        return tempfile.TemporaryFile()
+    except OSError:  # no writable temporary directory: drop the chatter instead
+        return open(os.devnull, "w+b")
+
+
+_TIFF_NAME = re.compile(r"^\S+\.tiff?: ")  # libtiff names the file Pillow handed it
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
+
+
+def _reason(exc: Exception, native: _NativeStderr) -> str:
+    """A short, printable cause: libtiff's own last line when it spoke (Pillow only says
+    "decoder error -2"), else the exception's message, else its type."""
+    text = _TIFF_NAME.sub("", native.last_line()) or str(exc) or type(exc).__name__
+    text = _UNPRINTABLE.sub(" ", text).strip().rstrip(".")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def upright_rgb_bytes(im: Image.Image, orientation: int = 1) -> tuple[int, int, bytes]:
+    """``im`` as 8-bit RGB bytes, turned upright by its EXIF ``orientation`` and flattened onto
+    white where it is transparent, with its width and height.
+
+    Converted a band of rows at a time, straight into the bytes returned: besides ``im``, only
+    the result and one band are ever in memory (a whole-image conversion chain holds two or
+    three more full-size copies: 1.9 GB at 100 megapixels instead of 0.7)."""
+    from PIL import Image
+
+    T = Image.Transpose
+    method = {  # EXIF orientation → the turn that makes the picture upright
+        2: T.FLIP_LEFT_RIGHT,
+        3: T.ROTATE_180,
+        4: T.FLIP_TOP_BOTTOM,
+        5: T.TRANSPOSE,
+        6: T.ROTATE_270,
+        7: T.TRANSVERSE,
+        8: T.ROTATE_90,
+    }.get(orientation)
+    width, height = im.size
+    if method in (T.TRANSPOSE, T.ROTATE_270, T.TRANSVERSE, T.ROTATE_90):
+        width, height = height, width
+    convert = _band_converter(im)
+    out = io.BytesIO()
+    out.seek(width * height * 3 - 1)  # allocate the result once, at its final size
+    out.write(b"\0")
+    out.seek(0)
+    rows = max(1, _BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        band = _stored_band(im, method, top, bottom)
+        out.write(convert(band).tobytes())
+    return width, height, out.getvalue()  # the buffer itself, not a copy
+
+
+def _orientation(im: Image.Image) -> int:
+    value = im.getexif().get(0x0112, 1)  # EXIF Orientation
+    return value if isinstance(value, int) else 1
+
+
+def _stored_band(
+    im: Image.Image, method: Image.Transpose | None, top: int, bottom: int
+) -> Image.Image:
+    """Rows ``top`` to ``bottom`` of the upright picture: the part of the stored image they
+    come from, cropped, then turned by the EXIF orientation's ``method``."""
+    from PIL import Image
+
+    T = Image.Transpose
+    w, h = im.size
+    if method is None:
+        return im.crop((0, top, w, bottom))
+    if method is T.FLIP_LEFT_RIGHT:
+        box = (0, top, w, bottom)
+    elif method in (T.ROTATE_180, T.FLIP_TOP_BOTTOM):
+        box = (0, h - bottom, w, h - top)
+    elif method in (T.TRANSPOSE, T.ROTATE_270):  # upright rows are stored columns
+        box = (top, 0, bottom, h)
+    else:  # ROTATE_90, TRANSVERSE: upright rows are stored columns, counted from the right
+        box = (w - bottom, 0, w - top, h)
+    return im.crop(box).transpose(method)
+
+
+def _band_converter(im: Image.Image) -> Callable[[Image.Image], Image.Image]:
+    """What turns a band of ``im`` into 8-bit RGB; decided once, from the whole image."""
+    from PIL import Image
+
+    def to_8bit(band: Image.Image) -> Image.Image:
+        if band.mode.startswith("I;16") or band.mode == "I":
+            # 16-bit samples: scale to 8 bits (Pillow's own conversion clips at 255 instead).
+            wide = band if band.mode == "I" else band.convert("I")
+            return wide.point(lambda v: v * (1 / 256)).convert("L")
+        if band.mode == "F":
+            return band.convert("L")
+        return band
+
+    def flatten(band: Image.Image) -> Image.Image:
+        rgba = to_8bit(band).convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         canvas.alpha_composite(rgba)
         return canvas.convert("RGB")
+
+    def plain(band: Image.Image) -> Image.Image:
+        band = to_8bit(band)
+        return band if band.mode == "RGB" else band.convert("RGB")
+
+    eight_bit_mode = to_8bit(im.crop((0, 0, 1, 1))).mode
+    if eight_bit_mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        return flatten
     if im.mode == "CMYK" and im.info.get("icc_profile"):
-        converted = _icc_to_srgb(im)
-        if converted is not None:
-            return converted
-    return im.convert("RGB")
+        icc = _icc_to_srgb(im.info["icc_profile"])
+        if icc is not None:
+            return icc
+    return plain
 
 
-def _icc_to_srgb(im: Image.Image) -> Image.Image | None:
-    """Convert through the embedded ICC profile; None if littleCMS cannot."""
-    import io
-
+def _icc_to_srgb(profile: bytes) -> Callable[[Image.Image], Image.Image] | None:
+    """Conversion of CMYK through the embedded ICC profile; None if littleCMS cannot."""
     from PIL import ImageCms
 
     try:
-        src = ImageCms.ImageCmsProfile(io.BytesIO(im.info["icc_profile"]))
-        out = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        src = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        transform = ImageCms.buildTransform(src, ImageCms.createProfile("sRGB"), "CMYK", "RGB")
     except (ImageCms.PyCMSError, OSError, ValueError):
         return None
-    return out
+
+    def convert(band: Image.Image) -> Image.Image:
+        out = ImageCms.applyTransform(band, transform)
+        assert out is not None  # applyTransform returns None only in place
+        return out
+
+    return convert
 
 
 def thumbnail(image: PreparedImage, size: int = 16) -> tuple[int, int, bytes]:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import socket
 import struct
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +151,197 @@ def test_missing_and_directory(tmp_path: Path) -> None:
 
 def _close(a: tuple[int, int, int], b: tuple[int, int, int], tol: int = 12) -> bool:
     return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
+
+
+# Hostile inputs: bounded reads, only regular files, every decoder failure one ImageError.
+
+PILLOW_IMAGES = Path(__file__).parent / "pillow_images"
+
+
+def test_fifo_without_a_writer_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            load(str(fifo))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=attempt, daemon=True)  # a hang must not hang the suite
+    worker.start()
+    worker.join(timeout=5)
+    assert not worker.is_alive(), "opening a FIFO with no writer blocked"
+    assert len(outcome) == 1 and isinstance(outcome[0], ImageError)
+    assert "is a FIFO (named pipe), not a regular file" in str(outcome[0])
+    assert f"llava ask - < {fifo}" in outcome[0].hint
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom", "/dev/null"])
+def test_devices_are_refused_without_reading(device: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ImageError, match="is a character device, not a regular file") as err:
+        load(device)
+    assert time.monotonic() - started < 1
+    assert "llava ask -" in err.value.hint
+
+
+def test_a_socket_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.png"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        with pytest.raises(ImageError, match="is a socket, not a regular file"):
+            load(str(path))
+
+
+def test_a_sparse_file_over_the_limit_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "x.png"
+    path.touch()
+    os.truncate(path, 4 << 30)  # 4 GiB of nothing, on no disk
+    started = time.monotonic()
+    with pytest.raises(ImageError) as err:
+        load(str(path))
+    assert time.monotonic() - started < 1
+    assert "is 4,294,967,296 bytes (4 GiB), over the limit of 268,435,456 bytes" in str(err.value)
+    assert "--max-image-bytes / LLAVA_MAX_IMAGE_BYTES" in err.value.hint
+    assert err.value.exit_code == 4
+
+
+def test_the_byte_limit_is_inclusive(tmp_path: Path) -> None:
+    data = encode(Image.new("RGB", (8, 8), RED), "PNG")
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    assert pixel(load(str(path), max_bytes=len(data)), 0, 0) == RED
+    assert pixel(load("-", stdin=io.BytesIO(data), max_bytes=len(data)), 0, 0) == RED
+    with pytest.raises(ImageError, match="over the limit"):
+        load(str(path), max_bytes=len(data) - 1)
+    with pytest.raises(ImageError, match="more than"):
+        load("-", stdin=io.BytesIO(data), max_bytes=len(data) - 1)
+
+
+class EndlessZeros(io.RawIOBase):
+    """A stream with no end (``head -c 8G /dev/zero |`` and more) that counts what it gave."""
+
+    def __init__(self) -> None:
+        self.given = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        view[:] = bytes(len(view))
+        self.given += len(view)
+        return len(view)
+
+
+def test_standard_input_over_the_limit_stops_at_the_limit() -> None:
+    stream = EndlessZeros()
+    limit = 10 << 20
+    with pytest.raises(ImageError) as err:
+        load("-", stdin=stream, max_bytes=limit)  # type: ignore[arg-type]
+    assert stream.given == limit + 1  # read as it arrives: one byte past the limit, no more
+    assert "standard input is more than 10,485,760 bytes (10 MiB)" in str(err.value)
+    assert "--max-image-bytes" in err.value.hint
+
+
+def test_a_symlink_to_an_image_is_read_and_one_to_a_device_is_not(tmp_path: Path) -> None:
+    target = tmp_path / "real.png"
+    Image.new("RGB", (4, 4), BLUE).save(target)
+    (tmp_path / "link.png").symlink_to(target)
+    assert pixel(load(str(tmp_path / "link.png")), 1, 1) == BLUE
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with pytest.raises(ImageError, match="character device"):
+        load(str(tmp_path / "zero.png"))
+
+
+def test_a_nul_byte_in_the_path_is_bad_input() -> None:
+    with pytest.raises(ImageError, match="NUL byte"):
+        load("x\0.png")
+
+
+NOT_OSERROR = [
+    "unimplemented_pixel_format.dds",
+    "unimplemented_pfflags.dds",
+    "decompression_bomb.ico",
+]
+
+
+@pytest.mark.parametrize("name", NOT_OSERROR)
+def test_decoder_exceptions_of_any_kind_are_bad_input(name: str) -> None:
+    # Pillow raises NotImplementedError (DDS) and ValueError (ICO) for these, not OSError.
+    with pytest.raises(ImageError, match="is not a readable image") as err:
+        load(str(PILLOW_IMAGES / name))
+    assert err.value.exit_code == 4
+
+
+def test_libtiff_chatter_never_reaches_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    # Without the capture, libtiff prints "WEBP compression support is not configured" to
+    # file descriptor 2 three times, then Pillow says only "decoder error -2".
+    with pytest.raises(ImageError) as err:
+        load(str(PILLOW_IMAGES / "hopper_webp.tif"))
+    assert "cannot be decoded (WEBP compression support is not configured)" in str(err.value)
+    assert capfd.readouterr().err == ""
+    os.write(2, b"stderr is back\n")  # and file descriptor 2 is restored
+    assert capfd.readouterr().err == "stderr is back\n"
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_band_by_band_conversion_matches_pillows_whole_image(
+    orientation: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import ImageOps
+
+    from llava_cli import images
+
+    stored = Image.effect_noise((37, 23), 80).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "PNG", exif=exif)
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    monkeypatch.setattr(images, "_BAND_PIXELS", 50)  # bands of one or two rows, a short last one
+    image = prepare("noise.png", data)
+    assert (image.width, image.height) == expected.size
+    assert image.rgb == expected.tobytes()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "I;16", "P", "CMYK", "F"])
+def test_conversions_are_the_same_in_bands(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llava_cli import images
+
+    im = Image.effect_noise((29, 17), 90).convert(mode if mode not in ("I;16", "F") else "L")
+    if mode == "I;16":
+        im = im.point(lambda v: v * 200).convert("I;16")
+    elif mode == "F":
+        im = im.convert("F")
+    fmt, kw = ("TIFF", {}) if mode in ("CMYK", "F") else ("PNG", {})
+    if mode == "P":
+        kw = {"transparency": 3}
+    data = encode(im, fmt, **kw)
+    whole = prepare("whole", data)
+    monkeypatch.setattr(images, "_BAND_PIXELS", 40)
+    assert prepare("banded", data).rgb == whole.rgb
+
+
+def test_decoding_holds_few_copies_of_the_pixels(tmp_path: Path) -> None:
+    # Peak memory of one 9-megapixel RGBA decode, in a fresh process: the picture as Pillow
+    # holds it (4 bytes a pixel) and the RGB result (3) are unavoidable; a whole-image chain
+    # of conversions held 19 bytes a pixel (1.9 GB at the default 100-megapixel limit).
+    path = tmp_path / "big.png"
+    Image.new("RGBA", (3000, 3000), (10, 200, 30, 128)).save(path, compress_level=1)
+    script = (
+        "import resource, sys\n"
+        "from llava_cli.images import load\n"
+        "from PIL import Image\n"
+        "Image.init()\n"
+        "rss = lambda: int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n"
+        "before = rss()\n"
+        "load(sys.argv[1])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True
+    )
+    peak_bytes = int(done.stdout) * 1024
+    assert peak_bytes / (3000 * 3000) < 12
