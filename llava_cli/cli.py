@@ -14,7 +14,7 @@ import typer
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
-from .images import DEFAULT_MAX_PIXELS
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from .options import LIMITS, RuntimeOptions, SamplingParams
 from .templates import MEDIA_MARKER
 
@@ -184,6 +184,16 @@ MaxPixelsOpt = Annotated[
         rich_help_panel=_RUNTIME,
     ),
 ]
+MaxImageBytesOpt = Annotated[
+    int,
+    typer.Option(
+        envvar="LLAVA_MAX_IMAGE_BYTES",
+        **_bounds("max-image-bytes"),
+        help="Refuse image files (or standard input) larger than this many bytes "
+        "(default 256 MiB); checked as the bytes arrive.",
+        rich_help_panel=_RUNTIME,
+    ),
+]
 NoCacheOpt = Annotated[
     bool,
     typer.Option(
@@ -258,6 +268,7 @@ def ask(
     gpu_layers: GpuLayersOpt = -1,
     image_on_cpu: ImageOnCpuOpt = False,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    max_image_bytes: MaxImageBytesOpt = DEFAULT_MAX_IMAGE_BYTES,
     together: Annotated[
         bool, typer.Option(help="Send all images in one prompt; one answer.")
     ] = False,
@@ -291,6 +302,7 @@ def ask(
             ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, not no_cache
         ),
         max_pixels=max_pixels,
+        max_image_bytes=max_image_bytes,
         together=together,
         json=json_out,
         offline=offline,
@@ -325,6 +337,7 @@ def chat(
     gpu_layers: GpuLayersOpt = -1,
     image_on_cpu: ImageOnCpuOpt = False,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    max_image_bytes: MaxImageBytesOpt = DEFAULT_MAX_IMAGE_BYTES,
     no_cache: NoCacheOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -343,6 +356,7 @@ def chat(
             ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, not no_cache
         ),
         max_pixels=max_pixels,
+        max_image_bytes=max_image_bytes,
         offline=offline,
         think=think,
     )

@@ -57,6 +57,7 @@ LIMITS: dict[str, Limit] = {
     "threads": Limit(int, 0, 512),  # GGML_MAX_N_THREADS
     "gpu-layers": Limit(int, -1, INT32_MAX),
     "max-pixels": Limit(int, 1, 1_000_000_000),  # 3 GB of RGB at the top
+    "max-image-bytes": Limit(int, 1, 1 << 32),
 }
 
 

@@ -28,6 +28,7 @@ from llava_cli import synthetic
 from llava_cli.commands.chat import Chat
 
 from .test_chat import drive, open_test_chat
+from .test_gguf_file import ARCH, ARRAY, gguf, kv, nested_arrays
 
 ADDRESS_SPACE = 4 << 30  # a safety net: a runaway read or allocation fails instead of the VM
 PEAK_RSS = 1 << 30  # what the issue allows beyond the model; the models here are ~1 MB
@@ -104,6 +105,91 @@ def assert_refused(run: Run, code: int, *words: str) -> None:
 @pytest.fixture
 def pair_args(oracle: synthetic.ModelPair) -> list[str]:
     return ["-m", str(oracle.model), "--mmproj", str(oracle.mmproj)]
+
+
+# -- images: bounded reads, any decoder failure, no native chatter ----------------------------
+
+PILLOW = Path(__file__).parent / "pillow_images"  # Pillow 13.0.0's own test images (README)
+
+
+def test_an_endless_stdin_is_cut_at_the_byte_limit(pair_args: list[str]) -> None:
+    """`head -c 8G /dev/zero | llava ask -`: refused as the bytes arrive, not read to the end."""
+    with subprocess.Popen(["head", "-c", "8G", "/dev/zero"], stdout=subprocess.PIPE) as head:
+        assert head.stdout is not None
+        run = bounded("ask", "-", *pair_args, "--max-image-bytes", "10000000", stdin=head.stdout)
+        head.kill()
+    assert_refused(run, 4, "standard input is more than 10,000,000 bytes", "--max-image-bytes")
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_a_device_is_refused_without_reading_it(device: str, pair_args: list[str]) -> None:
+    assert_refused(bounded("ask", device, *pair_args), 4, device, "character device")
+
+
+def test_a_fifo_without_a_writer_is_refused_at_once(tmp_path: Path, pair_args: list[str]) -> None:
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    run = bounded("ask", fifo, *pair_args, timeout=30)
+    assert_refused(run, 4, "FIFO", "-")
+
+
+def test_a_sparse_4_gb_png_is_refused_by_its_size(tmp_path: Path, pair_args: list[str]) -> None:
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as f:
+        f.truncate(4 << 30)
+    assert_refused(bounded("ask", huge, *pair_args), 4, "over the limit", "--max-image-bytes")
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("unimplemented_pixel_format.dds", "Unimplemented pixel format"),  # NotImplementedError
+        ("hopper_webp.tif", "WEBP compression support is not configured"),  # libtiff warns 3x
+    ],
+)
+def test_pillow_failures_are_bad_input_and_libtiff_stays_quiet(
+    name: str, why: str, pair_args: list[str]
+) -> None:
+    assert_refused(bounded("ask", PILLOW / name, *pair_args), 4, name, why)
+
+
+# -- model files, the prefix cache and its setting ------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["model", "mmproj"])
+def test_deeply_nested_gguf_metadata_is_bad_input(
+    which: str, oracle: synthetic.ModelPair, images: Path, tmp_path: Path
+) -> None:
+    crafted = tmp_path / f"nested-{which}.gguf"
+    crafted.write_bytes(gguf([ARCH, kv("deep", ARRAY, nested_arrays(100_000))]))
+    files = {"model": oracle.model, "mmproj": oracle.mmproj, which: crafted}
+    run = bounded("ask", images / "red.png", "-m", files["model"], "--mmproj", files["mmproj"])
+    assert_refused(run, 4, str(crafted))
+
+
+def test_a_vocab_only_gguf_as_the_model_says_it_has_no_weights(images: Path) -> None:
+    vocab = Path(__file__).parent / "gguf" / "ggml-vocab-llama-spm.gguf"  # llama.cpp's (README)
+    assert_refused(bounded("ask", images / "red.png", "-m", vocab), 4, "vocab-only", "no weights")
+
+
+@pytest.mark.parametrize("command", ["cache info", "ask"])
+@pytest.mark.parametrize("value", ["1" * 400, "nan", "-1", "2PiB"])
+def test_a_bad_cache_size_is_a_usage_error(
+    command: str, value: str, images: Path, pair_args: list[str]
+) -> None:
+    args = ["ask", images / "red.png", *pair_args] if command == "ask" else command.split()
+    run = bounded(*args, env={"LLAVA_CACHE_SIZE": value})
+    assert_refused(run, 2, "LLAVA_CACHE_SIZE", "from 0 to 1 PiB")
+    assert run.out == b""
+
+
+def test_a_fifo_in_place_of_a_cache_entry_does_not_hang(images: Path, pair_args: list[str]) -> None:
+    assert bounded("ask", images / "red.png", *pair_args).out == b"red\n"
+    (entry,) = (Path(os.environ["LLAVA_HOME"]) / "cache" / "prefix").glob("*.kv")
+    entry.unlink()
+    os.mkfifo(entry)
+    run = bounded("ask", images / "red.png", *pair_args, timeout=30)
+    assert (run.code, run.out) == (0, b"red\n"), run.err
 
 
 # -- options and settings ------------------------------------------------------------------

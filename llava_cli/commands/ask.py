@@ -18,7 +18,7 @@ from ..errors import (
     LlavaError,
     UsageError,
 )
-from ..images import DEFAULT_MAX_PIXELS, PreparedImage, load
+from ..images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, PreparedImage, load
 from ..modelref import ModelFiles, resolve
 from ..options import RuntimeOptions, SamplingParams
 
@@ -37,8 +37,13 @@ class ModelOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     offline: bool = False
     think: bool = False
+
+    def load_image(self, source: str) -> PreparedImage:
+        """An image file (or ``-``) read and decoded within this run's limits."""
+        return load(source, max_pixels=self.max_pixels, max_bytes=self.max_image_bytes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +178,7 @@ def model_files(model: str | None, mmproj: str | None, *, offline: bool) -> Mode
 
 
 def _prepare(source: str, opts: AskOptions) -> PreparedImage:
-    return load(source, max_pixels=opts.max_pixels)
+    return opts.load_image(source)
 
 
 def _answer_one(runner: _Runner, source: str, prompt: str) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .. import render, transcript
 from ..config import debug_enabled, paths
 from ..errors import EXIT_OK, BadInput, ContextOverflow, LlavaError, UsageError
-from ..images import PreparedImage, load, thumbnail
+from ..images import PreparedImage, thumbnail
 from ..modelref import ModelFiles
 from ..options import SamplingParams, parse_number
 from .ask import (
@@ -263,7 +263,7 @@ class Chat:
     # -- commands ---------------------------------------------------------------------------
 
     def attach(self, source: str) -> None:
-        image = load(source, max_pixels=self.opts.max_pixels)
+        image = self.opts.load_image(source)
         cost = self.conversation.loaded.session.image_cost(image)
         self.pending.append(image)
         render.info(f"attached {source}: {image.width}×{image.height}, {cost} tokens")
@@ -363,7 +363,7 @@ class Chat:
         for key, value in saved.settings.items():
             sampling = _set(sampling, key, str(value))
         exchanges = [
-            Exchange(t.prompt, [_reload(i, self.opts.max_pixels) for i in t.images], t.answer)
+            Exchange(t.prompt, [_reload(i, self.opts) for i in t.images], t.answer)
             for t in saved.turns
         ]
         # Every setting and image checked out: only now does anything change.
@@ -434,8 +434,8 @@ def _preview(text: str, width: int = 60) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
-def _reload(saved: transcript.SavedImage, max_pixels: int) -> PreparedImage:
-    image = load(saved.path, max_pixels=max_pixels)
+def _reload(saved: transcript.SavedImage, opts: ChatOptions) -> PreparedImage:
+    image = opts.load_image(saved.path)
     if image.sha256 != saved.sha256:
         raise BadInput(
             f"{saved.path} changed since the chat was saved (sha256 differs)",
