@@ -192,6 +192,31 @@ def test_a_fifo_in_place_of_a_cache_entry_does_not_hang(images: Path, pair_args:
     assert (run.code, run.out) == (0, b"red\n"), run.err
 
 
+@pytest.mark.parametrize(
+    ("template", "says"),
+    [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "took more than",
+        ),
+        (
+            "{% set ns = namespace(s='x' * 1000000) %}{% for i in range(40) %}"
+            "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+            "tried to build",
+        ),
+        ("{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}", "wrote more than"),
+    ],
+    ids=["nested-loops", "doubling", "output"],
+)  # fmt: skip
+def test_a_hostile_chat_template_is_stopped(
+    template: str, says: str, tmp_path_factory: pytest.TempPathFactory, images: Path
+) -> None:
+    pair = synthetic.build_colour_oracle(tmp_path_factory.mktemp("evil"), chat_template=template)
+    run = bounded("ask", images / "red.png", "-m", pair.model, "--mmproj", pair.mmproj)
+    assert_refused(run, 4, str(pair.model.name), says)
+    assert run.seconds < 10
+
+
 # -- options and settings ------------------------------------------------------------------
 
 

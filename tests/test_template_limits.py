@@ -1,7 +1,7 @@
 """Chat templates are code from the model file: each rendering is bounded in time, output and
 memory, and a template past a bound is one clear error naming the file (exit 4).
 
-Templates run in a renderer process of their own (``llava_cli.templates._Renderer``): the CLI
+Templates run in a renderer process of their own (``llava_cli.template_sandbox``): the CLI
 kills it past the deadline, wherever it is stuck, and it cannot grow past its address-space
 cap. Checks before the operations that build big values at once give those a precise
 message. Every case here runs the real sandbox; nothing is mocked.
@@ -19,17 +19,11 @@ from types import FrameType
 
 import pytest
 
-from llava_cli import templates
+from llava_cli import template_sandbox
 from llava_cli.errors import ModelFileError
 from llava_cli.synthetic import CHATML_TEMPLATE
-from llava_cli.templates import (
-    OUTPUT_CHARS,
-    PREPARE_SECONDS,
-    RENDER_MEMORY,
-    RENDER_SECONDS,
-    JinjaFormat,
-    Message,
-)
+from llava_cli.template_sandbox import OUTPUT_CHARS, RENDER_MEMORY
+from llava_cli.templates import PREPARE_SECONDS, RENDER_SECONDS, JinjaFormat, Message
 
 FOLDER = Path(__file__).parent / "templates"
 BIG = "{% set s = 'x' * 1000000 %}"  # a string the limits allow, to build bigger ones from
@@ -163,7 +157,7 @@ def test_a_hostile_template_is_stopped_in_time_with_one_clear_line(
 _ISOLATED = r"""
 import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-from llava_cli import templates
+from llava_cli import template_sandbox, templates
 from llava_cli.errors import LlavaError
 start = time.monotonic()
 try:
@@ -173,7 +167,7 @@ try:
 except LlavaError as exc:
     outcome = {"line": exc.one_line()}
 outcome["seconds"] = time.monotonic() - start
-templates._shared_renderer.stop()  # reaped: its peak counts among the children's
+template_sandbox.shared_renderer.stop()  # reaped: its peak counts among the children's
 outcome["renderer_peak"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss << 10
 outcome["own_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
 print(json.dumps(outcome))
@@ -237,8 +231,8 @@ def test_an_interrupt_while_rendering_stops_the_renderer_and_the_next_render_wor
         "{{ messages[-1].content }}{% if messages[-1].content == 'spin' %}" + SPIN + "{% endif %}"
     )
     fmt.render([Message("user", "warm")])
-    assert templates._shared_renderer.current is not None
-    busy = templates._shared_renderer.current.proc
+    assert template_sandbox.shared_renderer.current is not None
+    busy = template_sandbox.shared_renderer.current.proc
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -257,7 +251,7 @@ def test_an_interrupt_while_rendering_stops_the_renderer_and_the_next_render_wor
 
 def test_a_renderer_left_alone_ends_itself() -> None:
     """Should the CLI die while a template spins in C, the renderer does not spin on."""
-    renderer = templates._Renderer()
+    renderer = template_sandbox._Renderer()
     try:
         assert renderer.proc.stdin is not None
         request = {"source": SPIN, "variables": {}, "max_chars": 100, "seconds": 0.2}
@@ -301,5 +295,5 @@ def test_the_renderer_does_not_read_the_working_directory(
     """A ``jinja2.py`` where llava runs is not imported by the renderer."""
     (tmp_path / "jinja2.py").write_text("raise SystemExit(3)\n")
     monkeypatch.chdir(tmp_path)
-    templates._shared_renderer.stop()
+    template_sandbox.shared_renderer.stop()
     assert JinjaFormat("{{ messages[0].content }}").render([Message("user", "ok")]).text == "ok"
