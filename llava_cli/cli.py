@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
+    pretty_exceptions_show_locals=False,  # LLAVA_DEBUG tracebacks never print variables (tokens)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

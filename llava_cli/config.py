@@ -62,6 +62,27 @@ def hub_offline() -> bool:
     return _true(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))
 
 
+HUB_SECONDS = ("HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_ETAG_TIMEOUT")
+
+
+def check_hub_environment() -> None:
+    """huggingface_hub reads its timeouts with ``int()`` when it is imported, so a bad value
+    would be a crash there: check them first, with a clear range."""
+    for name in HUB_SECONDS:
+        text = os.environ.get(name)
+        if text is None:
+            continue
+        try:
+            seconds = int(text)
+        except ValueError:
+            seconds = -1
+        if not 1 <= seconds <= 86_400:
+            raise ConfigError(
+                f"{name}={text!r} is not a whole number of seconds from 1 to 86400",
+                f"e.g. {name}=30, or unset it for the default (10)",
+            )
+
+
 def hf_hub_cache() -> Path:
     """The Hugging Face hub cache, where pulled models live (shared with other tools).
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from .config import check_hub_environment
 from .errors import DownloadError, LlavaError, ModelNotAvailable
 from .store import RepoCache
 from .text import escaped, unsafe_character
@@ -83,12 +84,14 @@ class Listing:
 
 
 def endpoint() -> str:
+    check_hub_environment()
     from huggingface_hub import constants
 
     return str(constants.ENDPOINT).rstrip("/")
 
 
 def _timeout(kind: str) -> float:
+    check_hub_environment()
     from huggingface_hub import constants
 
     return float(
@@ -112,6 +115,7 @@ def _retrying(call: Callable[[], T], progress: Progress | None, what: str) -> T:
 
 def list_files(repo: str, revision: str, progress: Progress | None = None) -> Listing:
     """Every file in the repo at that revision, with sizes (one API call)."""
+    check_hub_environment()
     from huggingface_hub import HfApi
 
     def call() -> Any:
@@ -159,6 +163,7 @@ def file_info(repo: str, revision: str, file: str, progress: Progress | None = N
     The download URL names the commit, not the branch: a push during a (resumed) download
     cannot splice two versions of the file together.
     """
+    check_hub_environment()
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     def call() -> Any:
@@ -186,6 +191,8 @@ def file_info(repo: str, revision: str, file: str, progress: Progress | None = N
 def translate(repo: str, revision: str = "main", file: str | None = None) -> Iterator[None]:
     """huggingface_hub and HTTP errors → our errors, each with what to do. Never shows a token."""
     import httpx2
+
+    check_hub_environment()
     from huggingface_hub import errors
 
     what = f"{file} in {repo}" if file else repo
@@ -426,6 +433,7 @@ def _transfer(remote: RemoteFile, partial: Path, progress: Progress) -> None:
 
 def _fetch(remote: RemoteFile, state: _Partial, progress: Progress) -> int:
     """One GET from ``state.have`` on, appended to the partial file; returns the bytes added."""
+    check_hub_environment()
     from huggingface_hub import get_session, hf_raise_for_status
     from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
