@@ -508,15 +508,19 @@ def main(argv: list[str] | None = None) -> None:
     from .render import guard_standard_streams
 
     guard_standard_streams()
-    try:
-        code = app(args=argv, prog_name="llava", standalone_mode=False)
-    except KeyboardInterrupt:  # between argument parsing and a command's guard
-        code = EXIT_INTERRUPTED
-    except typer.Abort:  # Ctrl-D at a prompt Typer asked
-        code = EXIT_INTERRUPTED
-    except TyperException as exc:
-        code = usage_error(exc)
-    sys.exit(code if isinstance(code, int) else 0)
+
+    def run_app() -> int:
+        try:
+            code = app(args=argv, prog_name="llava", standalone_mode=False)
+        except typer.Abort:  # Ctrl-D at a prompt Typer asked
+            return EXIT_INTERRUPTED
+        except TyperException as exc:
+            return usage_error(exc)
+        return code if isinstance(code, int) else 0
+
+    # Commands guard themselves; this also catches what fails while a command's module is
+    # imported (a setting checked at import, a broken library), before its own guard.
+    sys.exit(guarded(run_app))
 
 
 def usage_error(exc: Exception) -> int:

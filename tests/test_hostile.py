@@ -255,6 +255,15 @@ def test_a_bad_numeric_environment_value_is_a_usage_error(
     assert_refused(run, 2, variable)
 
 
+@pytest.mark.parametrize("variable", ["HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_ETAG_TIMEOUT"])
+@pytest.mark.parametrize("value", ["abc", "-5", "1e9"])
+def test_a_bad_hub_timeout_is_a_usage_error_not_a_crash_in_huggingface_hub(
+    variable: str, value: str
+) -> None:
+    run = bounded("pull", "smolvlm-500m", env={variable: value, "HF_HUB_OFFLINE": "0"})
+    assert_refused(run, 2, f"{variable}={value!r}", "seconds")
+
+
 def test_an_unknown_option_is_one_line_naming_the_help() -> None:
     run = bounded("ask", "--bogus")
     assert_refused(run, 2, "no such option: --bogus", "see llava ask --help")
