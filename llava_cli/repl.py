@@ -86,6 +86,26 @@ def reader(commands: Mapping[str, str], history_file: Path | None) -> LineReader
     return LineReader(commands, history_file)
 
 
+HISTORY_MAX_BYTES = 16 << 20  # prompt-toolkit reads the whole file when the chat starts
+
+
+def _usable_history(path: Path) -> bool:
+    """Whether ``path`` can be the chat's input history: a regular file of bounded size (or
+    none yet). A FIFO there would hang the start, a huge file fill memory: such a history is
+    left alone and this chat keeps its history in memory."""
+    import os
+    import stat
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size <= HISTORY_MAX_BYTES
+
+
 class LineReader:
     """Reads one message or command at a time; ``None`` at the end (Ctrl-D, end of input)."""
 
@@ -102,8 +122,7 @@ class LineReader:
 
             output = create_output(stdout=sys.stderr)
         history: History = InMemoryHistory()
-        if history_file is not None:
-            history_file.parent.mkdir(parents=True, exist_ok=True)
+        if history_file is not None and _usable_history(history_file):
             history = FileHistory(str(history_file))
         self.session: PromptSession[str] = PromptSession(
             history=history,

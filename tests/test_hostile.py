@@ -23,9 +23,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from prompt_toolkit.history import InMemoryHistory
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
 
 from llava_cli import synthetic
-from llava_cli.commands.chat import Chat
+from llava_cli.commands.chat import COMMANDS, Chat
+from llava_cli.repl import LineReader
 
 from .test_chat import drive, open_test_chat
 from .test_gguf_file import ARCH, ARRAY, gguf, kv, nested_arrays
@@ -420,6 +424,23 @@ def test_load_refuses_fifos_devices_and_huge_files_without_reading_them(
     assert len(err) == 4, err
     assert "is a FIFO" in err[0] and "is a character device" in err[1]
     assert "over the limit" in err[2] and "not a chat saved by llava" in err[3]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge", "link"])
+def test_an_unusable_input_history_is_left_alone(kind: str, tmp_path: Path) -> None:
+    """prompt-toolkit reads the whole history file when the chat starts: a FIFO there would
+    hang it, a huge file fill memory. Such a history is not read; the chat still starts."""
+    history = tmp_path / "chat_history"
+    if kind == "fifo":
+        os.mkfifo(history)
+    elif kind == "huge":
+        with history.open("wb") as f:
+            f.truncate(4 << 30)
+    else:
+        history.symlink_to("/dev/zero")
+    with create_pipe_input() as keys:
+        reader = LineReader(COMMANDS, history, input=keys, output=DummyOutput())
+        assert isinstance(reader.session.history, InMemoryHistory)
 
 
 def test_a_long_transcript_fits_the_context_in_a_few_renders(
