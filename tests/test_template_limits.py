@@ -147,7 +147,10 @@ def test_a_hostile_template_is_stopped_in_time_with_one_clear_line(
     line = error.one_line()
     assert error.exit_code == 4
     assert line.startswith("evil.gguf: the chat template") and "\n" not in line
-    assert says in line
+    if says == "used more than":  # on a loaded machine, filling 512 MiB can outlast the second
+        assert says in line or TOO_LONG in line, line
+    else:
+        assert says in line
     assert "--show-prompt" in line  # the hint says what to do
     assert seconds < PREPARE_SECONDS + 0.5
 
@@ -197,7 +200,7 @@ def test_memory_stays_bounded_and_out_of_the_cli(case: str) -> None:
         check=True,
     )
     outcome = json.loads(done.stdout)
-    assert says in outcome["line"]
+    assert says in outcome["line"] or (says == "used more than" and TOO_LONG in outcome["line"])
     assert outcome["renderer_peak"] < RENDER_MEMORY + (128 << 20)
     assert outcome["own_peak"] < 128 << 20  # python, llava_cli.templates, a conversation
 
