@@ -152,7 +152,7 @@ def test_a_hostile_template_is_stopped_in_time_with_one_clear_line(
     else:
         assert says in line
     assert "--show-prompt" in line  # the hint says what to do
-    assert seconds < PREPARE_SECONDS + 0.5
+    assert seconds < PREPARE_SECONDS + 2  # the limit, plus slack for a loaded CI machine
 
 
 # Runs one template in a fresh process, as the CLI would, under a safety net of 4 GiB of
@@ -219,7 +219,7 @@ def test_ten_slow_probes_share_one_budget() -> None:
     start = time.monotonic()
     with pytest.raises(ModelFileError, match=f"took more than {PREPARE_SECONDS:g} s to parse"):
         JinjaFormat(wait + "<think></think>{{ raise_exception('no') }}", origin="evil.gguf")
-    assert PREPARE_SECONDS - 0.1 < time.monotonic() - start < PREPARE_SECONDS + 0.5
+    assert PREPARE_SECONDS - 0.1 < time.monotonic() - start < PREPARE_SECONDS + 2
 
 
 def test_after_a_stop_the_next_template_renders() -> None:
