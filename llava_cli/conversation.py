@@ -13,8 +13,9 @@ from pathlib import Path
 
 from .config import DEFAULT_CTX
 from .engine import Completion, Engine, LoadOptions, Session
+from .errors import ContextOverflow
 from .images import PreparedImage
-from .options import RuntimeOptions, SamplingParams
+from .options import LONG_TEXT_CHARS, MAX_TOKEN_CHARS, RuntimeOptions, SamplingParams
 from .templates import ChatFormat, Message, Rendered, chat_format_for
 from .thinking import ThinkingSplitter
 
@@ -172,10 +173,29 @@ class Conversation:
     def _render(
         self, prompt: str, images: Sequence[PreparedImage], *, history: bool = True
     ) -> Rendered:
+        self._check_length(prompt)
+        if self.system:
+            self._check_length(self.system, "the system prompt")
         earlier = self.messages if history else []
         return render_turn(
             self.loaded.fmt, self.system, earlier, prompt, len(images), think=self.think
         )
+
+    def _check_length(self, text: str, what: str = "this message") -> None:
+        """Refuse a text that cannot fit the context before it is rendered and tokenized
+        whole: llama.cpp's tokenizers are superlinear on long runs without spaces (a megabyte
+        of NUL bytes takes a minute), and a text of megabytes costs gigabytes there."""
+        n_ctx = self.loaded.session.n_ctx
+        if len(text) <= LONG_TEXT_CHARS:
+            return
+        if len(text) > n_ctx * MAX_TOKEN_CHARS or (
+            self.loaded.engine.count_tokens_up_to(text, n_ctx) > n_ctx
+        ):
+            raise ContextOverflow(
+                f"{what} needs more than {n_ctx:,} tokens ({len(text):,} characters), and the "
+                f"context holds {n_ctx:,}",
+                "shorten it, or use a larger --ctx",
+            )
 
     def prompt_so_far(self) -> str:
         """The conversation as the model has read it (no next turn opened)."""

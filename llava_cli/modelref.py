@@ -68,7 +68,12 @@ class PullResult:
 
 def looks_like_path(ref: str) -> bool:
     """A GGUF file name, or a file that exists: a folder called ``tiny`` is not a model."""
-    return ref.lower().endswith(".gguf") or Path(ref).expanduser().is_file()
+    if ref.lower().endswith(".gguf"):
+        return True
+    try:
+        return Path(ref).expanduser().is_file()
+    except (OSError, ValueError):  # a name too long for a path, a NUL: not a file
+        return False
 
 
 def default_ref() -> str:

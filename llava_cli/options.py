@@ -30,6 +30,9 @@ class RuntimeOptions:
 
 
 INT32_MAX = 2**31 - 1
+PROMPT_MAX_BYTES = 16 << 20  # a prompt on stdin, or a chat line: far beyond any context
+MAX_TOKEN_CHARS = 256  # no vocabulary has a longer token: a longer text cannot fit a context
+LONG_TEXT_CHARS = 16_384  # shorter texts are tokenized whole without a second thought
 
 
 @dataclass(frozen=True)

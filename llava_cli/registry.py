@@ -163,7 +163,15 @@ def file_name_problem(name: str) -> str | None:
     return None
 
 
+REF_MAX = 200  # the hub allows 96 characters a name, so OWNER/NAME:QUANT stays well under
+
+
 def parse_ref(text: str) -> Ref:
+    if len(text) > REF_MAX:
+        raise UsageError(
+            f"a model reference of {len(text):,} characters ({escaped(text[:40])}…)",
+            "write NAME[:QUANT], OWNER/REPO[:QUANT] or a path to a .gguf file",
+        )
     name, sep, quant = text.strip().partition(":")
     if sep and not _QUANT.fullmatch(quant):
         raise UsageError(f"bad quant in {text!r}", "write NAME[:QUANT], e.g. llava-1.5-7b:q8_0")

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO, cast
 
-from .text import escaped
+from .text import TERMINAL_DROPS, escaped, json_escaped
 from .units import human_bytes
 
 __all__ = ["human_bytes"]  # re-exported for the commands
@@ -126,7 +126,7 @@ def stream_answer(chunks: Iterable[str], out: TextIO | None = None) -> None:
     wrote = False
     try:
         for chunk in chunks:
-            out.write(chunk.translate(_CONTROL) if terminal else chunk)
+            out.write(chunk.translate(TERMINAL_DROPS) if terminal else chunk)
             out.flush()
             wrote = True
     finally:
@@ -151,7 +151,7 @@ class ThinkingEcho:
             return
         if not self._open and not self._dim[0]:  # no colour to set it apart: say what it is
             self._err.write("thinking: ")
-        self._err.write(self._dim[0] + text.translate(_CONTROL) + self._dim[1])
+        self._err.write(self._dim[0] + text.translate(TERMINAL_DROPS) + self._dim[1])
         self._err.flush()
         self._open = True
 
@@ -169,9 +169,12 @@ class ThinkingEcho:
 
 
 def exact_text(text: str, out: TextIO | None = None) -> None:
-    """Text on stdout byte for byte (a prompt, for a file or a diff); a terminal also gets a
-    final newline so that the shell prompt starts on a line of its own."""
+    """Text on stdout byte for byte in a pipe (a prompt, for a file or a diff). A terminal
+    is shown control characters escaped, and gets a final newline so that the shell prompt
+    starts on a line of its own."""
     out = out or sys.stdout
+    if out.isatty():  # a terminal is shown what would act on it, escaped (<U+001B>)
+        text = escaped(text, keep="\n\t")
     out.write(text)
     if out.isatty() and not text.endswith("\n"):
         out.write("\n")
@@ -181,13 +184,13 @@ def exact_text(text: str, out: TextIO | None = None) -> None:
 def json_value(value: Any, out: TextIO | None = None) -> None:
     """One JSON document on stdout, indented for people, valid for ``jq``."""
     out = out or sys.stdout
-    out.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+    out.write(json_escaped(json.dumps(value, ensure_ascii=False, indent=2)) + "\n")
     out.flush()
 
 
 def json_line(record: dict[str, Any], out: TextIO | None = None) -> None:
     out = out or sys.stdout
-    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    out.write(json_escaped(json.dumps(record, ensure_ascii=False)) + "\n")
     out.flush()
 
 
@@ -334,15 +337,12 @@ def stream_markdown(chunks: Iterable[str], *, max_fps: float = 8.0) -> None:
             console.print(_answer_markdown(text))
 
 
-_CONTROL = dict.fromkeys(c for c in range(32) if chr(c) not in "\t\n") | {0x7F: None}
-
-
 def _answer_markdown(text: str) -> Any:
     """Rich Markdown for model text: HTML is not interpreted, control characters are dropped."""
     from markdown_it import MarkdownIt
     from rich.markdown import Markdown
 
-    clean = text.translate(_CONTROL)
+    clean = text.translate(TERMINAL_DROPS)
     md = Markdown(clean)
     parser = MarkdownIt().enable("strikethrough").enable("table")
     md.parsed = parser.disable(["html_inline", "html_block"]).parse(clean)

@@ -73,8 +73,17 @@ class PlainReader:
         self.stream = stream or sys.stdin
 
     def lines(self) -> Iterable[str]:
+        """Each line, up to PROMPT_MAX_BYTES; a longer one is skipped, with an error line."""
+        from .options import PROMPT_MAX_BYTES
+        from .render import error
+
         source = getattr(self.stream, "buffer", self.stream)
-        for raw in source:
+        while raw := source.readline(PROMPT_MAX_BYTES + 1):
+            if len(raw) > PROMPT_MAX_BYTES and raw[-1:] not in (b"\n", "\n"):
+                while (rest := source.readline(1 << 20)) and rest[-1:] not in (b"\n", "\n"):
+                    pass  # the rest of the line, read and dropped a megabyte at a time
+                error(f"a line of more than {PROMPT_MAX_BYTES >> 20} MiB was skipped")
+                continue
             line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
             yield line.rstrip("\r\n")
 

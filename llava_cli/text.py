@@ -25,10 +25,38 @@ def unsafe_character(text: str) -> str | None:
     return None
 
 
-def escaped(text: str) -> str:
-    """``text`` with each unsafe character written as ``<U+XXXX>``: safe to print."""
+def escaped(text: str, keep: str = "") -> str:
+    """``text`` with each unsafe character (but those in ``keep``, say line breaks) written as
+    ``<U+XXXX>``: safe to print."""
     if text.isascii() and text.isprintable():  # the common case, without a loop in Python
         return text
     return "".join(
-        f"<U+{ord(c):04X}>" if unicodedata.category(c) in UNSAFE_CATEGORIES else c for c in text
+        f"<U+{ord(c):04X}>" if c not in keep and unicodedata.category(c) in UNSAFE_CATEGORIES else c
+        for c in text
+    )
+
+
+# What an answer shown on a terminal loses: controls (but tab and line feed), including the
+# C1 range (U+009B opens an escape sequence too), and the bidi embeddings, overrides and
+# isolates. Joiners and marks stay: emoji and scripts need them.
+TERMINAL_DROPS = {
+    **dict.fromkeys(c for c in range(0x20) if chr(c) not in "\t\n"),
+    **dict.fromkeys(range(0x7F, 0xA0)),
+    **dict.fromkeys(range(0x202A, 0x202F)),
+    **dict.fromkeys(range(0x2066, 0x206A)),
+}
+
+
+def json_escaped(document: str) -> str:
+    """A JSON document with every unsafe character written as a ``\\uXXXX`` escape: the same
+    data for a program, and nothing that acts on a terminal (``json.dumps`` escapes only
+    C0 controls). Beyond the layout's own whitespace, unsafe characters occur only inside
+    JSON strings, where escapes are valid."""
+    import json
+
+    return "".join(
+        json.dumps(c)[1:-1]
+        if c not in "\n\t\r " and unicodedata.category(c) in UNSAFE_CATEGORIES
+        else c
+        for c in document
     )

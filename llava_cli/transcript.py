@@ -71,6 +71,8 @@ def save(transcript: Transcript, path: Path) -> None:
     else:
         text = _markdown(transcript, record)
     check_write_target(path, "chat file")
+    if not path.parent.is_dir():
+        raise BadInput(f"folder {path.parent} does not exist", "create it first, or save elsewhere")
     try:
         write_atomic(path, text.encode("utf-8", "replace"))
     except OSError as exc:
@@ -97,12 +99,16 @@ def _markdown(t: Transcript, record: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+class _NotAChat(ValueError):
+    """What is wrong with a file that parses as JSON but is not a saved chat, in words."""
+
+
 def _image(item: Any) -> SavedImage:
     image = SavedImage(**item)
     if not (isinstance(image.path, str) and isinstance(image.sha256, str)):
-        raise ValueError("an image without a path or sha256")
+        raise _NotAChat("an image without a path or sha256")
     if not (isinstance(image.width, int) and isinstance(image.height, int)):
-        raise ValueError("an image without its size")
+        raise _NotAChat("an image without its size")
     return image
 
 
@@ -117,7 +123,7 @@ def load(path: Path) -> Transcript:
     try:
         data = json.loads(text)
         if data.get("format") != FORMAT:
-            raise ValueError("not a llava chat")
+            raise _NotAChat(f'no "format": "{FORMAT}"')
         turns = [
             SavedTurn(
                 str(t["prompt"]),
@@ -128,7 +134,7 @@ def load(path: Path) -> Transcript:
         ]
         system = data.get("system")
         if system is not None and not isinstance(system, str):
-            raise ValueError("its system prompt is not text")
+            raise _NotAChat("its system prompt is not text")
         return Transcript(
             str(data.get("model", "")),
             system,
@@ -137,6 +143,8 @@ def load(path: Path) -> Transcript:
             float(data.get("saved_at") or 0),
         )
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        # Python's own words ("'list' object has no attribute 'get'") would not help.
+        why = str(exc) if isinstance(exc, _NotAChat) else "not the JSON /save writes"
         raise BadInput(
-            f"{path} is not a chat saved by llava ({exc})", "save one with /save FILE"
+            f"{path} is not a chat saved by llava ({why})", "save one with /save FILE"
         ) from exc

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -218,7 +219,7 @@ def test_a_hostile_chat_template_is_stopped(
     pair = synthetic.build_colour_oracle(tmp_path_factory.mktemp("evil"), chat_template=template)
     run = bounded("ask", images / "red.png", "-m", pair.model, "--mmproj", pair.mmproj)
     assert_refused(run, 4, str(pair.model.name), says)
-    assert run.seconds < 10
+    assert run.seconds < 30  # stopped, not run to its end (test_template_limits times it)
 
 
 # -- options and settings ------------------------------------------------------------------
@@ -296,6 +297,57 @@ def test_a_context_that_cannot_fit_in_memory_is_refused_with_the_numbers(
     assert_refused(run, 1, "a context of 1,000,000,000 tokens needs at least", "--ctx")
 
 
+# -- prompts: bounded before they are read whole or tokenized -------------------------------
+
+
+def test_an_endless_prompt_on_stdin_is_cut_at_16_mib(images: Path, pair_args: list[str]) -> None:
+    with subprocess.Popen(["head", "-c", "8G", "/dev/zero"], stdout=subprocess.PIPE) as head:
+        run = bounded("ask", images / "red.png", *pair_args, stdin=head.stdout)
+        head.kill()
+    assert_refused(run, 4, "the prompt on standard input is more than 16 MiB")
+
+
+@pytest.mark.parametrize("text", [b"\0" * (1 << 20), b"a" * (10 << 20), b"a " * (1 << 20)])
+def test_a_prompt_longer_than_the_context_is_refused_without_tokenizing_it_whole(
+    text: bytes, images: Path, pair_args: list[str]
+) -> None:
+    """A megabyte of NUL bytes took llama.cpp's tokenizer 50 s (it is superlinear on runs
+    without spaces); counted a piece at a time, it is refused at once."""
+    run = bounded("ask", images / "red.png", *pair_args, stdin=text, timeout=30)
+    assert_refused(run, 1, "this message needs more than 4,096 tokens", "--ctx")
+    assert run.seconds < 20
+
+
+def test_a_chat_line_over_16_mib_is_skipped_and_the_chat_goes_on(
+    images: Path, pair_args: list[str]
+) -> None:
+    script = b"x" * (17 << 20) + b"\nWhat colour is this?\n"
+    run = bounded("chat", images / "red.png", *pair_args, stdin=script)
+    assert run.code == 0, run.err
+    assert run.out == b"red\n"
+    assert "Error: a line of more than 16 MiB was skipped" in run.err
+    assert run.peak_rss < PEAK_RSS
+
+
+@pytest.mark.parametrize("length", [256, 5000])
+def test_a_model_reference_too_long_for_a_path_is_a_usage_error(length: int, images: Path) -> None:
+    run = bounded("ask", images / "red.png", "-m", "a" * length)
+    assert_refused(run, 2, f"a model reference of {length:,} characters")
+
+
+def test_json_output_escapes_what_would_act_on_a_terminal(
+    tmp_path: Path, pair_args: list[str]
+) -> None:
+    """A file name with a right-to-left override: the JSON line carries it as an escape (the
+    same string for a program), never the raw character."""
+    name = tmp_path / "photo\u202egnp.png"
+    Image.new("RGB", (32, 32), (230, 30, 30)).save(name, "PNG")
+    run = bounded("ask", name, *pair_args, "--json")
+    assert run.code == 0, run.err
+    assert "\u202e".encode() not in run.out and b"\\u202e" in run.out
+    assert json.loads(run.out)["image"] == str(name)
+
+
 # -- where the answer goes -----------------------------------------------------------------
 
 
@@ -332,6 +384,27 @@ def test_a_closed_stdout_is_an_error_and_no_file_takes_its_place(
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.decode().startswith("Error: cannot write to standard output: standard")
     assert Path(pair_args[1]).read_bytes() == before
+
+
+@pytest.mark.parametrize("target", [">/dev/full", ">&-"])
+def test_chat_ends_with_one_line_when_stdout_cannot_take_answers(
+    target: str, images: Path, pair_args: list[str]
+) -> None:
+    command = " ".join(
+        [shlex.quote(sys.executable), "-m", "llava_cli", "chat", str(images / "red.png")]
+        + [shlex.quote(a) for a in pair_args]
+    )
+    proc = subprocess.run(
+        f"echo 'What colour?' | {command} {target}",
+        shell=True,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert err.splitlines()[-1].startswith("Error: cannot write to standard output"), err
+    assert "unexpected" not in err
 
 
 def test_a_closed_stderr_keeps_the_exit_code(images: Path, pair_args: list[str]) -> None:
@@ -408,6 +481,15 @@ def test_save_refuses_links_fifos_folders_and_devices(
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_save_refuses_a_folder_that_does_not_exist(
+    chat: Chat, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drive(chat, f"/save {tmp_path / 'nowhere' / 'chat.md'}")
+    err = capsys.readouterr().err
+    assert err.startswith("Error: folder ") and "does not exist" in err, err
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_load_refuses_fifos_devices_and_huge_files_without_reading_them(
     chat: Chat, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -446,14 +528,15 @@ def test_an_unusable_input_history_is_left_alone(kind: str, tmp_path: Path) -> N
 def test_a_long_transcript_fits_the_context_in_a_few_renders(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A saved chat of 4,000 turns loaded into a 512-token context: the oldest turns are
-    dropped by bisection (about log2(4000) ≈ 12 measurements), not one at a time."""
+    """A saved chat of 100,000 turns loaded into a 512-token context: the turns that fit are
+    found from the newest, doubling then bisecting, each measurement rendering only what it
+    keeps; never the whole chat, never one turn at a time."""
     record = {
         "format": "llava-chat/1",
         "model": "x",
         "system": None,
         "settings": {},
-        "turns": [{"prompt": f"question {i}", "images": [], "answer": "none"} for i in range(4000)],
+        "turns": [{"prompt": f"q{i}", "images": [], "answer": "none"} for i in range(100_000)],
     }
     saved = tmp_path / "long.json"
     saved.write_text(json.dumps(record))
@@ -473,8 +556,8 @@ def test_a_long_transcript_fits_the_context_in_a_few_renders(
         assert out == "red\n", err
         assert measured <= 16, measured
         kept = chat.conversation.exchanges()
-        assert 1 < len(kept) < 4000 and kept[-1].prompt == "What colour is this?"
-        assert f"dropping the {4001 - len(kept)} oldest messages" in err
+        assert 1 < len(kept) < 100 and kept[-1].prompt == "What colour is this?"
+        assert f"dropping the {100_001 - len(kept)} oldest messages" in err
     finally:
         chat.close()
 

@@ -20,7 +20,7 @@ from ..errors import (
 )
 from ..images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, PreparedImage, load
 from ..modelref import ModelFiles, resolve
-from ..options import RuntimeOptions, SamplingParams
+from ..options import PROMPT_MAX_BYTES, RuntimeOptions, SamplingParams
 
 if TYPE_CHECKING:
     from ..conversation import Conversation
@@ -85,7 +85,14 @@ def read_prompt(opts: AskOptions) -> str:
         return opts.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     stdin = sys.stdin
     if "-" not in opts.images and stdin is not None and not stdin.isatty():
-        piped = stdin.buffer.read().decode("utf-8", "replace").strip()
+        data = stdin.buffer.read(PROMPT_MAX_BYTES + 1)
+        if len(data) > PROMPT_MAX_BYTES:
+            raise BadInput(
+                f"the prompt on standard input is more than {PROMPT_MAX_BYTES >> 20} MiB, far "
+                "more than any context holds",
+                "pipe in the question alone",
+            )
+        piped = data.decode("utf-8", "replace").strip()
         if piped:
             return piped
     return DEFAULT_PROMPT

@@ -20,7 +20,7 @@ from ..config import debug_enabled, paths
 from ..errors import EXIT_OK, BadInput, ContextOverflow, LlavaError, UsageError
 from ..images import PreparedImage, thumbnail
 from ..modelref import ModelFiles
-from ..options import SamplingParams, parse_number
+from ..options import MAX_TOKEN_CHARS, SamplingParams, parse_number
 from .ask import (
     ModelOptions,
     check_chat_format,
@@ -30,7 +30,7 @@ from .ask import (
 )
 
 if TYPE_CHECKING:
-    from ..conversation import Conversation
+    from ..conversation import Conversation, Exchange
     from ..engine import Completion, Counters
 
 ANSWER_ROOM = 256  # tokens kept free for the answer when the conversation must be shortened
@@ -135,7 +135,7 @@ class Chat:
         except KeyboardInterrupt:  # Ctrl-C outside an answer: the command stops, the chat goes on
             render.info("(cancelled)")
         except Exception as exc:  # a bug or an OS error: report it, keep the conversation
-            if debug_enabled():
+            if debug_enabled() or render.stdout_failed():  # nowhere to answer: end the chat
                 raise
             render.error(f"unexpected {type(exc).__name__}: {exc} — set LLAVA_DEBUG=1 for more")
         return True
@@ -235,30 +235,48 @@ class Chat:
                 f"shorten it,{detach} or restart with a larger --ctx",
             )
         room = min(self.sampling.max_tokens or ANSWER_ROOM, n_ctx // 4)
-        need = conversation.measure(prompt, images)
-        if need + room <= n_ctx:
-            return
-        # Drop the fewest oldest exchanges that make it fit, found by bisection: a loaded
-        # chat of 20,000 turns takes about 15 renders, not one per dropped turn.
         exchanges = conversation.exchanges()
+
+        def too_long(kept: list[Exchange]) -> bool:
+            """Longer than any context of ``n_ctx`` tokens can hold, whatever the tokens: no
+            need to render and tokenize it whole to find out (a loaded chat of 200,000 turns,
+            or one turn of 50 MB)."""
+            chars = sum(len(ex.prompt) + len(ex.answer or "") for ex in kept)
+            return chars > n_ctx * MAX_TOKEN_CHARS
+
+        need = None if too_long(exchanges) else conversation.measure(prompt, images)
+        if need is not None and need + room <= n_ctx:
+            return
+        # Keep the most recent exchanges that fit. Counted from the newest, doubling then
+        # bisecting, each measurement renders only what it keeps, and what fits is bounded by
+        # the context: a loaded chat of 200,000 turns costs as little as one of 200.
         if not exchanges:
             return
-        low, high = 1, len(exchanges)
-        while low < high:
-            middle = (low + high) // 2
-            conversation.replace(exchanges[middle:])
-            if conversation.measure(prompt, images) + room <= n_ctx:
-                high = middle
+
+        def fits(keep: int) -> bool:
+            kept = exchanges[len(exchanges) - keep :] if keep else []
+            if too_long(kept):
+                return False
+            conversation.replace(kept)
+            return conversation.measure(prompt, images) + room <= n_ctx
+
+        fitting, step = 0, 1  # ``fitting`` exchanges are known to fit
+        while step < len(exchanges) and fits(step):
+            fitting, step = step, step * 2
+        too_many = min(step, len(exchanges))  # keeping all of them does not fit (measured)
+        while too_many - fitting > 1:
+            middle = (fitting + too_many) // 2
+            if fits(middle):
+                fitting = middle
             else:
-                low = middle + 1
+                too_many = middle
+        low = len(exchanges) - fitting  # exchanges dropped
         conversation.replace(exchanges[low:])
         n_images = sum(len(ex.images) for ex in exchanges[:low])
         what = f" and {n_images} image(s)" if n_images else ""
         messages = "the oldest message" if low == 1 else f"the {low} oldest messages"
-        render.info(
-            f"context: this turn needs {need} of {n_ctx} tokens plus room to answer; "
-            f"dropping {messages}{what}"
-        )
+        needs = f"needs {need} of {n_ctx} tokens" if need else f"does not fit {n_ctx} tokens"
+        render.info(f"context: this turn {needs} plus room to answer; dropping {messages}{what}")
 
     # -- commands ---------------------------------------------------------------------------
 

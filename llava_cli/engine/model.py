@@ -211,6 +211,22 @@ class Engine:
                     ids.add(token)
         return frozenset(ids)
 
+    def count_tokens_up_to(self, text: str, limit: int, piece: int = 4096) -> int:
+        """Tokens in ``text``, counted a piece at a time and only until there are more than
+        ``limit``: each piece costs what a short text costs, however the tokenizer scales.
+        Pieces end after whitespace where there is some; merges across a piece's edge can
+        save one token each, so the pieces' edges are taken off the count."""
+        total = 0
+        start = 0
+        while start < len(text) and total <= limit:
+            end = min(len(text), start + piece)
+            if end < len(text):
+                space = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+                end = space + 1 if space > start else end
+            total += len(self.tokenize(text[start:end], add_special=False)) - 1
+            start = end
+        return total
+
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         """Text to tokens; special-token text (``</s>``, ``<|im_end|>``) becomes those tokens."""
         raw = text.encode("utf-8", errors="replace")
