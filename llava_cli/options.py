@@ -75,5 +75,7 @@ def parse_number(name: str, text: str) -> int | float:
         kind = "a whole number" if limit.kind is int else "a number"
         raise UsageError(f"{name} must be {kind}, not {text!r}") from None
     if not limit.allows(value):
-        raise UsageError(f"{name} must be between {limit.low:g} and {limit.high:g}, not {text}")
+        bounds = (limit.low, limit.high)
+        low, high = (f"{limit.kind(n):,}" if limit.kind is int else f"{n:g}" for n in bounds)
+        raise UsageError(f"{name} must be between {low} and {high}, not {text}")
     return value  # type: ignore[no-any-return]
