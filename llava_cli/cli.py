@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         except typer.Abort:  # Ctrl-D at a prompt Typer asked
             return EXIT_INTERRUPTED
         except TyperException as exc:
-            return usage_error(exc)
+            return usage_error(exc, sys.argv[1:] if argv is None else argv)
         return code if isinstance(code, int) else 0
 
     # Commands guard themselves; this also catches what fails while a command's module is
@@ -523,18 +523,20 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(guarded(run_app))
 
 
-def usage_error(exc: Exception) -> int:
+def usage_error(exc: Exception, argv: list[str]) -> int:
     """Typer's usage block (usage line, "Try …", error) as one line that names the help to
     read: ``Error: no such option: --bogus — see llava ask --help``."""
     from . import render
 
     ctx = getattr(exc, "ctx", None)
-    if type(exc).__name__ == "NoArgsIsHelpError":  # `llava` alone: Typer's help, as before
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
-        return int(getattr(exc, "exit_code", 2))
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        sys.stdout.write(ctx.get_help() + "\n")  # `llava`, `llava cache`: asking for help
+        return 0
     command = ctx.command_path if ctx is not None else "llava"
+    if command == "llava":  # an option's missing value is reported from the top: whose was it?
+        commands = getattr(typer.main.get_command(app), "commands", {})
+        named = [a for a in argv[:1] if a in commands]
+        command = f"llava {named[0]}" if named else command
     format_message = getattr(exc, "format_message", None)
     message = format_message() if callable(format_message) else str(exc)
     message = " ".join(str(message).split()).rstrip(".")

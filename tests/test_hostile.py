@@ -269,6 +269,17 @@ def test_a_bad_hub_timeout_is_a_usage_error_not_a_crash_in_huggingface_hub(
     assert_refused(run, 2, f"{variable}={value!r}", "seconds")
 
 
+def test_an_option_without_its_value_names_the_command_help(images: Path) -> None:
+    assert_refused(bounded("ask", images / "red.png", "-p"), 2, "see llava ask --help")
+
+
+@pytest.mark.parametrize("args", [[], ["cache"]])
+def test_a_command_group_alone_prints_its_help_on_stdout(args: list[str]) -> None:
+    run = bounded(*args)
+    assert run.code == 0 and run.err == ""
+    assert run.out.startswith(b"Usage: llava")
+
+
 def test_an_unknown_option_is_one_line_naming_the_help() -> None:
     run = bounded("ask", "--bogus")
     assert_refused(run, 2, "no such option: --bogus", "see llava ask --help")
