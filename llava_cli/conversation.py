@@ -87,7 +87,8 @@ def chat_format(engine: Engine, wanted: str, known_format: str | None = None) ->
     prefer = wanted
     if prefer == "auto" and known_format not in (None, "gguf"):
         prefer = known_format or "auto"
-    template = engine.chat_template
+    # A template too long to read is an error only where it would be used.
+    template = engine.chat_template if prefer in ("auto", "gguf") else None
     suggest = known_format if known_format not in (None, "gguf", "auto") else None
     if suggest is None and template and prefer in ("auto", "gguf"):
         suggest = builtin_templates.detect(template)

@@ -172,6 +172,19 @@ def test_deeply_nested_gguf_metadata_is_bad_input(
     assert_refused(run, 4, str(crafted))
 
 
+def test_a_chat_template_too_long_to_read_is_an_error_unless_another_format_is_chosen(
+    tmp_path_factory: pytest.TempPathFactory, images: Path
+) -> None:
+    pair = synthetic.build_colour_oracle(
+        tmp_path_factory.mktemp("long-template"), chat_template="{# x #}" * 1_000_000
+    )
+    files = ["-m", pair.model, "--mmproj", pair.mmproj]
+    run = bounded("ask", images / "red.png", *files)
+    assert_refused(run, 4, "its chat template is 7,000,000 bytes", "--chat-format")
+    run = bounded("ask", images / "red.png", *files, "--chat-format", "llava")
+    assert (run.code, run.out) == (0, b"red\n"), run.err
+
+
 def test_a_vocab_only_gguf_as_the_model_says_it_has_no_weights(images: Path) -> None:
     vocab = Path(__file__).parent / "gguf" / "ggml-vocab-llama-spm.gguf"  # llama.cpp's (README)
     assert_refused(bounded("ask", images / "red.png", "-m", vocab), 4, "vocab-only", "no weights")

@@ -16,7 +16,7 @@ import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 
 from ..errors import EngineError, ModelFileError
-from ..gguf_file import GGUFInfo, check_pair, read_gguf
+from ..gguf_file import GGUFInfo, LongString, check_pair, read_gguf
 from ..templates import MEDIA_MARKER
 from ..units import human_bytes
 from .native import INTERRUPTS, LOGS, default_threads, init
@@ -174,7 +174,14 @@ class Engine:
 
     @property
     def chat_template(self) -> str | None:
-        return self.model_info.get_str("tokenizer.chat_template")
+        value = self.model_info.metadata.get("tokenizer.chat_template")
+        if isinstance(value, LongString):  # never silently another format
+            raise ModelFileError(
+                f"{self.opts.model}: its chat template is {value.length:,} bytes, longer than "
+                "any real template",
+                "--chat-format NAME picks another format",
+            )
+        return value if isinstance(value, str) else None
 
     @property
     def bos_token(self) -> int:
