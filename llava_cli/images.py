@@ -1,8 +1,10 @@
 """The only Pillow decoder: read, verify, orient, flatten, limit and hash an image.
 
 Whatever comes in (JPEG, PNG, WebP, GIF, BMP, TIFF; CMYK, 16-bit, palette, greyscale, alpha),
-what comes out is 8-bit RGB pixels, upright, on white where it was transparent. libmtmd gets
-those raw pixels (``mtmd_bitmap_init``): lossless, and no second decode of a compressed file.
+what comes out is 8-bit RGB pixels, upright, on white where it was transparent, at most
+``MAX_IMAGE_SIDE`` pixels on its longest side (larger pictures are scaled down with a Lanczos
+filter). libmtmd gets those raw pixels (``mtmd_bitmap_init``): no second decode of a compressed
+file, and never more pixels than a vision model looks at.
 
 Inputs are hostile until decoded: only regular files are opened as paths (a FIFO or a device
 is refused, ``-`` is the way to stream), bytes are counted as they arrive against
@@ -40,6 +42,23 @@ SUPPORTED = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 _FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "DIB")
 _READ_CHUNK = 1 << 20
 _BAND_PIXELS = 1 << 20  # pixels converted at a time: 4 MiB of RGBA
+# The longest side an image keeps; a larger one is scaled down to it. No vision projector in
+# llama.cpp (tools/mtmd/clip.cpp, mtmd-image.cpp) looks at more: LLaVA-1.5 sees 336x336,
+# LLaVA-1.6 tiles of up to 672x672 or 336x1344, Gemma 3 896x896, InternVL twelve 448-pixel
+# tiles, Qwen2/2.5-VL up to 4,096 tokens of 28x28 pixels (1792x1792), and the largest budget,
+# HunyuanVL's 16,384 tokens, is 4096x4096 with 16-pixel patches merged 2x2 (YoutuVL alone
+# allows 62,500 tokens, "8000 * 8000" in clip.cpp's note; scaled, it gets 16,384). Beyond it
+# pixels only cost memory: libmtmd copies the bitmap, and its resampler's weight tables grow
+# with the input's sides (a 1 x 99,000,000 strip ran it out of 4 GB).
+MAX_IMAGE_SIDE = 4096
+# How many times longer than wide (or wide than tall) an image may be. clip.cpp's llava-uhd
+# slicer (MiniCPM-V) gives the overview about 448x448 pixels, but never less than one 14-pixel
+# patch across: past 1024:1 its patch count, and the encoder's memory, grow with the ratio.
+# Within it, an image scaled to MAX_IMAGE_SIDE keeps a short side of at least 4 pixels.
+MAX_ASPECT_RATIO = 1024
+# Scaling first averages blocks of pixels (Image.reduce) down to within this factor of the
+# target, then resamples with Lanczos: as sharp as Lanczos all the way, and faster.
+_REDUCING_GAP = 3.0
 _RAISE_BYTES_HINT = "raise the limit with --max-image-bytes / LLAVA_MAX_IMAGE_BYTES"
 _STDIN_HINT = "pipe an image in: cat x.png | llava ask -"
 
@@ -50,13 +69,17 @@ class PreparedImage:
     sha256: str  # of the source bytes
     format: str  # as Pillow detected it
     mode: str  # the source colour mode, before conversion
-    width: int
+    width: int  # of the pixels the model gets (after scaling down, if it was)
     height: int
     rgb: bytes  # width * height * 3 bytes
     key: str  # identifies the pixels: the same picture in another file has the same key
+    scaled_from: tuple[int, int] | None = None  # the upright size before scaling, if scaled
 
     def describe(self) -> str:
-        return f"{self.width}x{self.height} {self.format} {self.mode}"
+        if self.scaled_from is None:
+            return f"{self.width}x{self.height} {self.format} {self.mode}"
+        width, height = self.scaled_from
+        return f"{width}x{height} {self.format} {self.mode}, scaled to {self.width}x{self.height}"
 
 
 def read_source(
@@ -147,7 +170,20 @@ def _file_kind(mode: int) -> str:
 def _read_bounded(read: Callable[[int], bytes], max_bytes: int, first: int, what: str) -> bytes:
     """Everything ``read`` gives, or ImageError as soon as it gives more than ``max_bytes``:
     at most ``max_bytes + 1`` bytes are ever held, however much is on offer, and never twice
-    (the first read is returned as it is when it was all; later ones grow one buffer)."""
+    (the first read is returned as it is when it was all; later ones grow one buffer). A limit
+    raised past the memory there is (a 4 GiB sparse file under ``--max-image-bytes 4G``) is an
+    ImageError too, not a MemoryError."""
+    try:
+        return _read_all_bounded(read, max_bytes, first, what)
+    except MemoryError:
+        raise ImageError(
+            f"not enough memory to read {what}: --max-image-bytes allows up to {_size(max_bytes)}",
+            "lower --max-image-bytes / LLAVA_MAX_IMAGE_BYTES "
+            f"(the default is {DEFAULT_MAX_IMAGE_BYTES >> 20} MiB), or free some memory",
+        ) from None
+
+
+def _read_all_bounded(read: Callable[[int], bytes], max_bytes: int, first: int, what: str) -> bytes:
     data = read(min(first, max_bytes + 1))
     total = len(data)
     grown: io.BytesIO | None = None
@@ -254,13 +290,22 @@ def _decode_quietly(
                 f"{max_pixels:,} (a decompression bomb?)",
                 "downscale it, or raise the limit with --max-pixels / LLAVA_MAX_PIXELS",
             )
+        _check_aspect_ratio(name, width, height)
         mode = im.mode
+        scaled = _scaled_size(width, height)
         try:
             im.seek(0)  # first frame of an animation
+            if scaled is not None:
+                # JPEG decodes at 1/2, 1/4 or 1/8 scale where that still covers the target:
+                # a 100-megapixel photo then never takes 400 MB. A no-op for other formats.
+                im.draft(None, scaled)
             im.load()
             orientation = _orientation(im)  # read while the file is still open
             stream.close()  # everything is decoded; let the source bytes go
-            width, height, pixels = upright_rgb_bytes(im, orientation)
+            if scaled is not None and orientation in _TURNED:
+                scaled = (scaled[1], scaled[0])
+            original = (width, height) if orientation not in _TURNED else (height, width)
+            width, height, pixels = upright_rgb_bytes(im, orientation, scaled)
         except MemoryError:
             raise
         except Exception as exc:
@@ -286,6 +331,29 @@ def _decode_quietly(
         height=height,
         rgb=pixels,
         key=key.hexdigest(),
+        scaled_from=original if original != (width, height) else None,
+    )
+
+
+def _check_aspect_ratio(name: str, width: int, height: int) -> None:
+    """Refuse, from the header alone, a picture too thin for any vision model to see."""
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(
+            f"{name} is {width}x{height}: one side is over {MAX_ASPECT_RATIO} times the "
+            "other, too thin a strip for a vision model",
+            f"crop it into parts at most {MAX_ASPECT_RATIO} times as long as they are wide",
+        )
+
+
+def _scaled_size(width: int, height: int) -> tuple[int, int] | None:
+    """The size to scale ``width`` x ``height`` down to, or None where it fits as it is:
+    the longest side becomes MAX_IMAGE_SIDE, the other keeps the ratio (and a pixel at least)."""
+    longest = max(width, height)
+    if longest <= MAX_IMAGE_SIDE:
+        return None
+    return (
+        max(1, round(width * MAX_IMAGE_SIDE / longest)),
+        max(1, round(height * MAX_IMAGE_SIDE / longest)),
     )
 
 
@@ -351,13 +419,21 @@ def _reason(exc: Exception, native: _NativeStderr) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def upright_rgb_bytes(im: Image.Image, orientation: int = 1) -> tuple[int, int, bytes]:
-    """``im`` as 8-bit RGB bytes, turned upright by its EXIF ``orientation`` and flattened onto
-    white where it is transparent, with its width and height.
+_TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
-    Converted a band of rows at a time, straight into the bytes returned: besides ``im``, only
-    the result and one band are ever in memory (a whole-image conversion chain holds two or
-    three more full-size copies: 1.9 GB at 100 megapixels instead of 0.7)."""
+
+def upright_rgb_bytes(
+    im: Image.Image, orientation: int = 1, size: tuple[int, int] | None = None
+) -> tuple[int, int, bytes]:
+    """``im`` as 8-bit RGB bytes, turned upright by its EXIF ``orientation``, flattened onto
+    white where it is transparent, and scaled to ``size`` (upright) if one is given; with its
+    width and height.
+
+    Converted a band of rows at a time: besides ``im``, only the result and one band are ever
+    in memory (a whole-image conversion chain holds two or three more full-size copies: 1.9 GB
+    at 100 megapixels instead of 0.7). Scaling is Pillow's two separable passes, the first
+    (across) done band by band as rows are converted, the second (down) on its narrow result,
+    so the full-size RGB picture never exists."""
     from PIL import Image
 
     T = Image.Transpose
@@ -371,19 +447,38 @@ def upright_rgb_bytes(im: Image.Image, orientation: int = 1) -> tuple[int, int, 
         8: T.ROTATE_90,
     }.get(orientation)
     width, height = im.size
-    if method in (T.TRANSPOSE, T.ROTATE_270, T.TRANSVERSE, T.ROTATE_90):
+    if orientation in _TURNED:
         width, height = height, width
     convert = _band_converter(im)
+    rows = max(1, _BAND_PIXELS // width)
+    tops = range(0, height, rows)
+    bands = (convert(_stored_band(im, method, t, min(height, t + rows))) for t in tops)
+    if size is None or size == (width, height):
+        return width, height, _joined(bands, width, height)
+    new_width, new_height = size
+    lanczos = Image.Resampling.LANCZOS
+    narrowed = Image.new("RGB", (new_width, height))
+    for top, band in zip(tops, bands, strict=True):
+        across = band.resize((new_width, band.height), lanczos, reducing_gap=_REDUCING_GAP)
+        narrowed.paste(across, (0, top))
+    scaled = narrowed.resize((new_width, new_height), lanczos, reducing_gap=_REDUCING_GAP)
+    del narrowed
+    rows = max(1, _BAND_PIXELS // new_width)
+    tops = range(0, new_height, rows)
+    parts = (scaled.crop((0, t, new_width, min(new_height, t + rows))) for t in tops)
+    return new_width, new_height, _joined(parts, new_width, new_height)
+
+
+def _joined(bands: Iterator[Image.Image], width: int, height: int) -> bytes:
+    """The RGB ``bands``, top to bottom, as one ``width`` x ``height`` buffer, allocated once
+    at its final size (``Image.tobytes`` of a whole image holds its pixels twice)."""
     out = io.BytesIO()
-    out.seek(width * height * 3 - 1)  # allocate the result once, at its final size
+    out.seek(width * height * 3 - 1)
     out.write(b"\0")
     out.seek(0)
-    rows = max(1, _BAND_PIXELS // width)
-    for top in range(0, height, rows):
-        bottom = min(height, top + rows)
-        band = _stored_band(im, method, top, bottom)
-        out.write(convert(band).tobytes())
-    return width, height, out.getvalue()  # the buffer itself, not a copy
+    for band in bands:
+        out.write(band.tobytes())
+    return out.getvalue()  # the buffer itself, not a copy
 
 
 def _orientation(im: Image.Image) -> int:

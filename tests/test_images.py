@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from llava_cli import synthetic
 from llava_cli.errors import ImageError
 from llava_cli.images import PreparedImage, load, prepare
-from tests.conftest import png_bytes
+from tests.conftest import llava, png_bytes
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -346,3 +347,177 @@ def test_decoding_holds_few_copies_of_the_pixels(tmp_path: Path) -> None:
     )
     peak_bytes = int(done.stdout) * 1024
     assert peak_bytes / (3000 * 3000) < 12
+
+
+# Pictures within --max-pixels that would still exhaust memory downstream: thin strips are
+# refused from the header, large ones scaled down to what a vision model can look at.
+
+
+def _rows(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """Raw 8-bit RGB PNG scanlines (filter byte 0) of one colour, for ``png_bytes``."""
+    return (b"\x00" + bytes(rgb) * width) * height
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 99_000_000), (99_000_000, 1), (2, 2049)])
+def test_thin_strips_are_refused_from_the_header(width: int, height: int) -> None:
+    # Only the header is real: the refusal must come before a byte of pixels is decoded (the
+    # 1 x 99,000,000 strip took 1.5 GB to decode, then ran libmtmd out of 4 GB).
+    started = time.monotonic()
+    with pytest.raises(ImageError) as err:
+        prepare("strip.png", png_bytes(width, height, 8, 2, b"\x00" * 8))
+    assert time.monotonic() - started < 1
+    assert str(err.value).startswith(f"strip.png is {width}x{height}: one side is over 1024 ")
+    assert "crop it into parts" in err.value.hint
+    assert err.value.exit_code == 4
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 1024), (1024, 1), (4, 4096), (4096, 4)])
+def test_strips_within_the_ratio_keep_every_pixel(width: int, height: int) -> None:
+    image = prepare("strip.png", png_bytes(width, height, 8, 2, _rows(width, height, BLUE)))
+    assert (image.width, image.height, image.scaled_from) == (width, height, None)
+    assert image.rgb == bytes(BLUE) * (width * height)
+    assert image.describe() == f"{width}x{height} PNG RGB"
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "scaled"),
+    [(8192, 8, (4096, 4)), (8, 8192, (4, 4096)), (10_000, 3_001, (4096, 1229))],
+)
+def test_large_pictures_are_scaled_to_the_longest_side(
+    width: int, height: int, scaled: tuple[int, int]
+) -> None:
+    image = prepare("big.png", png_bytes(width, height, 8, 2, _rows(width, height, RED)))
+    assert (image.width, image.height) == scaled
+    assert image.rgb == bytes(RED) * (scaled[0] * scaled[1])  # one colour stays that colour
+    assert image.scaled_from == (width, height)
+    assert image.describe() == f"{width}x{height} PNG RGB, scaled to {scaled[0]}x{scaled[1]}"
+    # The key is of the pixels the model gets, so the prefix cache keys what it holds.
+    assert image.key == hashlib.sha256(f"{scaled[0]}x{scaled[1]}:".encode() + image.rgb).hexdigest()
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale() -> None:
+    # JPEG's draft mode decodes at 1/2 here (8200 // 4096); the result is still the size and
+    # colour a full decode and Lanczos would give.
+    data = encode(Image.new("RGB", (8200, 64), (30, 160, 40)), "JPEG", quality=95)
+    image = prepare("wide.jpg", data)
+    assert (image.width, image.height, image.scaled_from) == (4096, 32, (8200, 64))
+    assert _close(pixel(image, 2000, 16), (30, 160, 40), tol=4)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "I;16"])
+def test_scaling_in_bands_matches_pillows_two_passes(
+    orientation: int, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import ImageOps
+
+    from llava_cli import images
+
+    stored = Image.effect_noise((61, 23), 80).convert("L")
+    stored = {
+        "RGB": Image.merge("RGB", (stored, stored.rotate(90), stored.rotate(180))),
+        "RGBA": Image.merge("RGBA", (stored, stored, stored.rotate(180), stored.rotate(90))),
+        "I;16": stored.point(lambda v: v * 200).convert("I;16"),
+    }[mode]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "PNG", exif=exif)
+    monkeypatch.setattr(images, "MAX_IMAGE_SIDE", 20)
+    monkeypatch.setattr(images, "_BAND_PIXELS", 70)  # bands of one to three rows
+    image = prepare("noise.png", data)
+    # The reference: the whole picture made upright RGB by the unscaled path, then Pillow's
+    # own resize, across first and then down, as its resampler does.
+    monkeypatch.setattr(images, "MAX_IMAGE_SIDE", 1000)
+    whole = prepare("noise.png", data)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    assert (whole.width, whole.height) == upright.size
+    full = Image.frombytes("RGB", upright.size, whole.rgb)
+    size = (20, 8) if upright.width > upright.height else (8, 20)
+    lanczos = Image.Resampling.LANCZOS
+    expected = full.resize((size[0], full.height), lanczos, reducing_gap=3.0)
+    expected = expected.resize(size, lanczos, reducing_gap=3.0)
+    assert (image.width, image.height, image.scaled_from) == (*size, upright.size)
+    assert image.rgb == expected.tobytes()
+
+
+def test_scaling_a_tall_picture_holds_few_copies_of_it() -> None:
+    # 100 x 100,000 (10 megapixels, 1000:1): Pillow holds it at 4 bytes a pixel; the RGB
+    # conversion and the scaling add bands and a narrow picture, not whole copies.
+    width, height = 100, 100_000
+    data = png_bytes(width, height, 8, 2, _rows(width, height, (9, 99, 199)))
+    script = (
+        "import sys\n"
+        "from llava_cli.images import prepare\n"
+        "from PIL import Image\n"
+        "Image.init()\n"
+        "data = sys.stdin.buffer.read()\n"
+        "rss = lambda: int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n"
+        "before = rss()\n"
+        "image = prepare('tall.png', data)\n"
+        "assert (image.width, image.height) == (4, 4096), image.describe()\n"
+        "print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) - before)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=data, capture_output=True, check=True
+    )
+    peak_bytes = int(done.stdout) * 1024
+    assert peak_bytes / (width * height) < 6.5
+
+
+_OUT_OF_MEMORY = """
+import io, os, resource, sys
+from llava_cli import synthetic
+from llava_cli.errors import ImageError
+from llava_cli.images import load
+size = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (256 << 20), resource.RLIM_INFINITY))
+class Zeros(io.RawIOBase):
+    def readable(self): return True
+    def readinto(self, b):
+        n = len(b); b[:n] = bytes(n); return n
+for source, stdin in ((sys.argv[1], None), ('-', Zeros())):
+    try:
+        load(source, stdin=stdin, max_bytes=2 << 30)
+    except ImageError as exc:
+        print(exc.exit_code, exc.one_line())
+"""
+
+
+def test_a_byte_limit_above_the_memory_there_is_is_bad_input(tmp_path: Path) -> None:
+    # --max-image-bytes raised past what the process may allocate: a 1 GiB sparse file and an
+    # endless stdin under a 256 MiB allowance end in ImageError, not MemoryError.
+    path = tmp_path / "s.png"
+    path.touch()
+    os.truncate(path, 1 << 30)
+    done = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_MEMORY, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    limit = "--max-image-bytes allows up to 2,147,483,648 bytes (2 GiB)"
+    hint = "lower --max-image-bytes / LLAVA_MAX_IMAGE_BYTES (the default is 256 MiB)"
+    assert done.stdout.splitlines() == [
+        f"4 not enough memory to read image {path}: {limit} — {hint}, or free some memory",
+        f"4 not enough memory to read standard input: {limit} — {hint}, or free some memory",
+    ]
+
+
+def test_a_scaled_picture_still_answers(oracle: synthetic.ModelPair, tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    path.write_bytes(png_bytes(4400, 3300, 8, 2, _rows(4400, 3300, (230, 20, 20))))
+    args: list[str | Path] = [
+        "-p",
+        "What colour?",
+        "--model",
+        oracle.model,
+        "--mmproj",
+        oracle.mmproj,
+    ]
+    result = llava("ask", path, *args)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"red\n", b"")
+    verbose = llava("ask", path, *args, "--verbose")
+    assert verbose.stdout == b"red\n"
+    assert f"image {path}: 4400x3300 PNG RGB, scaled to 4096x3072, ".encode() in verbose.stderr

@@ -82,6 +82,8 @@ def test_kept_selection() -> None:
     assert by_name["hopper.tif"]["outcome"] == "image"
     assert by_name["hopper_webp.tif"]["outcome"] == "refused"
     assert "WEBP compression" in by_name["hopper_webp.tif"]["detail"]
+    # A 15-megapixel fax page is scaled to the longest side a vision model looks at.
+    assert by_name["g4-multi.tiff"]["detail"] == "3307x4677 TIFF 1, scaled to 2896x4096"
     decoded = sum(r["outcome"] == "image" for r in outcomes.values())
     assert 20 < decoded < len(files)
     assert elapsed < 60
