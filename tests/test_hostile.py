@@ -32,6 +32,7 @@ from llava_cli import synthetic
 from llava_cli.commands.chat import COMMANDS, Chat
 from llava_cli.repl import LineReader
 
+from .conftest import png_bytes
 from .test_chat import drive, open_test_chat
 from .test_gguf_file import ARCH, ARRAY, gguf, kv, nested_arrays
 
@@ -115,6 +116,25 @@ def pair_args(oracle: synthetic.ModelPair) -> list[str]:
 # -- images: bounded reads, any decoder failure, no native chatter ----------------------------
 
 PILLOW = Path(__file__).parent / "pillow_images"  # Pillow 13.0.0's own test images (README)
+
+
+def test_a_thin_strip_within_the_pixel_limit_is_refused_from_its_header(
+    tmp_path: Path, pair_args: list[str]
+) -> None:
+    """1 x 99,000,000 pixels, a 385 KB PNG: 5.6 GB end to end before (libmtmd pads it to a
+    square); now refused from the header, and 4096 px is the most a side reaches libmtmd."""
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(png_bytes(1, 99_000_000, 8, 2, b"\x00" * 8))
+    assert_refused(bounded("ask", strip, *pair_args), 4, "one side is over 1024 times")
+
+
+def test_a_big_image_is_scaled_to_what_a_model_reads(tmp_path: Path, pair_args: list[str]) -> None:
+    big = tmp_path / "big.png"
+    Image.new("RGB", (6000, 4000), (230, 30, 30)).save(big, compress_level=1)
+    run = bounded("ask", big, *pair_args, "-v")
+    assert (run.code, run.out) == (0, b"red\n"), run.err
+    assert "scaled to 4096x2731" in run.err
+    assert run.peak_rss < PEAK_RSS
 
 
 def test_an_endless_stdin_is_cut_at_the_byte_limit(pair_args: list[str]) -> None:
