@@ -7,16 +7,20 @@ length, and a sha256 of all of it) and the payload, llama.cpp's own sequence sta
 a hash the engine computes from everything the state depends on (model and projector files,
 prefix tokens, image pixels, build); a different input is a different file, never a wrong
 answer, and an entry renamed or copied under another key is a miss, since it names its own.
-Entries are written atomically; one that is truncated, corrupt or unreadable is deleted and
-treated as a miss, and so is anything at an entry's path that is not a regular file within the
-cap (a FIFO, a device, a link). The folder is an LRU capped at ``LLAVA_CACHE_SIZE`` (default
-2 GiB): a hit refreshes an entry, a write evicts the oldest.
+Entries are written atomically. Reading one checks its header first (magic, key, lengths that
+add up to the file's size), so a damaged entry costs a few bytes whatever its size; one that
+is truncated, corrupt, or cannot be read (an I/O error, more than the memory left) is deleted
+and treated as a miss. Anything at an entry's path that is not a regular file within the cap
+(a FIFO, a device, a link, an empty folder) is a miss, and replaced by the next write. The
+folder is an LRU capped at ``LLAVA_CACHE_SIZE`` (default 2 GiB): a hit refreshes an entry, a
+write evicts the oldest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -30,12 +34,15 @@ from typing import Any
 
 from .config import paths
 from .errors import ConfigError
-from .store import Bytes, read_own_file, write_atomic
+from .store import Bytes, fill, open_own_file, write_atomic
 
 DEFAULT_CAP = 2 << 30
 MAX_CAP = 1 << 50  # 1 PiB: far beyond any disk a cache lives on, and still exact as a float
 MAGIC = b"LLAVAKV2"  # 2: the header names its key, and the sha256 covers the header too
 _HEAD = struct.Struct("<8s32sI")  # magic, key, metadata length; then metadata, length, sha256
+_LENGTH = struct.Struct("<Q")  # the payload's
+_DIGEST = 32  # sha256
+_META_MAX = 64 << 20  # an entry's metadata (its prefix's tokens and spans): far less than this
 _SIZE = re.compile(r"\s*(\d+)(?:\.(\d+))?\s*(?:([KMGTP])(I)?)?B?\s*", re.I | re.A)
 SIZE_FORMS = "bytes (1500) or a number with a unit (500MB, 2GiB, 1.5TB), from 0 to 1 PiB"
 
@@ -88,22 +95,67 @@ class PrefixCache:
             raise ValueError(f"bad cache key {key!r}")
         return self.folder / f"{key}.kv"
 
-    def get(self, key: str) -> tuple[dict[str, Any], memoryview] | None:
-        """The entry saved under ``key``, verified; ``None`` for a miss (a damaged entry, or one
-        saved under another key, is removed). The payload is a writable view into one buffer
-        read from disk: no further copies."""
+    def get(
+        self, key: str, max_payload: int | None = None
+    ) -> tuple[dict[str, Any], memoryview] | None:
+        """The entry saved under ``key``, verified; ``None`` for a miss. The payload is a
+        writable view into one buffer read from disk: no further copies.
+
+        The fixed header is checked before anything else is read: the magic, the key, and
+        lengths that add up to the file's size, with a payload of at most ``max_payload``
+        bytes when the caller knows what the state can be. So a damaged entry costs a few
+        bytes of reading, whatever its size. One that fails a check, or cannot be read (an
+        I/O error, or more than the memory left), is removed, to be written anew; anything
+        that is not a regular file within the cap is left for ``put`` to replace."""
         path = self._path(key)
-        data = read_own_file(path, self.cap)  # only a regular file, at most the cap
-        if data is None:
+        f = open_own_file(path)  # only a regular file: never a FIFO, a device, a folder, a link
+        if f is None:
             return None
-        entry = _parse(key, data)
-        if entry is None:
+        with f:
+            entry = self._read(f, key, max_payload)
+        if isinstance(entry, _Damaged):
             with contextlib.suppress(OSError):
                 path.unlink()
+            return None
+        if entry is None:
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # most recently used
         return entry
+
+    def _read(
+        self, f: io.FileIO, key: str, max_payload: int | None
+    ) -> tuple[dict[str, Any], memoryview] | _Damaged | None:
+        """The entry in ``f``; None when it is over the cap (not read); ``_DAMAGED`` when a
+        check fails or it cannot be read."""
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size > self.cap:
+                return None
+            head = bytearray(_HEAD.size + _LENGTH.size)
+            if not fill(f, memoryview(head)[: _HEAD.size]):
+                return _DAMAGED
+            magic, saved_key, meta_len = _HEAD.unpack_from(head)
+            if magic != MAGIC or saved_key != bytes.fromhex(key) or meta_len > _META_MAX:
+                return _DAMAGED
+            digest_at = _HEAD.size + meta_len + _LENGTH.size
+            if digest_at + _DIGEST > size:
+                return _DAMAGED
+            f.seek(digest_at - _LENGTH.size)
+            if not fill(f, memoryview(head)[_HEAD.size :]):
+                return _DAMAGED
+            (payload_len,) = _LENGTH.unpack_from(head, _HEAD.size)
+            if digest_at + _DIGEST + payload_len != size:
+                return _DAMAGED
+            if max_payload is not None and payload_len > max_payload:
+                return _DAMAGED
+            f.seek(0)
+            data = bytearray(size)  # the one buffer: its size now known to be the entry's
+            if not fill(f, memoryview(data)):
+                return _DAMAGED
+        except (OSError, MemoryError):
+            return _DAMAGED
+        return _verified(data, digest_at, meta_len) or _DAMAGED
 
     def _usable(self, path: Path) -> bool:
         """Whether ``get`` would read the file at ``path``: a regular file within the cap."""
@@ -130,13 +182,15 @@ class PrefixCache:
             (
                 _HEAD.pack(MAGIC, bytes.fromhex(key), len(header)),
                 header,
-                struct.pack("<Q", len(view)),
+                _LENGTH.pack(len(view)),
             )
         )
         digest = hashlib.sha256(head)
         digest.update(view)
-        if not self.fits(len(head) + 32 + len(view)):
+        if not self.fits(len(head) + _DIGEST + len(view)):
             return
+        with contextlib.suppress(OSError):
+            path.rmdir()  # an empty folder in the entry's place (a rename cannot replace it)
         write_atomic(path, head, digest.digest(), view)  # whatever else was there is replaced
         self.evict()
 
@@ -148,7 +202,9 @@ class PrefixCache:
         found = []
         for path in self.folder.glob(pattern) if self.folder.is_dir() else []:
             with contextlib.suppress(OSError):
-                found.append((path, path.lstat()))  # a link counts as itself, not its target
+                info = path.lstat()  # a link counts as itself, not its target
+                if not stat.S_ISDIR(info.st_mode):  # a folder is none of ours to count or clear
+                    found.append((path, info))
         return found
 
     def _leftovers(self, older_than: float) -> list[tuple[Path, os.stat_result]]:
@@ -182,25 +238,25 @@ class PrefixCache:
         return gone
 
 
-def _parse(key: str, data: bytearray) -> tuple[dict[str, Any], memoryview] | None:
-    """The metadata and payload of an entry saved under ``key``; None if it names another
-    key, or its sha256 (over the header and the payload) does not match."""
-    try:
-        magic, saved_key, meta_len = _HEAD.unpack_from(data, 0)
-        if magic != MAGIC or saved_key != bytes.fromhex(key):
-            return None
-        offset = _HEAD.size + meta_len
-        (size,) = struct.unpack_from("<Q", data, offset)
-        offset += 8
-        digest = bytes(data[offset : offset + 32])
-        payload = memoryview(data)[offset + 32 :]
-        if len(payload) != size:
-            return None
-        check = hashlib.sha256(memoryview(data)[:offset])
-        check.update(payload)
-        if check.digest() != digest:
-            return None
-        meta = json.loads(data[_HEAD.size : _HEAD.size + meta_len])
-        return (meta, payload) if isinstance(meta, dict) else None
-    except (struct.error, ValueError, RecursionError):  # RecursionError: {"a": [[[…]]]}
+class _Damaged:
+    """An entry that failed a check, or could not be read."""
+
+
+_DAMAGED = _Damaged()
+
+
+def _verified(
+    data: bytearray, digest_at: int, meta_len: int
+) -> tuple[dict[str, Any], memoryview] | None:
+    """The metadata and payload of an entry whose lengths were checked; None if its sha256
+    (over the header and the payload) does not match, or its metadata is not an object."""
+    payload = memoryview(data)[digest_at + _DIGEST :]
+    check = hashlib.sha256(memoryview(data)[:digest_at])
+    check.update(payload)
+    if check.digest() != bytes(data[digest_at : digest_at + _DIGEST]):
         return None
+    try:
+        meta = json.loads(data[_HEAD.size : _HEAD.size + meta_len])
+    except (ValueError, RecursionError):  # RecursionError: {"a": [[[…]]]}
+        return None
+    return (meta, payload) if isinstance(meta, dict) else None

@@ -13,7 +13,9 @@ quant and projector a name stood for, for ``llava list`` and ``llava rm``.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import math
 import os
 import re
 import shutil
@@ -21,11 +23,12 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 from .config import hf_hub_cache, paths
+from .errors import BadInput, LlavaError
+from .registry import is_repo_id
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _REF_MAX = 4096  # refs/<branch>: a commit hash
@@ -134,28 +137,49 @@ _OPEN_OWN = (
 )
 
 
-def read_own_file(path: Path, max_bytes: int) -> bytearray | None:
-    """The bytes of a file llava keeps in its own folders (a prefix-cache entry, a record, a
-    ref), or None when it is missing, unreadable, not a regular file (a FIFO, a device, a
-    symbolic link) or larger than ``max_bytes``: such a file is as good as absent. Never
-    blocks, and never allocates more than ``max_bytes``."""
+def open_own_file(path: Path) -> io.FileIO | None:
+    """A file llava keeps in its own folders (a prefix-cache entry, a record, a ref), opened
+    for reading; None when it is missing, unreadable or not a regular file (a folder, a FIFO,
+    a device, a symbolic link): such a file is as good as absent. Never blocks."""
     try:
         fd = os.open(path, _OPEN_OWN)
-    except OSError:  # missing, a link (ELOOP), a permission, …
+    except (OSError, ValueError):  # missing, a link (ELOOP), a permission, a NUL in the name
         return None
-    with os.fdopen(fd, "rb", buffering=0) as f:
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return io.FileIO(fd, "rb", closefd=True)
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def fill(f: io.FileIO, view: memoryview) -> bool:
+    """Fill ``view`` from ``f``; False if the file ends first (it shrank while we read it).
+    In pieces: one read() returns at most ~2 GiB on Linux."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
+
+
+def read_own_file(path: Path, max_bytes: int) -> bytearray | None:
+    """The bytes of a file llava keeps in its own folders, or None when ``open_own_file``
+    refuses it, or it is larger than ``max_bytes``. Never blocks, and never allocates more
+    than ``max_bytes``."""
+    f = open_own_file(path)
+    if f is None:
+        return None
+    with f:
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
                 return None
-            data = bytearray(info.st_size)
-            view, got = memoryview(data), 0
-            while got < len(data):  # one read() returns at most ~2 GiB on Linux
-                n = f.readinto(view[got:])
-                if not n:
-                    return None  # it shrank while we read it
-                got += n
-            return data
+            data = bytearray(size)
+            return data if fill(f, memoryview(data)) else None
         except (OSError, MemoryError):
             return None
 
@@ -211,44 +235,106 @@ class Pulled:
 def remove(record: Pulled, others: list[Pulled]) -> int:
     """Delete a pulled model's files; return the bytes freed.
 
-    A file another pulled model uses (a projector shared by two quants) stays, and so does a
-    blob that a snapshot of some other revision or tool still links to.
+    Only files in the repo's own folder of the hub cache are touched, whatever the record says:
+    a record is a file anyone can edit, so a path elsewhere is refused before anything is
+    deleted. A file another pulled model uses (a projector shared by two quants) stays, and so
+    does a blob that a snapshot of some other revision or tool still links to.
     """
+    folder = RepoCache(record.repo, Path(os.path.realpath(hf_hub_cache()))).folder
+    mine = {
+        text: _in_repo_folder(record, which, text, folder)
+        for which, text in (("model", record.model.path), ("mmproj", record.mmproj.path))
+    }
     keep_links = {f.path for r in others for f in (r.model, r.mmproj)}
-    keep_blobs = {Path(p).resolve() for p in keep_links}
+    keep_blobs = {os.path.realpath(p) for p in keep_links}
+    blobs = folder / "blobs"
     freed = 0
-    for path in dict.fromkeys((record.model.path, record.mmproj.path)):
-        if path in keep_links:
+    for text, link in mine.items():
+        if text in keep_links:
             continue
-        link = Path(path)
-        blob = link.resolve()
-        if link != blob:
-            with contextlib.suppress(FileNotFoundError):
-                link.unlink()
-        folder = blob.parent.parent
-        if blob in keep_blobs or blob.parent.name != "blobs" or not blob.is_file():
+        blob = os.path.realpath(link)
+        if link.is_symlink():  # the link itself, never what it points at
+            _delete(link)
+        if blob in keep_blobs or Path(blob).parent != blobs or _linked(folder, blob):
             continue
-        snapshots = folder / "snapshots"
-        links = snapshots.glob("*/*") if snapshots.is_dir() else iter(())
-        if any(other.is_symlink() and other.resolve() == blob for other in links):
-            continue
-        freed += blob.stat().st_size
-        blob.unlink()
-        _prune(folder)
+        with contextlib.suppress(OSError):
+            info = os.lstat(blob)
+            if stat.S_ISREG(info.st_mode):
+                _delete(Path(blob))
+                freed += info.st_size
+    _prune(folder)
     forget(record.ref)
     return freed
 
 
+def _in_repo_folder(record: Pulled, which: str, text: str, folder: Path) -> Path:
+    """The record's ``which`` path as it really lies, if that is in the repo's ``folder`` of the
+    hub cache (``snapshots/<commit>/…`` or ``blobs/``): its folders resolved, its last part as
+    it is (a link there is removed, not followed). Anywhere else: refused."""
+    path = Path(text)
+    parent = Path(os.path.realpath(path.parent))
+    try:
+        where = parent.relative_to(folder).parts
+    except ValueError:
+        where = ()
+    in_snapshot = len(where) >= 2 and where[0] == "snapshots"
+    if (in_snapshot or where == ("blobs",)) and path.name not in ("", ".", ".."):
+        return parent / path.name
+    raise BadInput(
+        f"{_record_path(record.ref)} names a {which} file outside {folder}: {text}",
+        "nothing was removed; llava deletes only files in the model's own folder of the "
+        "Hugging Face cache. If the cache has moved, point HF_HOME (or HF_HUB_CACHE) at it; "
+        "else delete the record file by hand",
+    )
+
+
+def _linked(folder: Path, blob: str) -> bool:
+    """Whether a snapshot of any revision in ``folder`` (ours or another tool's) links to it."""
+    for top, _, names in os.walk(folder / "snapshots"):  # links to folders are not followed
+        for name in names:
+            path = os.path.join(top, name)
+            if os.path.islink(path) and os.path.realpath(path) == blob:
+                return True
+    return False
+
+
+def _delete(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise LlavaError(
+            f"cannot remove {path}: {(exc.strerror or str(exc)).lower()}",
+            "fix the folder's permissions, or run as the user who pulled it, then run "
+            "`llava rm` again",
+        ) from exc
+
+
 def _prune(folder: Path) -> None:
-    """Drop empty snapshot folders, and the repo's folder once it holds no blobs at all."""
-    snapshots = folder / "snapshots"
-    if snapshots.is_dir():
-        for sub in snapshots.iterdir():
-            with contextlib.suppress(OSError):
-                sub.rmdir()  # only when empty
+    """Remove the empty folders of a repo in the hub cache, and its refs once it holds no blob
+    at all (they name commits whose snapshots are gone). Only empty folders are removed: a file
+    llava did not put there (another tool's) keeps its folder."""
     blobs = folder / "blobs"
-    if not blobs.is_dir() or not any(blobs.iterdir()):
-        shutil.rmtree(folder, ignore_errors=True)
+    for top, dirs, _ in os.walk(folder / "snapshots", topdown=False):
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(top, name))  # only when empty; a link is not a folder
+    try:
+        if blobs.is_dir() and any(blobs.iterdir()):
+            return
+    except OSError:
+        return
+    for top, dirs, names in os.walk(folder / "refs", topdown=False):
+        for name in names:
+            path = os.path.join(top, name)
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    os.unlink(path)
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(top, name))
+    for empty in (folder / "refs", folder / "snapshots", blobs, folder):
+        with contextlib.suppress(OSError):
+            empty.rmdir()
 
 
 def _records_dir() -> Path:
@@ -264,19 +350,30 @@ def save(record: Pulled) -> None:
     write_atomic(_record_path(record.ref), json.dumps(data, indent=2).encode())
 
 
-def records() -> Iterator[Pulled]:
+class BadRecord(ValueError):
+    """Why a file in the records folder is not a pulled-model record."""
+
+
+def records(skipped: list[tuple[Path, str]] | None = None) -> Iterator[Pulled]:
+    """The records of pulled models. One that cannot be read, or holds what llava never writes,
+    is skipped: it only describes files, it never holds them. ``skipped`` gets each such
+    file, and why."""
     folder = _records_dir()
     if not folder.is_dir():
         return
     for path in sorted(folder.glob("*.json")):
-        record = _parse(path)
-        if record is not None:
-            yield record
+        try:
+            yield _load(path)
+        except BadRecord as why:
+            if skipped is not None:
+                skipped.append((path, str(why)))
 
 
 def record_for(ref: str) -> Pulled | None:
-    path = _record_path(ref)
-    return _parse(path) if path.is_file() else None
+    try:
+        return _load(_record_path(ref))
+    except BadRecord:
+        return None
 
 
 def forget(ref: str) -> None:
@@ -284,16 +381,56 @@ def forget(ref: str) -> None:
         _record_path(ref).unlink()
 
 
-def _parse(path: Path) -> Pulled | None:
-    """A record we cannot read is skipped: it only describes files, it never holds them.
-    So is one that is not a regular file or is far larger than a record can be."""
+_TIME_MAX = 253402300799  # 9999-12-31 UTC: no pull is later, and localtime() can show it
+_SIZE_MAX = (1 << 63) - 1  # a file size (off_t)
+_TEXT_FIELDS = ("ref", "name", "repo", "revision", "commit", "quant", "chat_format")
+
+
+def _load(path: Path) -> Pulled:
+    """The record in ``path``: a small regular file of JSON, named after its ref, with every
+    field of the type and range llava writes (so ``list`` can show it and ``rm`` reason
+    about it)."""
     raw = read_own_file(path, _RECORD_MAX)
     if raw is None:
-        return None
+        raise BadRecord(f"not a readable regular file of at most {_RECORD_MAX >> 20} MiB")
     try:
-        data: dict[str, Any] = json.loads(raw.decode("utf-8"))
-        data["model"] = StoredFile(**data["model"])
-        data["mmproj"] = StoredFile(**data["mmproj"])
-        return Pulled(**data)
-    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: [[[…]]]
-        return None
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # RecursionError: [[[…]]]
+        raise BadRecord("not JSON") from None
+    if not isinstance(data, dict):
+        raise BadRecord("not a JSON object")
+    known = {f.name for f in fields(Pulled)}
+    if not set(_TEXT_FIELDS) | {"model", "mmproj"} <= set(data) <= known:
+        raise BadRecord("its fields are not those of a pulled-model record")
+    for name in _TEXT_FIELDS:
+        if not isinstance(data[name], str):
+            raise BadRecord(f"{name} is not text")
+    if _record_path(data["ref"]).name != path.name:
+        raise BadRecord(f"it is not the record of {data['ref']} (whose file has another name)")
+    if not is_repo_id(data["repo"]):
+        raise BadRecord("repo is not a hub repo id (OWNER/NAME)")
+    when = data.get("pulled_at", 0.0)
+    if not _is_number(when) or not 0 <= when <= _TIME_MAX:
+        raise BadRecord("pulled_at is not a time (seconds since 1970, before the year 10000)")
+    files = [_stored(data[name], name) for name in ("model", "mmproj")]
+    return Pulled(**{**data, "model": files[0], "mmproj": files[1], "pulled_at": float(when)})
+
+
+def _stored(data: object, name: str) -> StoredFile:
+    if not isinstance(data, dict) or set(data) != {f.name for f in fields(StoredFile)}:
+        raise BadRecord(f"{name} does not name a file, its digest, size and path")
+    if not all(isinstance(data[key], str) for key in ("file", "digest", "path")):
+        raise BadRecord(f"{name}: file, digest and path are not text")
+    size = data["size"]
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _SIZE_MAX:
+        raise BadRecord(f"{name}.size is not a size in bytes (an integer from 0 to 2^63-1)")
+    if not os.path.isabs(data["path"]) or "\0" in data["path"]:
+        raise BadRecord(f"{name}.path is not an absolute path")
+    return StoredFile(**data)
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float; not a bool (which JSON keeps apart, and Python does not)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -384,3 +384,94 @@ def test_a_ref_that_is_not_a_regular_file_is_no_commit(tmp_path: Path) -> None:
     assert within(5, lambda: repo.commit_for("main")) is None
     repo.set_ref("dev", "a" * 40)
     assert repo.commit_for("dev") == "a" * 40
+
+
+def test_a_folder_in_place_of_an_entry_is_a_miss(tmp_path: Path) -> None:
+    """It was `unexpected IsADirectoryError` on every ask."""
+    cache = PrefixCache(tmp_path)
+    path = tmp_path / f"{KEY}.kv"
+    path.mkdir()
+    assert within(5, lambda: cache.get(KEY)) is None
+    assert cache.info().entries == 0  # a folder is not an entry
+    cache.put(KEY, {"n": 1}, b"y" * 100)  # an empty folder gives way to the entry
+    assert cache.get(KEY) == ({"n": 1}, b"y" * 100)
+    full = tmp_path / f"{OTHER}.kv"
+    full.mkdir()
+    (full / "theirs").write_bytes(b"kept")
+    assert cache.get(OTHER) is None
+    assert cache.clear().entries == 1  # the one real entry; the folder and its file stay
+    assert (full / "theirs").read_bytes() == b"kept"
+
+
+def test_a_folder_in_place_of_an_entry_does_not_break_ask(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    ask_json(oracle, images / "red.png")
+    [entry] = prefix_files()
+    entry.unlink()
+    entry.mkdir()
+    again = ask_json(oracle, images / "red.png")  # was exit 1, `unexpected IsADirectoryError`
+    assert again["answer"] == "red" and encoded(again)
+    assert entry.is_file()  # written anew in the empty folder's place
+    entry.unlink()
+    entry.mkdir()
+    (entry / "theirs").write_bytes(b"kept")  # a folder that is not empty stays, and ask works
+    result = llava("ask", images / "red.png", "--model", oracle.model, "--temperature", "0")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"red\n", b"")
+    assert (entry / "theirs").read_bytes() == b"kept"
+
+
+_HEADER_CHECKS = """
+import json, os, resource, sys, time
+from pathlib import Path
+from llava_cli.cache import PrefixCache
+
+folder, key, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+cache = PrefixCache(folder, cap=1 << 50)  # LLAVA_CACHE_SIZE=1PiB: no cap stops the read
+path = folder / f"{key}.kv"
+template = (folder / "template").read_bytes()  # a good entry: header, meta, length, sha256
+head = template[: len(template) - 32 - 100 - 8]  # it holds a 100-byte payload
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1])
+limit = vm * 1024 + (256 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+results = {}
+for case in ("garbage", "length disagrees", "lengths agree"):
+    with open(path, "wb") as f:
+        if case != "garbage":
+            claimed = size - len(head) - 8 - 32 + (1 if case == "length disagrees" else 0)
+            f.write(head + claimed.to_bytes(8, "little"))
+        f.truncate(size)  # sparse: costs no disk
+    started = time.monotonic()
+    hit = cache.get(key)
+    results[case] = [hit is None, path.exists(), time.monotonic() - started]
+print(json.dumps(results))
+"""
+
+
+def test_a_damaged_entry_is_judged_by_its_header_before_it_is_read(tmp_path: Path) -> None:
+    """A 2 GB garbage entry used to cost 7 s and 2.1 GB; one too big to allocate was never
+    removed, so its key missed forever."""
+    import subprocess
+    import sys
+
+    PrefixCache(tmp_path).put(KEY, {"spans": []}, b"s" * 100)
+    (tmp_path / f"{KEY}.kv").rename(tmp_path / "template")
+    size = 1 << 30  # four times the memory the child may still take
+    result = subprocess.run(
+        [sys.executable, "-c", _HEADER_CHECKS, str(tmp_path), KEY, str(size)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    for case, (missed, kept, seconds) in found.items():
+        assert missed and not kept, case  # a miss, and removed to be written anew
+        if case != "lengths agree":  # read only up to the header's checks
+            assert seconds < 0.5, case
+
+
+def test_an_entry_larger_than_the_state_can_be_is_removed(tmp_path: Path) -> None:
+    cache = PrefixCache(tmp_path)
+    cache.put(KEY, {}, b"s" * 1000)
+    assert cache.get(KEY, max_payload=1000) == ({}, b"s" * 1000)
+    assert cache.get(KEY, max_payload=999) is None
+    assert not (tmp_path / f"{KEY}.kv").exists()

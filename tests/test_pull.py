@@ -780,3 +780,204 @@ file = "{SMALL_MMPROJ}"
         )
         assert "\u202e" not in result.stderr.decode()
     assert small.hub.requests == []
+
+
+# ---- what llava keeps about pulls: records are files anyone can edit ----
+
+SMALL_REF = f"{SMALL}:Q4_K_M"
+
+
+def record_file(ref: str = SMALL_REF) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "--", ref) + ".json"
+    return Path(os.environ["LLAVA_HOME"]) / "pulled" / name
+
+
+def pull_small(small: SmallHub) -> dict[str, object]:
+    """Pull the small repo with the real CLI; its record, as JSON."""
+    result = llava("pull", SMALL, env=small.env)
+    assert result.returncode == 0, result.stderr
+    record: dict[str, object] = json.loads(record_file().read_text())
+    return record
+
+
+def victim_tree(root: Path) -> Path:
+    """Files that are none of llava's business: a tree `_prune` used to remove whole."""
+    (root / "blobs").mkdir(parents=True)
+    (root / "docs").mkdir()
+    (root / "blobs" / "f").write_bytes(b"x")
+    (root / "docs" / "important.txt").write_bytes(b"precious")
+    return root
+
+
+def tree(root: Path) -> dict[str, bytes | str]:
+    """Every entry under `root`: a file's bytes, a link's target, a folder's mark."""
+    found: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            found[key] = "-> " + os.readlink(path)
+        elif path.is_dir():
+            found[key] = "/"
+        else:
+            found[key] = path.read_bytes()
+    return found
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "outside the hub",  # the review's case: the whole victim/ tree was removed
+        "a link outside the hub",  # mmproj.path a link: it was unlinked
+        "another repo's folder",
+        "dot-dot out of the snapshot",
+        "a snapshot folder that links outside",
+        "the repo folder itself a link",
+    ],
+)
+def test_rm_deletes_nothing_a_record_names_outside_the_repos_own_folder(
+    small: SmallHub, where: str, tmp_path: Path
+) -> None:
+    record = pull_small(small)
+    victim = victim_tree(tmp_path / "victim")
+    model = dict(record["model"])  # type: ignore[call-overload]
+    snapshot = Path(model["path"]).parent
+    hub_root = small.cache.parent
+    if where == "outside the hub":
+        model["path"] = str(victim / "blobs" / "f")
+    elif where == "a link outside the hub":
+        (tmp_path / "link").symlink_to(victim / "docs" / "important.txt")
+        model["path"] = str(tmp_path / "link")
+    elif where == "another repo's folder":
+        other = victim_tree(hub_root / "models--someone--else")
+        model["path"] = str(other / "blobs" / "f")
+        victim = other
+    elif where == "dot-dot out of the snapshot":  # snapshots/<commit>/../../../../victim
+        victim = victim_tree(hub_root.parent / "victim")
+        model["path"] = str(snapshot / ".." / ".." / ".." / ".." / "victim" / "blobs" / "f")
+    elif where == "a snapshot folder that links outside":
+        forged = small.cache / "snapshots" / ("f" * 40)
+        forged.symlink_to(victim / "blobs")
+        model["path"] = str(forged / "f")
+    else:
+        moved = tmp_path / "moved"
+        small.cache.rename(moved)
+        small.cache.symlink_to(moved)
+        victim = moved
+    record["model"] = model
+    record_file().write_text(json.dumps(record))
+    before = tree(victim)
+    last = one_error_line(llava("rm", "-y", SMALL), 4)
+    assert last.startswith(f"Error: {record_file()} names a model file outside {small.cache}")
+    assert "nothing was removed" in last and "delete the record file by hand" in last
+    assert tree(victim) == before
+    assert record_file().exists()  # the record too: nothing was changed
+    if where != "the repo folder itself a link":
+        assert (small.cache / "blobs" / hashlib.sha256(small.model).hexdigest()).exists()
+
+
+def test_rm_removes_only_folders_it_emptied(small: SmallHub) -> None:
+    record = pull_small(small)
+    foreign = small.cache / ".no_exist" / "c"  # another tool's file in the repo's folder
+    foreign.parent.mkdir(parents=True, exist_ok=True)
+    foreign.write_bytes(b"theirs")
+    removed = llava("rm", "-y", SMALL)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stderr.decode() == f"removed {SMALL_REF} (308.2 kB freed)\n"
+    assert tree(small.cache) == {".no_exist": "/", ".no_exist/c": b"theirs"}
+    assert not record_file().exists()
+    assert record["model"]["path"].startswith(str(small.cache / "snapshots"))  # type: ignore[index]
+
+
+def test_rm_keeps_a_blob_another_revision_links_to(small: SmallHub) -> None:
+    pull_small(small)
+    digest = hashlib.sha256(small.model).hexdigest()
+    other = small.cache / "snapshots" / ("e" * 40) / "sub" / SMALL_MODEL  # another tool's
+    other.parent.mkdir(parents=True)
+    other.symlink_to(small.cache / "blobs" / digest)
+    removed = llava("rm", "-y", SMALL)
+    assert removed.returncode == 0, removed.stderr
+    assert (small.cache / "blobs" / digest).read_bytes() == small.model
+    assert other.resolve() == small.cache / "blobs" / digest
+    assert not record_file().exists()
+
+
+GOOD = {
+    "ref": "good:Q8_0",
+    "name": "good",
+    "repo": "o/r",
+    "revision": "main",
+    "commit": "1" * 40,
+    "quant": "Q8_0",
+    "chat_format": "chatml",
+    "model": {"file": "m.gguf", "digest": "0" * 64, "size": 1, "path": "/nowhere/m.gguf"},
+    "mmproj": {"file": "p.gguf", "digest": "2" * 64, "size": 1, "path": "/nowhere/p.gguf"},
+    "pulled_at": 1.0e9,
+}
+
+
+def _with(path: str, value: object) -> dict[str, object]:
+    record = json.loads(json.dumps(GOOD))
+    *parents, last = path.split(".")
+    target = record
+    for part in parents:
+        target = target[part]
+    target[last] = value
+    record["ref"] = "bad:Q8_0"
+    return record  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        (_with("pulled_at", 1e300), "pulled_at is not a time"),  # was OverflowError in list
+        (_with("pulled_at", float("nan")), "pulled_at is not a time"),  # ValueError
+        (_with("pulled_at", -1e18), "pulled_at is not a time"),  # OSError EOVERFLOW
+        (_with("pulled_at", "x"), "pulled_at is not a time"),  # TypeError
+        (_with("pulled_at", True), "pulled_at is not a time"),
+        (_with("model.size", 10**400), "model.size is not a size in bytes"),  # OverflowError
+        (_with("model.size", -5), "model.size is not a size in bytes"),
+        (_with("mmproj.size", 1.5), "mmproj.size is not a size in bytes"),
+        (_with("model.path", "relative/m.gguf"), "model.path is not an absolute path"),
+        (_with("model.path", "/a\0b"), "model.path is not an absolute path"),
+        (_with("mmproj.digest", 7), "mmproj: file, digest and path are not text"),
+        (_with("model", "m.gguf"), "model does not name a file"),
+        (_with("quant", None), "quant is not text"),
+        (_with("repo", "../../x"), "repo is not a hub repo id"),
+        ({**GOOD, "ref": "other:Q8_0"}, "it is not the record of other:Q8_0"),
+        ({**GOOD, "ref": "bad:Q8_0", "extra": 1}, "its fields are not those"),
+        ([GOOD], "not a JSON object"),
+    ],
+)  # fmt: skip
+def test_a_record_with_values_llava_never_writes_is_skipped_with_a_note(
+    record: object, why: str
+) -> None:
+    folder = Path(os.environ["LLAVA_HOME"]) / "pulled"
+    folder.mkdir(parents=True)
+    (folder / "good--Q8_0.json").write_text(json.dumps(GOOD))
+    bad = folder / "bad--Q8_0.json"
+    bad.write_text(json.dumps(record))
+    for args in (["list"], ["list", "--json"]):
+        result = llava(*args)
+        assert result.returncode == 0, result.stderr
+        assert b"good" in result.stdout and b"bad" not in result.stdout
+        [line] = result.stderr.decode().splitlines()
+        assert line.startswith(f"skipped {bad}: ") and why in line, line
+        assert line.endswith(" — delete it, or pull the model again")
+
+
+def test_many_unreadable_records_are_one_line() -> None:
+    folder = Path(os.environ["LLAVA_HOME"]) / "pulled"
+    folder.mkdir(parents=True)
+    (folder / "good--Q8_0.json").write_text(json.dumps(GOOD))
+    (folder / "a-folder.json").mkdir()  # was `unexpected IsADirectoryError`
+    os.mkfifo(folder / "a-fifo.json")
+    for i in range(200):
+        (folder / f"x{i}.json").write_text("{}")
+    result = llava("list", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines()[1].startswith("good ")
+    [line] = result.stderr.decode().splitlines()
+    assert line == (
+        f"skipped {folder}/a-fifo.json: not a readable regular file of at most 1 MiB"
+        f" (and 201 more files in {folder}) — delete it, or pull the model again"
+    )

@@ -18,7 +18,9 @@ from ..text import escaped
 
 
 def list_pulled(*, json: bool = False) -> int:
-    records = list(store.records())
+    skipped: list[tuple[Path, str]] = []
+    records = list(store.records(skipped))
+    _note_skipped(skipped)
     if json:
         render.json_value([_record_json(r) for r in records])
         return EXIT_OK
@@ -32,6 +34,15 @@ def list_pulled(*, json: bool = False) -> int:
         rows.append([r.ref.rsplit(":", 1)[0], r.quant, size, when, r.model.path])
     render.table(rows)
     return EXIT_OK
+
+
+def _note_skipped(skipped: list[tuple[Path, str]]) -> None:
+    """One line on stderr for the files in the records folder that are not records."""
+    if not skipped:
+        return
+    path, why = skipped[0]
+    more = f" (and {len(skipped) - 1} more files in {path.parent})" if len(skipped) > 1 else ""
+    render.info(f"skipped {path}: {why}{more} — delete it, or pull the model again")
 
 
 def _record_json(r: store.Pulled) -> dict[str, Any]:
