@@ -14,7 +14,8 @@ import typer
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
-from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
+from .files import DEFAULT_MAX_IMAGE_BYTES
+from .images import DEFAULT_MAX_PIXELS
 from .options import LIMITS, RuntimeOptions, SamplingParams
 from .templates import MEDIA_MARKER
 

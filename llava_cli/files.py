@@ -1,4 +1,5 @@
-"""Reading and writing the files a user names, bounded and only when they are regular files.
+"""Reading and writing the files a user names (images, chats, settings), bounded and only when
+they are regular files.
 
 A path can name a FIFO (the read waits forever for a writer), a device (``/dev/zero`` never
 ends), or a symbolic link whose target is somewhere else. Reads open without blocking, check
@@ -7,11 +8,15 @@ what they opened and stop at a byte limit; writes refuse to replace anything but
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-from .errors import BadInput
+from .errors import BadInput, ImageError
 from .units import human_bytes
 
 
@@ -26,6 +31,144 @@ def kind_of(mode: int) -> str:
         (stat.S_ISLNK, "a symbolic link"),
     )
     return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+# -- images: a path or standard input ------------------------------------------------------
+
+# Measured: decoding the worst image within DEFAULT_MAX_PIXELS (10000x10000 RGBA, CMYK or
+# float; the pixels alone are 400 MB as Pillow holds them) peaks at 0.69 GB over the process's
+# baseline. The source bytes are let go once decoded, so they only add while the decoder runs:
+# 256 MiB + 400 MB = 0.66 GB, under that peak and the 1 GB an image may cost. A 100-megapixel
+# camera JPEG is 30-60 MB; noise at JPEG quality 100 is 156 MiB.
+DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
+_READ_CHUNK = 1 << 20
+_RAISE_BYTES_HINT = "raise the limit with --max-image-bytes / LLAVA_MAX_IMAGE_BYTES"
+_STDIN_HINT = "pipe an image in: cat x.png | llava ask -"
+
+
+def read_source(
+    source: str, stdin: BinaryIO | None = None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> bytes:
+    """The bytes of ``source``: a regular file's path, or ``-`` for standard input. More than
+    ``max_bytes`` is refused as soon as it is seen, before it is all read."""
+    if source == "-":
+        if stdin is None and (sys.stdin is None or sys.stdin.isatty()):
+            raise ImageError(
+                "'-' reads an image from standard input, but nothing is piped in", _STDIN_HINT
+            )
+        stream = stdin or sys.stdin.buffer
+        data = _read_bounded(stream.read, max_bytes, _READ_CHUNK, "standard input")
+        if not data:
+            raise ImageError("no image data on standard input", _STDIN_HINT)
+        return data
+    fd = _open_regular_file(source, max_bytes)
+    try:
+        size = os.fstat(fd).st_size
+        # One read of the whole file when its size is known; a file that grows (or a /proc
+        # file that claims size 0) is still cut off at max_bytes + 1.
+        first = min(size, max_bytes) + 1
+        data = _read_bounded(lambda n: os.read(fd, n), max_bytes, first, f"image {source}")
+    except OSError as exc:
+        raise ImageError(f"cannot read image {source}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if not data:
+        raise ImageError(f"image {source} is empty", "pass a complete image file")
+    return data
+
+
+def _open_regular_file(source: str, max_bytes: int) -> int:
+    """A read-only descriptor on ``source``, which must be a regular file (a symbolic link to
+    one is fine) of at most ``max_bytes``. Checked before opening, so that opening a device has
+    no side effect, and again on the open descriptor, in case the path was swapped between."""
+    try:
+        _check_regular(source, os.stat(source), max_bytes)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # a FIFO cannot block
+        fd = os.open(source, flags)
+    except FileNotFoundError:
+        raise ImageError(f"image {source} does not exist", "check the path") from None
+    except PermissionError:
+        raise ImageError(f"cannot read image {source}: permission denied") from None
+    except ValueError:  # a NUL byte in the path
+        raise ImageError(f"image path {source!r} holds a NUL byte", "check the path") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read image {source}: {exc.strerror or exc}") from None
+    try:
+        _check_regular(source, os.fstat(fd), max_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_regular(source: str, st: os.stat_result, max_bytes: int) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{source} is a directory, not an image", "pass image files")
+    if not stat.S_ISREG(st.st_mode):
+        kind = kind_of(st.st_mode)
+        hint = (
+            f"read it as standard input: llava ask - < {source}"
+            if stat.S_ISFIFO(st.st_mode)
+            else "pass an image file; to stream one, pipe it to '-': … | llava ask -"
+        )
+        raise ImageError(f"{source} is {kind}, not a regular file", hint)
+    if st.st_size > max_bytes:
+        raise ImageError(
+            f"image {source} is {_size(st.st_size)}, over the limit of {_size(max_bytes)}",
+            _RAISE_BYTES_HINT,
+        )
+
+
+def _read_bounded(read: Callable[[int], bytes], max_bytes: int, first: int, what: str) -> bytes:
+    """Everything ``read`` gives, or ImageError as soon as it gives more than ``max_bytes``:
+    at most ``max_bytes + 1`` bytes are ever held, however much is on offer, and never twice
+    (the first read is returned as it is when it was all; later ones grow one buffer). A limit
+    raised past the memory there is (a 4 GiB sparse file under ``--max-image-bytes 4G``) is an
+    ImageError too, not a MemoryError."""
+    try:
+        return _read_all_bounded(read, max_bytes, first, what)
+    except MemoryError:
+        raise ImageError(
+            f"not enough memory to read {what}: --max-image-bytes allows up to {_size(max_bytes)}",
+            "lower --max-image-bytes / LLAVA_MAX_IMAGE_BYTES "
+            f"(the default is {DEFAULT_MAX_IMAGE_BYTES >> 20} MiB), or free some memory",
+        ) from None
+
+
+def _read_all_bounded(read: Callable[[int], bytes], max_bytes: int, first: int, what: str) -> bytes:
+    data = read(min(first, max_bytes + 1))
+    total = len(data)
+    grown: io.BytesIO | None = None
+    while data and total <= max_bytes:
+        chunk = read(min(_READ_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            break
+        if grown is None:
+            grown = io.BytesIO(data)
+            grown.seek(0, io.SEEK_END)
+        grown.write(chunk)
+        total += len(chunk)
+    if total > max_bytes:
+        raise ImageError(
+            f"{what} is more than {_size(max_bytes)}, the limit for an image", _RAISE_BYTES_HINT
+        )
+    return data if grown is None else grown.getvalue()
+
+
+def _size(n: int) -> str:
+    """``268,435,456 bytes (256 MiB)``: exact, and readable."""
+    exact = f"{n:,} bytes"
+    if n < 1024:
+        return exact
+    value, unit = n / 1024, "KiB"
+    for larger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{exact} ({value:.4g} {unit})"
+
+
+# -- other files a user names --------------------------------------------------------------
 
 
 def read_regular(path: Path, max_bytes: int, what: str) -> bytes:

@@ -18,7 +18,8 @@ from ..errors import (
     LlavaError,
     UsageError,
 )
-from ..images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, PreparedImage, load
+from ..files import DEFAULT_MAX_IMAGE_BYTES
+from ..images import DEFAULT_MAX_PIXELS, PreparedImage, load
 from ..modelref import ModelFiles, resolve
 from ..options import PROMPT_MAX_BYTES, RuntimeOptions, SamplingParams
 
