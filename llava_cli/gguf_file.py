@@ -15,6 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelFileError
+from .gguf_checks import (
+    KNOWN_PROJECTORS,
+    TokenFaults,
+    check_projector,
+    check_text_model,
+    projector_type,
+    projector_width,
+    scan_tokens,
+    text_width,
+)
 
 _MAGIC = b"GGUF"
 _SCALARS: dict[int, str] = {
@@ -32,6 +42,9 @@ _SCALARS: dict[int, str] = {
 }
 _STRING, _ARRAY = 8, 9
 _KEEP_ARRAY_MAX = 64  # longer arrays (vocabularies) are summarised, not decoded
+_KEEP_NUMBERS_MAX = 512  # but numbers are kept up to LLAMA_MAX_LAYERS: per-layer hparams
+_TOKENS_KEY, _TOKEN_TYPES_KEY = "tokenizer.ggml.tokens", "tokenizer.ggml.token_type"
+_I32, _TOKEN_TYPE_BYTE = 5, 6  # GGUF's int32; llama_token_type's LLAMA_TOKEN_TYPE_BYTE
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 # Limits. llama.cpp's own reader (ggml/src/gguf.cpp) takes strings and arrays of up to 2^30
@@ -49,6 +62,7 @@ _INT64_MAX = (1 << 63) - 1  # llama.cpp reads dimensions as int64
 _MAX_KV = 1 << 16
 _MAX_TENSORS = 1 << 18
 _MAX_STRINGS_WALKED = 1 << 23  # strings in long metadata arrays, all arrays of a file together
+_MAX_TOKENS = 1 << 21  # a vocabulary goes into a set to find duplicates: ~150 MB at most
 _KEEP_STRING_MAX = 4 << 20  # a longer metadata string is summarised, not decoded
 _KEEP_TEXT_BUDGET = 64 << 20  # text decoded from one header (keys, strings), in bytes
 # The fewest bytes one metadata entry (key length, a 1-byte key, type, a 1-byte value) and one
@@ -65,60 +79,6 @@ _TYPE_SIZES: dict[int, tuple[int, int]] = {
     27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
     39: (32, 17), 40: (64, 36), 41: (128, 18), 42: (64, 18),
 }  # fmt: skip  # 4, 5, 31-33 and 36-38 were removed from ggml: llama.cpp refuses them
-
-# Projector output width, as libmtmd computes it: (tensor, ggml dim) per projector type.
-_PROJECTOR_WIDTH: dict[str, tuple[str, int]] = {
-    "mlp": ("mm.2.weight", 1),
-    "pixtral": ("mm.2.weight", 1),
-    "lightonocr": ("mm.2.weight", 1),
-    "phi4": ("mm.2.weight", 1),
-    "qwen2vl_merger": ("mm.2.bias", 0),
-    "qwen2.5vl_merger": ("mm.2.bias", 0),
-    "qwen2.5o": ("mm.2.bias", 0),  # Qwen2.5-Omni: libmtmd reads it as qwen2.5vl_merger
-    "ldpv2": ("mm.model.peg.0.bias", 0),
-    "resampler": ("resampler.proj.weight", 0),
-    "gemma3": ("mm.input_projection.weight", 0),
-    "idefics3": ("mm.model.fc.weight", 1),
-    "llama4": ("mm.model.fc.weight", 1),
-}
-# Vision projector types known to the libmtmd built with llama-cpp-python 0.3.36.
-KNOWN_PROJECTORS = frozenset(
-    {
-        *_PROJECTOR_WIDTH,
-        "ldp",
-        "adapter",
-        "qwen3vl_merger",
-        "ling3vl",
-        "step3vl",
-        "gemma3nv",
-        "gemma4v",
-        "gemma4uv",
-        "internvl",
-        "lfm2",
-        "kimivl",
-        "paddleocr",
-        "cogvlm",
-        "janus_pro",
-        "dots_ocr",
-        "dots3note_v",
-        "deepseekocr",
-        "deepseekocr2",
-        "deepseek4v",
-        "glm4v",
-        "glm5v",
-        "youtuvl",
-        "yasa2",
-        "kimik25",
-        "nemotron_v2_vl",
-        "exaone4_5",
-        "hunyuanvl",
-        "minicpmv4_6",
-        "mimovl",
-        "minimax_m3",
-        "granite4_vision",
-        "muse-glimmer",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -152,6 +112,8 @@ class GGUFInfo:
     data_offset: int
     data_end: int  # where the last tensor's data ends, as the header describes it
     file_size: int
+    token_faults: TokenFaults | None = None  # what llama.cpp's tokenizer would crash on
+    byte_tokens: bool = False  # tokenizer.ggml.token_type marks some token as a byte
 
     @property
     def architecture(self) -> str:
@@ -189,12 +151,15 @@ def _shown(text: str) -> str:
 class _Reader:
     """Reads a header from ``buf``; every read is checked against the bytes left first."""
 
-    def __init__(self, buf: mmap.mmap | bytes) -> None:
+    def __init__(self, buf: mmap.mmap | bytes, known: TokenFaults | None = None) -> None:
         self.buf = buf
+        self.known = known  # the token list's faults, found earlier in this process
         self.pos = 0
         self.end = len(buf)
         self.text_left = _KEEP_TEXT_BUDGET
         self.strings_left = _MAX_STRINGS_WALKED
+        self.token_faults: TokenFaults | None = None
+        self.byte_tokens = False
 
     def left(self) -> int:
         return self.end - self.pos
@@ -276,13 +241,48 @@ class _Reader:
                 f"the array {_shown(key)} claims {count} elements, more than the "
                 f"{self.left()} bytes left in the file can hold"
             )
-        if count <= _KEEP_ARRAY_MAX:
-            return [self.value(etype, key) for _ in range(count)]
+        if key == _TOKENS_KEY and etype == _STRING:
+            start = self.pos
+            if self.known is not None:
+                self.skip_strings(count, key)
+                self.token_faults = self.known
+            else:
+                self.token_faults = self.scan_tokens(count)
+            if count > _KEEP_ARRAY_MAX:
+                return ArraySummary(etype, count)
+            self.pos = start
         if etype == _STRING:
+            if count <= _KEEP_ARRAY_MAX:
+                return [self.value(etype, key) for _ in range(count)]
             self.skip_strings(count, key)
-        else:
-            self.take(count * least, f"the array {_shown(key)}")
+            return ArraySummary(etype, count)
+        start = self.take(count * least, f"the array {_shown(key)}")
+        if key == _TOKEN_TYPES_KEY and etype == _I32:
+            self.byte_tokens = _holds_i32(self.buf, start, count, _TOKEN_TYPE_BYTE)
+        if count <= _KEEP_NUMBERS_MAX:
+            fmt = _SCALARS[etype]
+            return list(struct.unpack_from(f"{fmt[0]}{count}{fmt[1]}", self.buf, start))
         return ArraySummary(etype, count)
+
+    def scan_tokens(self, count: int) -> TokenFaults:
+        if count > _MAX_TOKENS:
+            raise _Corrupt(
+                f"its vocabulary claims {count} tokens; llava reads at most {_MAX_TOKENS}",
+                "this is not a model llava can read",
+            )
+        if count > self.strings_left:
+            raise _Corrupt(
+                f"its metadata arrays hold more than {_MAX_STRINGS_WALKED} strings",
+                "this is not a model llava can read",
+            )
+        self.strings_left -= count
+        try:
+            self.pos, faults = scan_tokens(self.buf, self.pos, count)
+        except IndexError:
+            raise _Corrupt(
+                f"the array {_shown(_TOKENS_KEY)} runs past the end of the file"
+            ) from None
+        return faults
 
     def skip_strings(self, count: int, key: str) -> None:
         if count > self.strings_left:
@@ -303,6 +303,15 @@ class _Reader:
             self.pos = pos
             return
         raise _Corrupt(f"the array {_shown(key)} runs past the end of the file")
+
+
+def _holds_i32(buf: mmap.mmap | bytes, start: int, count: int, value: int) -> bool:
+    """Whether the ``count`` int32s at ``start`` hold ``value``: a search in C, not a loop."""
+    needle, end = struct.pack("<i", value), start + 4 * count
+    at = buf.find(needle, start, end)
+    while at >= 0 and (at - start) % 4:
+        at = buf.find(needle, at + 1, end)
+    return at >= 0
 
 
 def _tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
@@ -345,7 +354,13 @@ def read_gguf(path: Path, role: str = "model") -> GGUFInfo:
                 raise ModelFileError(
                     f"{what} is not a GGUF file", f"give the {role} in GGUF format (*.gguf)"
                 )
-            return _parse(path, _Reader(buf), st.st_size)
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            info = _parse(path, _Reader(buf, _SCANNED.get(identity)), st.st_size)
+            if info.token_faults is not None:
+                if len(_SCANNED) >= 16:
+                    _SCANNED.clear()
+                _SCANNED[identity] = info.token_faults
+            return info
     except _Corrupt as exc:
         raise ModelFileError(f"{what} is truncated or corrupt ({exc.reason})", exc.hint) from None
     except (struct.error, ValueError, OverflowError) as exc:  # a check above missed a case
@@ -356,6 +371,11 @@ def read_gguf(path: Path, role: str = "model") -> GGUFInfo:
         raise ModelFileError(f"cannot read {what}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+# Vocabularies already searched for duplicates, by file identity: ask reads a model's header
+# twice (resolving it, then loading it), and the search costs more than the rest of the walk.
+_SCANNED: dict[tuple[int, int, int, int], TokenFaults] = {}
 
 
 def _missing_hint(role: str) -> str:
@@ -400,7 +420,10 @@ def _parse(path: Path, r: _Reader, size: int) -> GGUFInfo:
         raise _Corrupt(f"general.alignment {align!r} is not a power of 2")
     # llama.cpp pads to the alignment only before tensor data: a vocab-only file ends unpadded.
     data_offset = (r.pos + align - 1) // align * align if tensors else r.pos
-    info = GGUFInfo(path, metadata, tensors, data_offset, data_offset + data_end, size)
+    info = GGUFInfo(
+        path, metadata, tensors, data_offset, data_offset + data_end, size,
+        r.token_faults, r.byte_tokens,
+    )  # fmt: skip
     if info.data_end > size:
         raise _Corrupt(f"{size} bytes on disk, the header describes {info.data_end}")
     return info
@@ -433,26 +456,6 @@ def _tensor_info(r: _Reader, index: int) -> TensorInfo:
     return TensorInfo(name, shape, ggml_type, offset)
 
 
-def projector_type(mmproj: GGUFInfo) -> str | None:
-    # libmtmd's order: the shared key first, then the per-modality one.
-    return mmproj.get_str("clip.projector_type") or mmproj.get_str("clip.vision.projector_type")
-
-
-def projector_width(mmproj: GGUFInfo) -> int | None:
-    """The projector's output width, where we know how libmtmd reads it."""
-    where = _PROJECTOR_WIDTH.get(projector_type(mmproj) or "")
-    if where is None:
-        return None
-    tensor = mmproj.tensors.get(where[0])
-    if tensor is None or len(tensor.shape) <= where[1]:
-        return None
-    return tensor.shape[where[1]]
-
-
-def text_width(model: GGUFInfo) -> int | None:
-    return model.get_int(f"{model.architecture}.embedding_length")
-
-
 def check_model(model: GGUFInfo) -> None:
     """Fail with a clear error when ``model`` is not a text model with weights."""
     if model.architecture == "clip":
@@ -465,6 +468,7 @@ def check_model(model: GGUFInfo) -> None:
             f"{model.path} is a vocab-only GGUF: a tokenizer with no weights, it cannot answer",
             "pass the full model file, the GGUF with the weights, with --model",
         )
+    check_text_model(model)  # what llama.cpp would abort on, not fail with an error
 
 
 def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:
@@ -501,3 +505,4 @@ def check_pair(model: GGUFInfo, mmproj: GGUFInfo) -> None:
             f"the model's embeddings are {want} wide",
             "use the mmproj published with this model",
         )
+    check_projector(mmproj, ptype)  # what libmtmd would crash or abort on

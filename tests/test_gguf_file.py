@@ -13,7 +13,8 @@ import pytest
 
 from llava_cli import gguf_file, synthetic
 from llava_cli.errors import ModelFileError
-from llava_cli.gguf_file import check_pair, projector_type, projector_width, read_gguf, text_width
+from llava_cli.gguf_checks import projector_type, projector_width, text_width
+from llava_cli.gguf_file import check_pair, read_gguf
 
 from .conftest import llava
 

@@ -3,6 +3,11 @@
 llama.cpp, ggml and libmtmd all print unless told otherwise; their lines go to stderr only when
 verbose, and the last warnings are kept to explain failures.
 
+A failed internal check in ggml (GGML_ASSERT, GGML_ABORT) aborts the process, after a backtrace
+that ggml prints through gdb on stdout, where only the answer belongs. Backtraces are off unless
+verbose, and an abort callback turns what checks before loading did not foresee into one
+``Error:`` line and exit code 1 (LLAVA_DEBUG=1 keeps ggml's own report).
+
 A SIGINT that arrives while C code runs is delivered by CPython inside the next ctypes callback
 (a log line, an abort check), where a KeyboardInterrupt would be swallowed with a traceback.
 While native work is under way the handler therefore only records the interrupt; the abort
@@ -18,12 +23,15 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import Any
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
+
+from ..errors import EXIT_RUNTIME
+from ..text import escaped
 
 _LOG_DEBUG, _LOG_WARN, _LOG_CONT = 1, 3, 5  # ggml_log_level
 
@@ -116,13 +124,64 @@ class _Interrupts:
             raise KeyboardInterrupt
 
 
+class _Aborts:
+    """ggml's abort hook (ggml_set_abort_callback): one line and exit 1 instead of SIGABRT."""
+
+    # ggml.c reads it at each abort (and when the library loads, for its terminate handler)
+    NO_BACKTRACE = "GGML_NO_BACKTRACE"
+    callback_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+    def __init__(self) -> None:
+        self.callback = self.callback_type(self._on_abort)
+        self.first = threading.Lock()  # several threads can fail at once: one line
+        self.installed = False
+        self.users_setting = os.environ.get(self.NO_BACKTRACE)
+
+    def configure(self, verbose: bool, debug: bool) -> None:
+        if verbose:
+            if self.users_setting is None:
+                os.environ.pop(self.NO_BACKTRACE, None)
+        else:
+            os.environ[self.NO_BACKTRACE] = "1"
+        if self.installed or debug:
+            return
+        try:
+            set_callback = llama_cpp.llama_cpp._lib.ggml_set_abort_callback
+        except AttributeError:  # a build without it: ggml's own report stays
+            return
+        set_callback.argtypes = [self.callback_type]
+        set_callback.restype = ctypes.c_void_p  # the previous hook: not needed
+        set_callback(self.callback)
+        self.installed = True
+
+    def _on_abort(self, message: bytes | None) -> None:
+        """Runs in whichever thread failed, inside C: write, flush and leave, nothing else."""
+        self.first.acquire()  # never released: the process ends below
+        text = (message or b"").decode("utf-8", errors="replace")
+        where, _, what = text.partition(": ")
+        where = where.replace("\\", "/").rsplit("/", 1)[-1]  # ggml.c:3758, not the build path
+        check = escaped(" ".join(f"{where}: {what}".split()))[:300]
+        line = (
+            f"Error: llama.cpp stopped on a failed internal check ({check}) — the model or "
+            "projector may be damaged or unsupported: try another GGUF, or see --verbose\n"
+        )
+        with suppress(BaseException):
+            sys.stdout.flush()  # what the answer printed so far stays
+        try:
+            os.write(2, line.encode("utf-8", errors="replace"))
+        finally:
+            os._exit(EXIT_RUNTIME)
+
+
 LOGS = _LogRouter()
 INTERRUPTS = _Interrupts()
+ABORTS = _Aborts()
 
 
 def init(verbose: bool) -> None:
     """Route logs (and Ctrl-C); idempotent. Call before any other llama.cpp function."""
     LOGS.verbose = verbose
+    ABORTS.configure(verbose, LOGS.debug)
     INTERRUPTS.install()
     if not LOGS.installed:
         llama_cpp.llama_log_set(LOGS.callback, None)
