@@ -218,9 +218,6 @@ def test_duplicate_tokens_are_refused(
     assert_refused(result, "twice")
 
 
-@pytest.mark.xfail(
-    reason="needs Engine.load_vocab to call gguf_checks.check_tokenizer", strict=True
-)
 def test_duplicate_tokens_are_refused_for_show_prompt(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:

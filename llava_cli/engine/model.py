@@ -16,6 +16,7 @@ import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 
 from ..errors import EngineError, ModelFileError
+from ..gguf_checks import check_tokenizer
 from ..gguf_file import GGUFInfo, LongString, check_pair, read_gguf
 from ..templates import MEDIA_MARKER
 from ..units import human_bytes
@@ -95,6 +96,7 @@ class Engine:
     def load_vocab(cls, opts: LoadOptions) -> Engine:
         """Only the tokenizer and metadata (milliseconds): enough to render prompts."""
         model_info = read_gguf(opts.model, "model")
+        check_tokenizer(model_info)  # what llama.cpp's vocabulary loader would abort on
         init(opts.verbose)
         engine = cls(opts, model_info)
         mparams = llama_cpp.llama_model_default_params()

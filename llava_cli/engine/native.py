@@ -51,7 +51,8 @@ class _LogRouter:
                 self._level = level
             message = text.decode("utf-8", errors="replace") if text else ""
             if self.verbose and (self._level != _LOG_DEBUG or self.debug):
-                sys.stderr.write(message)
+                # GGUF metadata (a model's name, its template) is quoted in these lines
+                sys.stderr.write(escaped(message, keep="\n\t"))
                 sys.stderr.flush()
             if self._level >= _LOG_WARN and message.strip():
                 self.recent.append(message.strip())
