@@ -16,7 +16,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,23 +359,18 @@ def test_byte_tokens_in_a_bert_vocabulary_are_refused(
     assert_refused(result, "byte tokens in a BERT")
 
 
-def test_a_real_vocabulary_is_searched_quickly() -> None:
-    """The duplicate search reads every token: it must stay cheap on a real vocabulary."""
-    vocab = Path(__file__).parent / "gguf" / "ggml-vocab-llama-spm.gguf"  # 32,000 tokens
+def test_a_real_vocabulary_has_no_faults() -> None:
+    """The duplicate and byte-token search over llama.cpp's own SPM vocabulary (32,000 tokens,
+    tests/gguf/README.md) finds nothing wrong and ends inside the file. (Its cost, ~25 ms
+    for 150,000 tokens, was measured once and is not a test: benchmarks measure.)"""
+    vocab = Path(__file__).parent / "gguf" / "ggml-vocab-llama-spm.gguf"
     data = vocab.read_bytes()
     key = struct.pack("<Q", len(b"tokenizer.ggml.tokens")) + b"tokenizer.ggml.tokens"
     start = data.index(key) + len(key) + 4 + 4
     (count,) = struct.unpack_from("<Q", data, start)
-    best = min(_timed(gguf_checks.scan_tokens, data, start + 8, count) for _ in range(3))
-    assert best < 0.03 * max(1, count / 32_000), best  # ~5 ms here, ~25 ms for 150,000
     end, faults = gguf_checks.scan_tokens(data, start + 8, count)
+    assert count == 32_000
     assert faults == gguf_checks.TokenFaults() and end <= len(data)
-
-
-def _timed(fn: Any, *args: Any) -> float:
-    started = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - started
 
 
 # -- the projector: tensors libmtmd dereferences, shapes ggml asserts on ----------------------
@@ -547,16 +541,14 @@ def test_seeded_damage_never_crashes_llama_cpp(
         "int(sys.argv[5]), int(sys.argv[6]))"
     )
     args = [kind, oracle.model, oracle.mmproj, tmp_path, FUZZ_CASES, FUZZ_SEED]
-    started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
         capture_output=True,
         cwd=REPO,
-        timeout=120,
+        timeout=600,  # a hang guard, not a speed target
         check=False,
         env={**os.environ, "LLAVA_HOME": str(tmp_path / "home")},
     )
-    elapsed = time.perf_counter() - started
     lines = result.stdout.decode().splitlines()
     last = lines[-1].split()[0] if lines else "none"
     if result.returncode < 0:
@@ -565,4 +557,3 @@ def test_seeded_damage_never_crashes_llama_cpp(
     outcomes = [line.split()[1] for line in lines]
     assert len(outcomes) == FUZZ_CASES
     assert outcomes.count("ran") > 10 and outcomes.count("refused") > 50, outcomes
-    assert elapsed < 30, elapsed

@@ -466,7 +466,7 @@ def test_a_damaged_entry_is_judged_by_its_header_before_it_is_read(tmp_path: Pat
     for case, (missed, kept, seconds) in found.items():
         assert missed and not kept, case  # a miss, and removed to be written anew
         if case != "lengths agree":  # read only up to the header's checks
-            assert seconds < 0.5, case
+            assert seconds < 2, case  # milliseconds; reading 1 GiB is out of the child's memory
 
 
 def test_an_entry_larger_than_the_state_can_be_is_removed(tmp_path: Path) -> None:
