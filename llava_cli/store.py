@@ -29,6 +29,7 @@ from pathlib import Path
 from .config import hf_hub_cache, paths
 from .errors import BadInput, LlavaError
 from .registry import is_repo_id
+from .text import unsafe_character
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _REF_MAX = 4096  # refs/<branch>: a commit hash
@@ -405,6 +406,8 @@ def _load(path: Path) -> Pulled:
     for name in _TEXT_FIELDS:
         if not isinstance(data[name], str):
             raise BadRecord(f"{name} is not text")
+        if unsafe := unsafe_character(data[name]):  # llava never writes one
+            raise BadRecord(f"{name} holds {unsafe}")
     if _record_path(data["ref"]).name != path.name:
         raise BadRecord(f"it is not the record of {data['ref']} (whose file has another name)")
     if not is_repo_id(data["repo"]):
@@ -426,6 +429,9 @@ def _stored(data: object, name: str) -> StoredFile:
         raise BadRecord(f"{name}.size is not a size in bytes (an integer from 0 to 2^63-1)")
     if not os.path.isabs(data["path"]) or "\0" in data["path"]:
         raise BadRecord(f"{name}.path is not an absolute path")
+    for key in ("file", "digest", "path"):
+        if unsafe := unsafe_character(data[key]):
+            raise BadRecord(f"{name}.{key} holds {unsafe}")
     return StoredFile(**data)
 
 

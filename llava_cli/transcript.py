@@ -9,6 +9,7 @@ loading checks each file still has the bytes it had.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from .files import check_write_target, read_regular
 from .store import write_atomic
 
 FORMAT = "llava-chat/1"
+_SIDE_MAX = 1 << 31  # pixels: no image is larger
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_BYTES = 128 << 20  # a 20,000-turn chat with long answers is about 40 MB
 _MARK = "<!-- llava-chat\n"
 
@@ -107,34 +110,47 @@ def _image(item: Any) -> SavedImage:
     image = SavedImage(**item)
     if not (isinstance(image.path, str) and isinstance(image.sha256, str)):
         raise _NotAChat("an image without a path or sha256")
-    if not (isinstance(image.width, int) and isinstance(image.height, int)):
-        raise _NotAChat("an image without its size")
+    for side in (image.width, image.height):
+        if not isinstance(side, int) or isinstance(side, bool) or not 0 < side <= _SIDE_MAX:
+            raise _NotAChat("an image without its size")
     return image
+
+
+def _text(value: Any, what: str) -> str:
+    """Text as /save writes it: a string, with no lone surrogate (which no encoder takes)."""
+    if not isinstance(value, str):
+        raise _NotAChat(f"{what} is not text")
+    if _SURROGATE.search(value):
+        raise _NotAChat(f"{what} holds a lone surrogate")
+    return value
 
 
 def load(path: Path) -> Transcript:
     try:
-        text = read_regular(path, MAX_BYTES, "chat file").decode("utf-8")
+        text = read_regular(path, MAX_BYTES, "chat file").decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise BadInput(f"{path} is not a chat saved by llava (not UTF-8 text)") from exc
-    start = text.rfind(_MARK)
-    if start >= 0:
-        text = text[start + len(_MARK) : text.rindex("-->")]
     try:
+        start = text.rfind(_MARK)
+        if start >= 0:
+            end = text.find("-->", start)
+            if end < 0:
+                raise _NotAChat("its record has no end (-->)")
+            text = text[start + len(_MARK) : end]
         data = json.loads(text)
         if data.get("format") != FORMAT:
             raise _NotAChat(f'no "format": "{FORMAT}"')
         turns = [
             SavedTurn(
-                str(t["prompt"]),
+                _text(t["prompt"], "a prompt"),
                 [_image(i) for i in t.get("images", [])],
-                None if t.get("answer") is None else str(t["answer"]),
+                None if t.get("answer") is None else _text(t["answer"], "an answer"),
             )
             for t in data["turns"]
         ]
         system = data.get("system")
-        if system is not None and not isinstance(system, str):
-            raise _NotAChat("its system prompt is not text")
+        if system is not None:
+            system = _text(system, "its system prompt")
         return Transcript(
             str(data.get("model", "")),
             system,

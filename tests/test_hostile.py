@@ -569,6 +569,44 @@ def test_an_unusable_input_history_is_left_alone(kind: str, tmp_path: Path) -> N
         assert isinstance(reader.session.history, InMemoryHistory)
 
 
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"prompt": "\ud800"}, "a prompt holds a lone surrogate"),
+        ({"prompt": ["x"]}, "a prompt is not text"),
+        ({"answer": {"a": 1}}, "an answer is not text"),
+        ({"images": [{"path": "/x", "sha256": "0", "width": 10**12, "height": -1}]}, "an image"),
+    ],
+)
+def test_load_refuses_what_save_never_writes(
+    change: dict[str, object],
+    why: str,
+    chat: Chat,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    turn = {"prompt": "hello", "images": [], "answer": "none", **change}
+    record = {"format": "llava-chat/1", "model": "x", "system": None, "turns": [turn]}
+    saved = tmp_path / "odd.json"
+    saved.write_text(json.dumps(record))
+    drive(chat, f"/load {saved}", "/prompt")
+    err = capsys.readouterr().err
+    assert f"is not a chat saved by llava ({why}" in err, err
+    assert "unexpected" not in err and not chat.conversation.messages
+
+
+def test_load_of_markdown_without_its_record_end_is_refused(
+    chat: Chat, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drive(chat, f"/save {tmp_path / 'chat.md'}")
+    cut = tmp_path / "cut.md"
+    cut.write_text((tmp_path / "chat.md").read_text().replace("-->", ""))
+    capsys.readouterr()
+    drive(chat, f"/load {cut}")
+    err = capsys.readouterr().err
+    assert "is not a chat saved by llava (its record has no end (-->))" in err, err
+
+
 def test_a_long_transcript_fits_the_context_in_a_few_renders(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

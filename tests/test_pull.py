@@ -942,6 +942,8 @@ def _with(path: str, value: object) -> dict[str, object]:
         (_with("mmproj.digest", 7), "mmproj: file, digest and path are not text"),
         (_with("model", "m.gguf"), "model does not name a file"),
         (_with("quant", None), "quant is not text"),
+        (_with("quant", "X\x1b]0;T\x07\u202eY"), "quant holds U+001B"),  # was raw in show
+        (_with("model.file", "m\u202egguf.exe"), "model.file holds U+202E"),
         (_with("repo", "../../x"), "repo is not a hub repo id"),
         ({**GOOD, "ref": "other:Q8_0"}, "it is not the record of other:Q8_0"),
         ({**GOOD, "ref": "bad:Q8_0", "extra": 1}, "its fields are not those"),

@@ -128,7 +128,7 @@ def show(text: str, *, ctx: int | None = None) -> int:
     lines.append(("memory", _memory(target, local, ctx, spec)))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
-        sys.stdout.write(f"{key:<{width}}  {escaped(value)}\n")
+        sys.stdout.write(f"{escaped(key):<{width}}  {escaped(value)}\n")
     return EXIT_OK
 
 
