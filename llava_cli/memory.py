@@ -31,19 +31,21 @@ def kv_cache_bytes(info: GGUFInfo, n_ctx: int, *, lower_bound: bool = False) -> 
         kv_heads = sum(int(n) for n in per_layer)
     else:
         kv_heads = layers * (info.get_int(f"{arch}.attention.head_count_kv") or heads)
-    cells = n_ctx
-    window = info.get_int(f"{arch}.attention.sliding_window")
-    if lower_bound and window:
-        cells = min(n_ctx, window)
+    cells = _windowed(info, n_ctx) if lower_bound else n_ctx
     return kv_heads * (head_dim + value_dim) * 2 * cells
 
 
 def context_bytes_at_least(info: GGUFInfo, n_ctx: int, n_ubatch: int) -> int:
     """A lower bound of what llama.cpp allocates for a context: the KV cache and the f16
     attention mask of one micro-batch over every cell (its compute buffers hold more)."""
+    mask = _windowed(info, n_ctx) * n_ubatch * 2
+    return kv_cache_bytes(info, n_ctx, lower_bound=True) + mask
+
+
+def _windowed(info: GGUFInfo, n_ctx: int) -> int:
+    """The cells a sliding-window layer attends over: at most its window."""
     window = info.get_int(f"{info.architecture}.attention.sliding_window")
-    cells = min(n_ctx, window) if window else n_ctx
-    return kv_cache_bytes(info, n_ctx, lower_bound=True) + cells * n_ubatch * 2
+    return min(n_ctx, window) if window else n_ctx
 
 
 def available_bytes() -> int | None:
