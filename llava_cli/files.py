@@ -175,9 +175,13 @@ def read_regular(path: Path, max_bytes: int, what: str) -> bytes:
     """The bytes of ``path`` if it is a regular file of at most ``max_bytes``; else BadInput
     naming ``what`` ("chat file") and the reason. Never blocks on a FIFO."""
     try:
+        if not stat.S_ISREG(mode := os.stat(path).st_mode):  # before opening: no side effect
+            raise BadInput(f"{what} {path} is {kind_of(mode)}", "give a regular file")
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise BadInput(f"{what} {path} does not exist", "check the path") from None
+    except ValueError:  # a NUL byte in the path
+        raise BadInput(f"{what} path {str(path)!r} holds a NUL byte", "check the path") from None
     except OSError as exc:
         raise BadInput(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     with os.fdopen(fd, "rb") as f:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelFileError
+from .files import kind_of
 from .gguf_checks import (
     KNOWN_PROJECTORS,
     TokenFaults,
@@ -337,6 +338,10 @@ def read_gguf(path: Path, role: str = "model") -> GGUFInfo:
         raise ModelFileError(
             f"{what} is a directory, not a GGUF file", _missing_hint(role)
         ) from None
+    except ValueError:  # a NUL byte in the path
+        raise ModelFileError(
+            f"{role} path {str(path)!r} holds a NUL byte", "check the path"
+        ) from None
     except OSError as exc:
         raise ModelFileError(f"cannot read {what}: {exc.strerror or exc}") from None
     try:
@@ -345,7 +350,7 @@ def read_gguf(path: Path, role: str = "model") -> GGUFInfo:
             raise ModelFileError(f"{what} is a directory, not a GGUF file", _missing_hint(role))
         if not stat.S_ISREG(st.st_mode):
             raise ModelFileError(
-                f"{what} is not a regular file (a device, FIFO or socket)", _missing_hint(role)
+                f"{what} is {kind_of(st.st_mode)}, not a regular file", _missing_hint(role)
             )
         if st.st_size == 0:
             raise ModelFileError(f"{what} is empty", "download it again")

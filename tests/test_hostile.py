@@ -607,6 +607,19 @@ def test_load_of_markdown_without_its_record_end_is_refused(
     assert "is not a chat saved by llava (its record has no end (-->))" in err, err
 
 
+def test_a_nul_byte_in_a_path_is_bad_input_not_a_crash(tmp_path: Path) -> None:
+    """A path from a settings file or a chat command can hold a NUL, which os.open refuses
+    with ValueError."""
+    from llava_cli.errors import BadInput
+    from llava_cli.files import read_regular
+    from llava_cli.gguf_file import read_gguf
+
+    with pytest.raises(BadInput, match="holds a NUL byte"):
+        read_regular(tmp_path / "chat\0.md", 100, "chat file")
+    with pytest.raises(BadInput, match="holds a NUL byte"):
+        read_gguf(tmp_path / "model\0.gguf")
+
+
 def test_a_long_transcript_fits_the_context_in_a_few_renders(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
