@@ -185,10 +185,10 @@ class PrefixCache:
                 _LENGTH.pack(len(view)),
             )
         )
+        if not self.fits(len(head) + _DIGEST + len(view)):
+            return  # before hashing what would not be kept
         digest = hashlib.sha256(head)
         digest.update(view)
-        if not self.fits(len(head) + _DIGEST + len(view)):
-            return
         with contextlib.suppress(OSError):
             path.rmdir()  # an empty folder in the entry's place (a rename cannot replace it)
         write_atomic(path, head, digest.digest(), view)  # whatever else was there is replaced

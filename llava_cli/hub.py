@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from .config import check_hub_environment
 from .errors import DownloadError, LlavaError, ModelNotAvailable
-from .store import RepoCache
+from .store import RepoCache, is_commit
 from .text import escaped, unsafe_character
 from .units import human_bytes
 
@@ -40,7 +40,6 @@ MAX_TRIES = 20  # in all, progress or not (wget's default)
 DISK_MARGIN = 64 << 20  # keep this much free beyond the download
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
 # A full disk, a quota, or a file-size limit (RLIMIT_FSIZE): all "free space, then resume".
 DISK_FULL = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
 CACHE_SETTING = "HF_HOME (or HF_HUB_CACHE)"
@@ -149,7 +148,7 @@ def _commit(repo: str, sha: object, revision: str) -> str:
     """The commit id the hub named (it becomes a folder name in the cache): 40 hex digits."""
     if sha is None:
         return revision
-    if not isinstance(sha, str) or not _GIT_SHA1.fullmatch(sha):
+    if not isinstance(sha, str) or not is_commit(sha):
         raise DownloadError(
             f"the hub gave {repo} a malformed commit id {escaped(str(sha))[:60]!r}",
             "nothing was downloaded; check HF_ENDPOINT",
@@ -175,11 +174,7 @@ def file_info(repo: str, revision: str, file: str, progress: Progress | None = N
     commit = _commit(repo, meta.commit_hash, revision)
     url = hf_hub_url(repo, file, revision=commit, endpoint=endpoint())
     digest = (meta.etag or "").lower()
-    if (
-        meta.size is None
-        or meta.size < 0
-        or not (_SHA256.fullmatch(digest) or _GIT_SHA1.fullmatch(digest))
-    ):
+    if meta.size is None or meta.size < 0 or not (_SHA256.fullmatch(digest) or is_commit(digest)):
         raise DownloadError(
             f"the hub gave no size or content hash for {file} in {repo}",
             "cannot verify it, so it is not downloaded; check HF_ENDPOINT",

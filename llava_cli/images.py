@@ -66,11 +66,19 @@ class PreparedImage:
     key: str  # identifies the pixels: the same picture in another file has the same key
     scaled_from: tuple[int, int] | None = None  # the upright size before scaling, if scaled
 
-    def describe(self) -> str:
+    def size_text(self, times: str = "x") -> str:
+        """``640x480``, or ``10000x10000, scaled to 4096x4096``."""
+        now = f"{self.width}{times}{self.height}"
         if self.scaled_from is None:
-            return f"{self.width}x{self.height} {self.format} {self.mode}"
+            return now
         width, height = self.scaled_from
-        return f"{width}x{height} {self.format} {self.mode}, scaled to {self.width}x{self.height}"
+        return f"{width}{times}{height}, scaled to {now}"
+
+    def describe(self) -> str:
+        """``size_text`` with the format and colour mode after the source's size."""
+        width, height = self.scaled_from or (self.width, self.height)
+        text = f"{width}x{height} {self.format} {self.mode}"
+        return text if self.scaled_from is None else f"{text}, scaled to {self.width}x{self.height}"
 
 
 def prepare(source: str, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:

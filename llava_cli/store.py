@@ -31,13 +31,13 @@ from .errors import BadInput, LlavaError
 from .registry import is_repo_id
 from .text import unsafe_character
 
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 _REF_MAX = 4096  # refs/<branch>: a commit hash
 _RECORD_MAX = 1 << 20  # a pulled model's record: a few hundred bytes of JSON
 
 
 def is_commit(revision: str) -> bool:
-    return bool(_COMMIT.match(revision))
+    return bool(_COMMIT.fullmatch(revision))  # fullmatch: `$` would let a newline through
 
 
 @dataclass(frozen=True)

@@ -284,7 +284,7 @@ class Chat:
         image = self.opts.load_image(source)
         cost = self.conversation.loaded.session.image_cost(image)
         self.pending.append(image)
-        render.info(f"attached {source}: {_size(image)}, {cost} tokens")
+        render.info(f"attached {source}: {image.size_text('×')}, {cost} tokens")
         if render.stderr_is_terminal():
             render.image_preview(*thumbnail(image))
 
@@ -311,7 +311,7 @@ class Chat:
             return
         for i, (image, note) in enumerate(rows, 1):
             cost = session.image_cost(image)
-            render.info(f"{i}. {image.source}: {_size(image)}, {cost} tokens{note}")
+            render.info(f"{i}. {image.source}: {image.size_text('×')}, {cost} tokens{note}")
 
     def cmd_clear(self, _arg: str) -> None:
         self.conversation.reset()
@@ -445,13 +445,6 @@ def _split(arg: str) -> list[str]:
         return shlex.split(arg)
     except ValueError as exc:
         raise UsageError(f"cannot read {arg!r}: {exc}", "quote paths with spaces") from exc
-
-
-def _size(image: PreparedImage) -> str:
-    if image.scaled_from is None:
-        return f"{image.width}×{image.height}"
-    width, height = image.scaled_from
-    return f"{width}×{height}, scaled to {image.width}×{image.height}"
 
 
 def _preview(text: str, width: int = 60) -> str:

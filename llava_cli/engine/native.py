@@ -30,6 +30,7 @@ from typing import Any
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 
+from ..config import debug_enabled
 from ..errors import EXIT_RUNTIME
 from ..text import escaped
 
@@ -39,7 +40,7 @@ _LOG_DEBUG, _LOG_WARN, _LOG_CONT = 1, 3, 5  # ggml_log_level
 class _LogRouter:
     def __init__(self) -> None:
         self.verbose = False
-        self.debug = os.environ.get("LLAVA_DEBUG", "") not in ("", "0")
+        self.debug = debug_enabled()  # one reading of LLAVA_DEBUG, as the CLI's
         self._level = 0
         self.recent: deque[str] = deque(maxlen=64)
         self.callback = llama_cpp.llama_log_callback(self._on_log)
