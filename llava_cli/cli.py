@@ -14,9 +14,13 @@ import typer
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
-from .files import DEFAULT_MAX_IMAGE_BYTES
-from .images import DEFAULT_MAX_PIXELS
-from .options import LIMITS, RuntimeOptions, SamplingParams
+from .options import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    LIMITS,
+    RuntimeOptions,
+    SamplingParams,
+)
 from .templates import MEDIA_MARKER
 
 app = typer.Typer(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import BadInput, ImageError
+from .options import DEFAULT_MAX_IMAGE_BYTES
 from .units import human_bytes
 
 
@@ -35,12 +36,6 @@ def kind_of(mode: int) -> str:
 
 # -- images: a path or standard input ------------------------------------------------------
 
-# Measured: decoding the worst image within DEFAULT_MAX_PIXELS (10000x10000 RGBA, CMYK or
-# float; the pixels alone are 400 MB as Pillow holds them) peaks at 0.69 GB over the process's
-# baseline. The source bytes are let go once decoded, so they only add while the decoder runs:
-# 256 MiB + 400 MB = 0.66 GB, under that peak and the 1 GB an image may cost. A 100-megapixel
-# camera JPEG is 30-60 MB; noise at JPEG quality 100 is 156 MiB.
-DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
 _READ_CHUNK = 1 << 20
 _RAISE_BYTES_HINT = "raise the limit with --max-image-bytes / LLAVA_MAX_IMAGE_BYTES"
 _STDIN_HINT = "pipe an image in: cat x.png | llava ask -"

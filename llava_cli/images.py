@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, BinaryIO
 
 from .errors import ImageError
-from .files import DEFAULT_MAX_IMAGE_BYTES, read_source
+from .files import read_source
+from .options import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from PIL import Image
 
-DEFAULT_MAX_PIXELS = 100_000_000
 SUPPORTED = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 _FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "DIB")
 _BAND_PIXELS = 1 << 20  # pixels converted at a time: 4 MiB of RGBA

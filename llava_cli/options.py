@@ -30,6 +30,13 @@ class RuntimeOptions:
 
 
 INT32_MAX = 2**31 - 1
+DEFAULT_MAX_PIXELS = 100_000_000
+# Measured: decoding the worst image within DEFAULT_MAX_PIXELS (10000x10000 RGBA, CMYK or
+# float; the pixels alone are 400 MB as Pillow holds them) peaks at 0.69 GB over the process's
+# baseline. The source bytes are let go once decoded, so they only add while the decoder runs:
+# 256 MiB + 400 MB = 0.66 GB, under that peak and the 1 GB an image may cost. A 100-megapixel
+# camera JPEG is 30-60 MB; noise at JPEG quality 100 is 156 MiB.
+DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
 PROMPT_MAX_BYTES = 16 << 20  # a prompt on stdin, or a chat line: far beyond any context
 MAX_TOKEN_CHARS = 256  # no vocabulary has a longer token: a longer text cannot fit a context
 LONG_TEXT_CHARS = 16_384  # shorter texts are tokenized whole without a second thought

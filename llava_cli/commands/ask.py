@@ -18,10 +18,15 @@ from ..errors import (
     LlavaError,
     UsageError,
 )
-from ..files import DEFAULT_MAX_IMAGE_BYTES
-from ..images import DEFAULT_MAX_PIXELS, PreparedImage, load
+from ..images import PreparedImage, load
 from ..modelref import ModelFiles, resolve
-from ..options import PROMPT_MAX_BYTES, RuntimeOptions, SamplingParams
+from ..options import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    PROMPT_MAX_BYTES,
+    RuntimeOptions,
+    SamplingParams,
+)
 
 if TYPE_CHECKING:
     from ..conversation import Conversation
