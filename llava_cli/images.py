@@ -28,6 +28,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO
 from .errors import ImageError
 from .files import read_source
 from .options import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
+from .text import escaped
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -273,14 +274,13 @@ def _temporary_file_or_devnull() -> IO[bytes]:
 
 
 _TIFF_NAME = re.compile(r"^\S+\.tiff?: ")  # libtiff names the file Pillow handed it
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
 
 
 def _reason(exc: Exception, native: _NativeStderr) -> str:
     """A short, printable cause: libtiff's own last line when it spoke (Pillow only says
     "decoder error -2"), else the exception's message, else its type."""
     text = _TIFF_NAME.sub("", native.last_line()) or str(exc) or type(exc).__name__
-    text = _UNPRINTABLE.sub(" ", text).strip().rstrip(".")
+    text = escaped(" ".join(text.split())).rstrip(".")  # one line; letters kept, controls shown
     return text if len(text) <= 120 else text[:117] + "..."
 
 
