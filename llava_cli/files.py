@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from .errors import BadInput, ImageError
 from .options import DEFAULT_MAX_IMAGE_BYTES
-from .units import human_bytes
+from .units import exact_bytes
 
 
 def kind_of(mode: int) -> str:
@@ -109,7 +109,8 @@ def _check_regular(source: str, st: os.stat_result, max_bytes: int) -> None:
         raise ImageError(f"{source} is {kind}, not a regular file", hint)
     if st.st_size > max_bytes:
         raise ImageError(
-            f"image {source} is {_size(st.st_size)}, over the limit of {_size(max_bytes)}",
+            f"image {source} is {exact_bytes(st.st_size)}, "
+            f"over the limit of {exact_bytes(max_bytes)}",
             _RAISE_BYTES_HINT,
         )
 
@@ -124,7 +125,8 @@ def _read_bounded(read: Callable[[int], bytes], max_bytes: int, first: int, what
         return _read_all_bounded(read, max_bytes, first, what)
     except MemoryError:
         raise ImageError(
-            f"not enough memory to read {what}: --max-image-bytes allows up to {_size(max_bytes)}",
+            f"not enough memory to read {what}: "
+            f"--max-image-bytes allows up to {exact_bytes(max_bytes)}",
             "lower --max-image-bytes / LLAVA_MAX_IMAGE_BYTES "
             f"(the default is {DEFAULT_MAX_IMAGE_BYTES >> 20} MiB), or free some memory",
         ) from None
@@ -145,22 +147,10 @@ def _read_all_bounded(read: Callable[[int], bytes], max_bytes: int, first: int, 
         total += len(chunk)
     if total > max_bytes:
         raise ImageError(
-            f"{what} is more than {_size(max_bytes)}, the limit for an image", _RAISE_BYTES_HINT
+            f"{what} is more than {exact_bytes(max_bytes)}, the limit for an image",
+            _RAISE_BYTES_HINT,
         )
     return data if grown is None else grown.getvalue()
-
-
-def _size(n: int) -> str:
-    """``268,435,456 bytes (256 MiB)``: exact, and readable."""
-    exact = f"{n:,} bytes"
-    if n < 1024:
-        return exact
-    value, unit = n / 1024, "KiB"
-    for larger in ("MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, larger
-    return f"{exact} ({value:.4g} {unit})"
 
 
 # -- other files a user names --------------------------------------------------------------
@@ -185,8 +175,8 @@ def read_regular(path: Path, max_bytes: int, what: str) -> bytes:
             raise BadInput(f"{what} {path} is {kind_of(info.st_mode)}", "give a regular file")
         if info.st_size > max_bytes:
             raise BadInput(
-                f"{what} {path} is {human_bytes(info.st_size)}, over the limit of "
-                f"{human_bytes(max_bytes)}",
+                f"{what} {path} is {exact_bytes(info.st_size)}, over the limit of "
+                f"{exact_bytes(max_bytes)}",
                 "is it the right file?",
             )
         try:
@@ -194,7 +184,7 @@ def read_regular(path: Path, max_bytes: int, what: str) -> bytes:
         except OSError as exc:
             raise BadInput(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if len(data) > max_bytes:  # it grew while we read it
-        raise BadInput(f"{what} {path} is over the limit of {human_bytes(max_bytes)}")
+        raise BadInput(f"{what} {path} is over the limit of {exact_bytes(max_bytes)}")
     return data
 
 

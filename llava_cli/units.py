@@ -1,4 +1,5 @@
-"""Numbers for people: byte sizes in the units a download dialog uses (powers of 1000)."""
+"""Numbers for people: byte sizes in the units a download dialog uses (powers of 1000), and
+exact ones for limits (``268,435,456 bytes (256 MiB)``)."""
 
 from __future__ import annotations
 
@@ -10,3 +11,16 @@ def human_bytes(n: int | None) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def exact_bytes(n: int) -> str:
+    """``268,435,456 bytes (256 MiB)``: exact, and readable."""
+    exact = f"{n:,} bytes"
+    if n < 1024:
+        return exact
+    value, unit = n / 1024, "KiB"
+    for larger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{exact} ({value:.4g} {unit})"
