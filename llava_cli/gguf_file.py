@@ -7,6 +7,7 @@ header (metadata and tensor table) through ``mmap``, so it is cheap even for mul
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import stat
@@ -152,9 +153,8 @@ def _shown(text: str) -> str:
 class _Reader:
     """Reads a header from ``buf``; every read is checked against the bytes left first."""
 
-    def __init__(self, buf: mmap.mmap | bytes, known: TokenFaults | None = None) -> None:
+    def __init__(self, buf: mmap.mmap | bytes) -> None:
         self.buf = buf
-        self.known = known  # the token list's faults, found earlier in this process
         self.pos = 0
         self.end = len(buf)
         self.text_left = _KEEP_TEXT_BUDGET
@@ -244,11 +244,7 @@ class _Reader:
             )
         if key == _TOKENS_KEY and etype == _STRING:
             start = self.pos
-            if self.known is not None:
-                self.skip_strings(count, key)
-                self.token_faults = self.known
-            else:
-                self.token_faults = self.scan_tokens(count)
+            self.token_faults = self.scan_tokens(count)
             if count > _KEEP_ARRAY_MAX:
                 return ArraySummary(etype, count)
             self.pos = start
@@ -354,18 +350,19 @@ def read_gguf(path: Path, role: str = "model") -> GGUFInfo:
             )
         if st.st_size == 0:
             raise ModelFileError(f"{what} is empty", "download it again")
+        identity = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
+            if (seen := _READ.get(identity)) is not None and seen[1] == _digest(buf, seen[0]):
+                return seen[0]
             if buf[:4] != _MAGIC:
                 raise ModelFileError(
                     f"{what} is not a GGUF file", f"give the {role} in GGUF format (*.gguf)"
                 )
-            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            info = _parse(path, _Reader(buf, _SCANNED.get(identity)), st.st_size)
-            if info.token_faults is not None:
-                if len(_SCANNED) >= 16:
-                    _SCANNED.clear()
-                _SCANNED[identity] = info.token_faults
-            return info
+            info = _parse(path, _Reader(buf), st.st_size)
+            if len(_READ) >= 8:
+                _READ.clear()
+            _READ[identity] = (info, _digest(buf, info))
+        return info
     except _Corrupt as exc:
         raise ModelFileError(f"{what} is truncated or corrupt ({exc.reason})", exc.hint) from None
     except (struct.error, ValueError, OverflowError) as exc:  # a check above missed a case
@@ -378,9 +375,16 @@ def read_gguf(path: Path, role: str = "model") -> GGUFInfo:
         os.close(fd)
 
 
-# Vocabularies already searched for duplicates, by file identity: ask reads a model's header
-# twice (resolving it, then loading it), and the search costs more than the rest of the walk.
-_SCANNED: dict[tuple[int, int, int, int], TokenFaults] = {}
+# Headers already read in this process, by path and file identity, with a digest of the header
+# bytes (a file rewritten within the clock's tick keeps its mtime): ask reads a model's header
+# when it resolves the model and again when it loads it, and the walk over a large vocabulary
+# costs tens of milliseconds, hashing its bytes a few.
+_READ: dict[tuple[str, int, int, int, int], tuple[GGUFInfo, bytes]] = {}
+
+
+def _digest(buf: mmap.mmap, info: GGUFInfo) -> bytes:
+    with memoryview(buf) as view:  # released before the map is closed
+        return hashlib.blake2b(view[: info.data_offset], digest_size=16).digest()
 
 
 def _missing_hint(role: str) -> str:
