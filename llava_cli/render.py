@@ -6,10 +6,13 @@ literally). Colour only when stderr is a terminal and ``NO_COLOR`` is unset.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO, cast
 
@@ -25,6 +28,99 @@ def _color(stream: TextIO) -> bool:
 
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
+
+
+def escapes_allowed(stream: TextIO | None = None) -> bool:
+    """Whether ``stream`` (stderr by default) may be sent escape sequences: it is a terminal,
+    and not one that says it understands none (``TERM=dumb``)."""
+    stream = stream or sys.stderr
+    return stream.isatty() and os.environ.get("TERM", "") != "dumb"
+
+
+class _Status:
+    """A transient line on stderr (``⠋ loading model… 3 s``), redrawn by a daemon thread:
+    llama.cpp's long calls release the GIL, so the spinner turns while they run. Every other
+    writer clears it first, so lines never interleave."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._text: str | None = None
+        self._since = 0.0
+        self._stream: TextIO | None = None
+        self._shown = False
+        self._frame = 0
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+
+    def show(self, text: str) -> None:
+        stream = sys.stderr
+        if not escapes_allowed(stream):
+            return
+        with self._lock:
+            if self._stream is not None and self._stream is not stream:
+                self._erase()
+            self._text, self._since, self._stream = escaped(text), time.monotonic(), stream
+            self._draw()
+            if self._thread is None or not self._thread.is_alive():
+                self._wake.clear()
+                self._thread = threading.Thread(target=self._spin, name="llava-status", daemon=True)
+                self._thread.start()
+
+    def clear(self) -> None:
+        with self._lock:
+            if self._text is None and not self._shown:
+                return
+            self._erase()
+            self._text = None
+            self._wake.set()
+
+    def _spin(self) -> None:
+        while not self._wake.wait(0.1):
+            with self._lock:
+                if self._text is None:
+                    return
+                self._frame += 1
+                self._draw()
+
+    def _draw(self) -> None:
+        stream = self._stream
+        if stream is None or self._text is None:
+            return
+        seconds = int(time.monotonic() - self._since)
+        frame = self.FRAMES[self._frame % len(self.FRAMES)]
+        line = f"{frame} {self._text}" + (f" {seconds} s" if seconds else "")
+        try:
+            stream.write("\r\x1b[2K" + line)
+            stream.flush()
+            self._shown = True
+        except (OSError, ValueError):
+            self._text = None
+
+    def _erase(self) -> None:
+        if self._shown and self._stream is not None:
+            try:
+                self._stream.write("\r\x1b[2K")
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass
+        self._shown = False
+
+
+_STATUS = _Status()
+atexit.register(_STATUS.clear)
+
+
+def status(text: str) -> None:
+    """Show (or replace) a transient status line on stderr: what is happening while nothing
+    else shows. Only on a terminal that takes escape sequences; a no-op otherwise."""
+    _STATUS.show(text)
+
+
+def status_clear() -> None:
+    """Erase the status line, if any (every other writer here calls it first)."""
+    _STATUS.clear()
 
 
 class _GuardedOutput:
@@ -104,6 +200,7 @@ def stdout_failed() -> str | None:
 
 def error(message: str) -> None:
     """One line on stderr: ``Error: <what> — <fix>`` (whatever came from files, escaped)."""
+    status_clear()
     prefix = "\x1b[1;31mError:\x1b[0m " if _color(sys.stderr) else "Error: "
     sys.stderr.write(prefix + escaped(message) + "\n")
     sys.stderr.flush()
@@ -111,6 +208,7 @@ def error(message: str) -> None:
 
 def info(message: str) -> None:
     """A progress or diagnostic line on stderr."""
+    status_clear()
     message = escaped(message)
     line = f"\x1b[2m{message}\x1b[0m" if _color(sys.stderr) else message
     sys.stderr.write(line + "\n")

@@ -24,3 +24,9 @@ def exact_bytes(n: int) -> str:
             break
         value, unit = value / 1024, larger
     return f"{exact} ({value:.4g} {unit})"
+
+
+def plural(n: int, word: str, plural: str | None = None) -> str:
+    """``1 token``, ``2 tokens``, ``0 tokens``; ``plural`` for the irregular (``1 entry``,
+    ``3 entries``)."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
