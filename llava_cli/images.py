@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO, TypeVar
 
 from .errors import ImageError
 from .files import read_source
@@ -33,6 +33,7 @@ from .text import escaped
 if TYPE_CHECKING:
     from PIL import Image
 
+_T = TypeVar("_T")
 SUPPORTED = "JPEG, PNG, WebP, GIF, BMP, TIFF"
 _FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "DIB")
 _BAND_PIXELS = 1 << 20  # pixels converted at a time: 4 MiB of RGBA
@@ -82,6 +83,30 @@ class PreparedImage:
         return text if self.scaled_from is None else f"{text}, scaled to {self.width}x{self.height}"
 
 
+# File name endings that make an argument an image path even when no such file exists (a typo
+# is then reported as a missing image, not taken for the question).
+IMAGE_SUFFIXES = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .apng .webp .gif .bmp .dib .tif .tiff .mpo .heic .heif .avif "
+    ".ppm .pgm .pbm .pnm .ico .tga .psd .svg .jxl".split()
+)
+
+
+def looks_like_image_path(arg: str) -> bool:
+    """Whether a command-line argument names an image (``-``, an existing path, a name with an
+    image ending, or a word with a slash or a leading ``.``/``~`` and no space) rather than
+    being words of a question."""
+    if arg == "-" or os.path.splitext(arg)[1].lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        if os.path.lexists(arg):
+            return True
+    except (ValueError, OSError):  # a NUL byte, a name too long: not a file
+        return False
+    return not any(c.isspace() for c in arg) and (
+        "/" in arg or os.sep in arg or arg.startswith((".", "~"))
+    )
+
+
 def prepare(source: str, data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
     """Decode ``data`` into upright 8-bit RGB, refusing anything over ``max_pixels``."""
     return _decode(source, io.BytesIO(data), max_pixels)
@@ -101,18 +126,25 @@ def load(
 
 
 def _decode(source: str, stream: io.BytesIO, max_pixels: int) -> PreparedImage:
+    return _quietly(source, lambda native: _decode_quietly(source, stream, max_pixels, native))
+
+
+def _quietly(source: str, work: Callable[[_NativeStderr], _T]) -> _T:
+    """``work`` with Pillow's and the native decoders' chatter kept off stderr, and any
+    failure turned into one ImageError.
+
+    Pillow reports oddities of a file (unknown TIFF tags, palette notes) through logging and
+    warnings, libtiff straight to file descriptor 2; stderr is ours. Failures still raise and
+    become one ImageError line, with libtiff's last word as the reason where it has one."""
     import logging
     import warnings
 
-    # Pillow reports oddities of a file (unknown TIFF tags, palette notes) through logging and
-    # warnings, libtiff straight to file descriptor 2; stderr is ours. Failures still raise and
-    # become one ImageError line, with libtiff's last word as the reason where it has one.
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
     name = _shown(source)
     with warnings.catch_warnings(), _native_stderr_captured() as native:
         warnings.simplefilter("ignore")
         try:
-            return _decode_quietly(source, stream, max_pixels, native)
+            return work(native)
         except ImageError:
             raise
         except MemoryError:
@@ -132,31 +164,13 @@ def _shown(source: str) -> str:
 def _decode_quietly(
     source: str, stream: io.BytesIO, max_pixels: int, native: _NativeStderr
 ) -> PreparedImage:
-    from PIL import Image, UnidentifiedImageError
 
     name = _shown(source)
     sha256 = hashlib.sha256(stream.getvalue()).hexdigest()  # getvalue shares, never copies
-    Image.MAX_IMAGE_PIXELS = None  # we enforce our own, configurable limit below
-    try:
-        im = Image.open(stream)
-    except UnidentifiedImageError:
-        raise ImageError(
-            f"{name} is not an image this tool can read", f"use one of {SUPPORTED}"
-        ) from None
+    im = _open_checked(name, stream, max_pixels)
     try:
         fmt = im.format or "unknown"
-        if fmt not in _FORMATS:
-            raise ImageError(f"{name} is a {fmt} image, which is not supported", f"use {SUPPORTED}")
         width, height = im.size
-        if width * height == 0:
-            raise ImageError(f"{name} is {width}x{height}: it has no pixels", f"use {SUPPORTED}")
-        if width * height > max_pixels:
-            raise ImageError(
-                f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of "
-                f"{max_pixels:,} (a decompression bomb?)",
-                "downscale it, or raise the limit with --max-pixels / LLAVA_MAX_PIXELS",
-            )
-        _check_aspect_ratio(name, width, height)
         mode = im.mode
         scaled = _scaled_size(width, height)
         try:
@@ -199,6 +213,51 @@ def _decode_quietly(
         key=key.hexdigest(),
         scaled_from=original if original != (width, height) else None,
     )
+
+
+def _open_checked(name: str, stream: io.BytesIO, max_pixels: int) -> Image.Image:
+    """The image opened lazily (the header read, no pixels decoded), its format, size and
+    shape checked against the limits."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # we enforce our own, configurable limit below
+    try:
+        im = Image.open(stream)
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{name} is not an image this tool can read", f"use one of {SUPPORTED}"
+        ) from None
+    try:
+        fmt = im.format or "unknown"
+        if fmt not in _FORMATS:
+            raise ImageError(f"{name} is a {fmt} image, which is not supported", f"use {SUPPORTED}")
+        width, height = im.size
+        if width * height == 0:
+            raise ImageError(f"{name} is {width}x{height}: it has no pixels", f"use {SUPPORTED}")
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{name} is {width}x{height} = {width * height:,} pixels, over the limit of "
+                f"{max_pixels:,} (a decompression bomb?)",
+                "downscale it, or raise the limit with --max-pixels / LLAVA_MAX_PIXELS",
+            )
+        _check_aspect_ratio(name, width, height)
+    except BaseException:
+        im.close()
+        raise
+    return im
+
+
+def check(
+    source: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+) -> None:
+    """What ``load`` checks before it decodes: the file is there, readable, within the byte
+    limit, an image of a supported format, size and shape. No pixels are decoded, so every
+    image of a batch can be checked before a model is pulled or loaded, at a small cost."""
+    stream = io.BytesIO(read_source(source, max_bytes=max_bytes))
+    _quietly(source, lambda _: _open_checked(_shown(source), stream, max_pixels).close())
 
 
 def _check_aspect_ratio(name: str, width: int, height: int) -> None:

@@ -18,7 +18,7 @@ from ..errors import (
     LlavaError,
     UsageError,
 )
-from ..images import PreparedImage, load
+from ..images import PreparedImage, check, load, looks_like_image_path
 from ..modelref import ModelFiles, resolve
 from ..options import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -45,7 +45,12 @@ class ModelOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     offline: bool = False
+    yes: bool = False  # pull without asking, however large (-y, LLAVA_YES)
     think: bool = False
+
+    def check_image(self, source: str) -> None:
+        """The image checked as far as can be without decoding it (see images.check)."""
+        check(source, max_pixels=self.max_pixels, max_bytes=self.max_image_bytes)
 
     def load_image(self, source: str) -> PreparedImage:
         """An image file (or ``-``) read and decoded within this run's limits."""
@@ -59,6 +64,18 @@ class AskOptions(ModelOptions):
     together: bool = False
     json: bool = False
     show_prompt: bool = False
+    label: bool | None = None  # None: a header before each answer when there are several
+
+
+def split_arguments(args: list[str]) -> tuple[list[str], str | None]:
+    """``IMAGE... [QUESTION]``: the trailing arguments that do not name images (see
+    images.looks_like_image_path) are the question, as ``ollama run`` and ``llm`` take it:
+    ``llava ask photo.jpg "What is this?"``."""
+    end = len(args)
+    while end > 0 and not looks_like_image_path(args[end - 1]):
+        end -= 1
+    words = args[end:]
+    return args[:end], " ".join(words) if words else None
 
 
 @dataclass
