@@ -14,7 +14,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -160,6 +160,9 @@ class Session:
         self.last: Completion | None = None
         # Special tokens generation writes out (a thinking model's block delimiters).
         self.shown_tokens: frozenset[int] = frozenset()
+        # Told what the evaluation is doing ("encoding image 1 of 2", "reading the prompt"),
+        # for a status line; never called during generation.
+        self.on_progress: Callable[[str], None] | None = None
 
     @property
     def n_past(self) -> int:
@@ -270,11 +273,15 @@ class Session:
             last_image = max(
                 (i for i, p in enumerate(planned) if not isinstance(p, list)), default=-1
             )
+            n_images, seen = sum(not isinstance(p, list) for p in planned), 0
             for i, p in enumerate(planned):
                 if isinstance(p, list):
+                    self._progress(f"reading the prompt ({len(p)} tokens)")
                     self._eval_tokens(p, "text", logits=i == len(planned) - 1)
                 else:
-                    self._eval_image(p[0].key, p[1])
+                    seen += 1
+                    numbered = f" {seen} of {n_images}" if n_images > 1 else ""
+                    self._eval_image(p[0].key, p[1], f"image{numbered}")
                     if i == last_image and prefix_key is not None:
                         self._save_prefix(prefix_key)
         finally:
@@ -286,6 +293,10 @@ class Session:
         if rest:
             self._save_logits()
         self._last_prompt = (prompt, [image.key for image in images], add_special)
+
+    def _progress(self, what: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(what)
 
     # -- the prefix cache between runs ----------------------------------------------------------
 
@@ -550,7 +561,7 @@ class Session:
             mtmd.mtmd_bitmap_free(bitmap)
         return chunks
 
-    def _eval_image(self, key: str, chunks: Any) -> None:
+    def _eval_image(self, key: str, chunks: Any, label: str = "image") -> None:
         """Decode one image's chunks, encoding its pixels only if never seen before."""
         turn = self._turn
         start_pos = pos = self.n_past
@@ -567,6 +578,7 @@ class Session:
                 continue
             embd = self.engine.embeddings.get((key, idx))
             if embd is None:
+                self._progress(f"encoding {label}")
                 t0 = time.perf_counter()
                 if mtmd.mtmd_encode_chunk(self.engine.mctx, chunk) != 0:
                     raise EngineError(f"image encoding failed: {LOGS.last_error()}")
@@ -579,6 +591,7 @@ class Session:
                 self.counters.image_chunks_encoded += 1
                 if turn:
                     turn.image_encode_s += time.perf_counter() - t0
+            self._progress(f"reading {label}")
             t0 = time.perf_counter()
             new_pos = llama_cpp.llama_pos(0)
             rc = mtmd.mtmd_helper_decode_image_chunk(
