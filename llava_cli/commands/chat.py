@@ -56,6 +56,9 @@ COMMANDS = {
 class ChatOptions(ModelOptions):
     images: list[str] = field(default_factory=list)
     history: bool = True
+    prompt: str | None = None  # the first message, sent as soon as the model is loaded
+    resume: str | None = None  # a chat saved with /save, resumed
+    continue_last: bool = False  # the last chat, resumed where it ended (-c)
 
 
 def run(opts: ChatOptions) -> int:
