@@ -1,126 +1,54 @@
 """All terminal output. stdout carries only answers and requested data; the rest goes to stderr.
 
 Model text is written as-is, never through Rich markup (an answer containing ``[red]`` prints
-literally). Colour only when stderr is a terminal and ``NO_COLOR`` is unset.
+literally). Colour only when stderr is a terminal, ``TERM`` is not ``dumb`` and ``NO_COLOR``
+is unset; under ``TERM=dumb`` no escape sequence at all (``escapes_allowed``). Characters the
+locale's encoding cannot carry are written as ASCII or a mark (``terminal.fit_to_encoding``).
 """
 
 from __future__ import annotations
 
-import atexit
 import errno
 import json
 import os
 import sys
-import threading
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TextIO, cast
 
-from .text import TERMINAL_DROPS, escaped, json_escaped
+from .terminal import (
+    STATUS,
+    STDERR_ERRORS,
+    STDOUT_ERRORS,
+    can_encode,
+    color_allowed,
+    ellipsis,
+    escapes_allowed,
+    fit_to_encoding,
+    output_width,
+)
+from .text import TERMINAL_DROPS, cell_width, cut_to_width, escaped, json_escaped
 from .units import human_bytes
 
-__all__ = ["human_bytes"]  # re-exported for the commands
+# re-exported for the commands, the chat's line reader and the tests
+__all__ = ["color_allowed", "escapes_allowed", "human_bytes"]
 
-
-def _color(stream: TextIO) -> bool:
-    return stream.isatty() and not os.environ.get("NO_COLOR")
+_color = color_allowed
 
 
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
-def escapes_allowed(stream: TextIO | None = None) -> bool:
-    """Whether ``stream`` (stderr by default) may be sent escape sequences: it is a terminal,
-    and not one that says it understands none (``TERM=dumb``)."""
-    stream = stream or sys.stderr
-    return stream.isatty() and os.environ.get("TERM", "") != "dumb"
-
-
-class _Status:
-    """A transient line on stderr (``⠋ loading model… 3 s``), redrawn by a daemon thread:
-    llama.cpp's long calls release the GIL, so the spinner turns while they run. Every other
-    writer clears it first, so lines never interleave."""
-
-    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._text: str | None = None
-        self._since = 0.0
-        self._stream: TextIO | None = None
-        self._shown = False
-        self._frame = 0
-        self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
-
-    def show(self, text: str) -> None:
-        stream = sys.stderr
-        if not escapes_allowed(stream):
-            return
-        with self._lock:
-            if self._stream is not None and self._stream is not stream:
-                self._erase()
-            self._text, self._since, self._stream = escaped(text), time.monotonic(), stream
-            self._draw()
-            if self._thread is None or not self._thread.is_alive():
-                self._wake.clear()
-                self._thread = threading.Thread(target=self._spin, name="llava-status", daemon=True)
-                self._thread.start()
-
-    def clear(self) -> None:
-        with self._lock:
-            if self._text is None and not self._shown:
-                return
-            self._erase()
-            self._text = None
-            self._wake.set()
-
-    def _spin(self) -> None:
-        while not self._wake.wait(0.1):
-            with self._lock:
-                if self._text is None:
-                    return
-                self._frame += 1
-                self._draw()
-
-    def _draw(self) -> None:
-        stream = self._stream
-        if stream is None or self._text is None:
-            return
-        seconds = int(time.monotonic() - self._since)
-        frame = self.FRAMES[self._frame % len(self.FRAMES)]
-        line = f"{frame} {self._text}" + (f" {seconds} s" if seconds else "")
-        try:
-            stream.write("\r\x1b[2K" + line)
-            stream.flush()
-            self._shown = True
-        except (OSError, ValueError):
-            self._text = None
-
-    def _erase(self) -> None:
-        if self._shown and self._stream is not None:
-            try:
-                self._stream.write("\r\x1b[2K")
-                self._stream.flush()
-            except (OSError, ValueError):
-                pass
-        self._shown = False
-
-
-_STATUS = _Status()
-atexit.register(_STATUS.clear)
-
-
 def status(text: str) -> None:
-    """Show (or replace) a transient status line on stderr: what is happening while nothing
-    else shows. Only on a terminal that takes escape sequences; a no-op otherwise."""
-    _STATUS.show(text)
+    """Show (or replace) a transient status line on stderr (``⠋ loading model… 3 s``), what is
+    happening while nothing else shows. Only on a terminal that takes escape sequences (not a
+    pipe, not ``TERM=dumb``); a no-op otherwise. Every writer here erases it first."""
+    STATUS.show(text)
 
 
 def status_clear() -> None:
-    """Erase the status line, if any (every other writer here calls it first)."""
-    _STATUS.clear()
+    """Erase the status line, if one shows (at exit too)."""
+    STATUS.clear()
 
 
 class _GuardedOutput:
@@ -173,7 +101,9 @@ def guard_standard_streams() -> None:
     """Put /dev/null on descriptors 0-2 where the shell closed them, before anything is
     opened: otherwise the first file opened becomes "standard output" and the answer is
     written into it. A closed stderr stays silent (the exit code still tells); standard
-    output remembers a failed write (``stdout_failed``)."""
+    output remembers a failed write (``stdout_failed``). Under a locale that is not UTF-8,
+    what its encoding cannot carry is replaced, not fatal (``terminal.fit_to_encoding``):
+    ``?`` on stdout, ``<U+XXXX>`` on stderr, ASCII for our own punctuation on both."""
     closed = set()
     for fd in (0, 1, 2):
         try:
@@ -189,6 +119,8 @@ def guard_standard_streams() -> None:
     if 2 in closed:
         sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
     stream = None if 1 in closed or sys.stdout is None else sys.stdout
+    fit_to_encoding(stream, STDOUT_ERRORS)
+    fit_to_encoding(sys.stderr, STDERR_ERRORS)
     sys.stdout = cast(TextIO, _GuardedOutput(stream))
 
 
@@ -218,16 +150,19 @@ def info(message: str) -> None:
 def stream_answer(chunks: Iterable[str], out: TextIO | None = None) -> None:
     """Write text chunks to stdout as they come, then a newline (also after a cut-off one).
     A terminal gets no control characters (a model's escape sequences); a pipe gets every
-    byte the model wrote."""
+    byte the model wrote. The status line goes when the answer starts."""
     out = out or sys.stdout
     terminal = out.isatty()
     wrote = False
     try:
         for chunk in chunks:
+            if not wrote:
+                status_clear()
             out.write(chunk.translate(TERMINAL_DROPS) if terminal else chunk)
             out.flush()
             wrote = True
     finally:
+        status_clear()
         if wrote or sys.exc_info()[0] is None:
             out.write("\n")
             out.flush()
@@ -247,6 +182,7 @@ class ThinkingEcho:
     def __call__(self, text: str) -> None:
         if not self.enabled:
             return
+        status_clear()
         if not self._open and not self._dim[0]:  # no colour to set it apart: say what it is
             self._err.write("thinking: ")
         self._err.write(self._dim[0] + text.translate(TERMINAL_DROPS) + self._dim[1])
@@ -271,6 +207,7 @@ def exact_text(text: str, out: TextIO | None = None) -> None:
     is shown control characters escaped, and gets a final newline so that the shell prompt
     starts on a line of its own."""
     out = out or sys.stdout
+    status_clear()
     if out.isatty():  # a terminal is shown what would act on it, escaped (<U+001B>)
         text = escaped(text, keep="\n\t")
     out.write(text)
@@ -281,19 +218,26 @@ def exact_text(text: str, out: TextIO | None = None) -> None:
 
 def json_value(value: Any, out: TextIO | None = None) -> None:
     """One JSON document on stdout, indented for people, valid for ``jq``."""
-    out = out or sys.stdout
-    out.write(json_escaped(json.dumps(value, ensure_ascii=False, indent=2)) + "\n")
-    out.flush()
+    _json(value, out, indent=2)
 
 
 def json_line(record: dict[str, Any], out: TextIO | None = None) -> None:
+    _json(record, out, indent=None)
+
+
+def _json(value: Any, out: TextIO | None, indent: int | None) -> None:
+    """Characters as they are where the output's encoding carries them all (UTF-8), as
+    ``\\uXXXX`` escapes otherwise: the same data either way, nothing lost to the locale."""
     out = out or sys.stdout
-    out.write(json_escaped(json.dumps(record, ensure_ascii=False)) + "\n")
+    status_clear()
+    ascii_only = not can_encode(out, "\U0010ffff")
+    out.write(json_escaped(json.dumps(value, ensure_ascii=ascii_only, indent=indent)) + "\n")
     out.flush()
 
 
 def confirm(question: str) -> bool:
     """Ask on the terminal (the question on stderr); anything but y/yes is no."""
+    status_clear()
     sys.stderr.write(f"{question} [y/N] ")
     sys.stderr.flush()
     try:
@@ -303,15 +247,54 @@ def confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def table(rows: list[list[str]], out: TextIO | None = None) -> None:
-    """Plain aligned columns on stdout (the first row is the header); no colour, easy to cut."""
+def table(rows: list[list[str]], out: TextIO | None = None, *, shrink: Sequence[int] = ()) -> None:
+    """Plain aligned columns on stdout (the first row is the header); no colour, easy to cut.
+
+    Each line fits the output's width (``terminal.output_width``: ``COLUMNS``, else the
+    terminal's; a pipe has no limit): the columns named in ``shrink`` (indexes) give up
+    room, the widest first, down to ``_MIN_SHRUNK`` columns each, their cells cut with an
+    ellipsis; the others keep their width."""
     out = out or sys.stdout
+    status_clear()
     rows = [[escaped(cell) for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    if not rows:
+        return
+    widths = [max(cell_width(row[i]) for row in rows) for i in range(len(rows[0]))]
+    limit = output_width(out)
+    if limit is not None and shrink:
+        widths = _shrunk(widths, limit, shrink)
+    mark = ellipsis(out)
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        cells = [
+            _pad(cut_to_width(cell, width, mark), width)
+            for cell, width in zip(row, widths, strict=True)
+        ]
         out.write("  ".join(cells).rstrip() + "\n")
     out.flush()
+
+
+_MIN_SHRUNK = 10
+
+
+def _shrunk(widths: list[int], limit: int, shrink: Sequence[int]) -> list[int]:
+    """Column widths whose line (two spaces between columns) fits ``limit``, taking from the
+    widest of the ``shrink`` columns first."""
+    widths = list(widths)
+    excess = sum(widths) + 2 * (len(widths) - 1) - limit
+    while excess > 0:
+        room = [i for i in shrink if widths[i] > _MIN_SHRUNK]
+        if not room:
+            break
+        widest = max(room, key=lambda i: widths[i])
+        others = [widths[i] for i in room if i != widest]
+        step = min(excess, widths[widest] - max([_MIN_SHRUNK, *others]) or 1)
+        widths[widest] -= step
+        excess -= step
+    return widths
+
+
+def _pad(cell: str, width: int) -> str:
+    return cell + " " * (width - cell_width(cell))
 
 
 class PlainTransfer:
@@ -372,6 +355,7 @@ class RichTransfer:
         self._task: Any = None
 
     def __enter__(self) -> RichTransfer:
+        status_clear()
         self._progress.start()
         return self
 
@@ -392,7 +376,8 @@ class RichTransfer:
 
 
 def transfer_progress() -> PlainTransfer | RichTransfer:
-    return RichTransfer() if stderr_is_terminal() else PlainTransfer()
+    """A progress bar on a terminal that takes escape sequences; lines otherwise."""
+    return RichTransfer() if escapes_allowed(sys.stderr) else PlainTransfer()
 
 
 def stream_markdown(chunks: Iterable[str], *, max_fps: float = 8.0) -> None:
@@ -401,9 +386,14 @@ def stream_markdown(chunks: Iterable[str], *, max_fps: float = 8.0) -> None:
     The text is parsed as Markdown only: never as Rich markup, and HTML in it stays text.
     The live view shows the answer's last screenful, re-rendered at most ``max_fps`` times a
     second (no flicker, and nothing drawn twice when the answer outgrows the screen); when
-    the answer ends, or is stopped, it is printed once in full.
+    the answer ends, or is stopped, it is printed once in full. A terminal that takes no
+    escape sequences (``TERM=dumb``) gets the plain stream.
     """
     import time
+
+    if sys.stdout.isatty() and not escapes_allowed(sys.stdout):
+        stream_answer(chunks)
+        return
 
     from rich.console import Console
     from rich.live import Live
@@ -416,6 +406,7 @@ def stream_markdown(chunks: Iterable[str], *, max_fps: float = 8.0) -> None:
         # (a reasoning model's thinking, on stderr) is never caught in it; stderr is left
         # alone (Rich would otherwise send it to stdout while the view is live).
         first = next(stream, None)
+        status_clear()
         if first is None:
             return
         text = first
@@ -466,6 +457,7 @@ def image_preview(width: int, height: int, rgb: bytes) -> None:
     """A few lines of coloured half blocks on stderr: two pixel rows per character row."""
     if not _color(sys.stderr):
         return
+    status_clear()
     lines = []
     for y in range(0, height - 1, 2):
         cells = []

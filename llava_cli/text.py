@@ -8,7 +8,9 @@ are read (``registry``, ``hub``) and escaped wherever text is printed (``render`
 
 from __future__ import annotations
 
+import os
 import unicodedata
+from os import PathLike
 
 # Controls (Cc), format characters (Cf: the bidi embeddings, overrides, isolates and marks,
 # zero-width characters), line and paragraph separators, and lone surrogates.
@@ -60,3 +62,47 @@ def json_escaped(document: str) -> str:
         else c
         for c in document
     )
+
+
+def cell_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: two for wide (East Asian) characters, none for
+    combining marks and other zero-width ones."""
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(c) for c in text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def cut_to_width(text: str, width: int, ellipsis: str = "…") -> str:
+    """``text`` in at most ``width`` columns: cut, and the cut marked with ``ellipsis``."""
+    if cell_width(text) <= width:
+        return text
+    room = width - cell_width(ellipsis)
+    if room <= 0:
+        return ellipsis[: max(width, 0)]
+    kept, used = [], 0
+    for char in text:
+        used += _char_width(char)
+        if used > room:
+            break
+        kept.append(char)
+    return "".join(kept) + ellipsis
+
+
+def display_path(path: str | PathLike[str]) -> str:
+    """A path as people write it: the home directory as ``~`` (``~/.cache/llava/x.gguf``)."""
+    text = os.fspath(path)
+    home = os.path.expanduser("~")
+    if home in ("", "/", "~") or not os.path.isabs(text):
+        return text
+    home = home.rstrip("/")
+    if text == home:
+        return "~"
+    if text.startswith(home + "/"):
+        return "~" + text[len(home) :]
+    return text

@@ -30,3 +30,11 @@ def plural(n: int, word: str, plural: str | None = None) -> str:
     """``1 token``, ``2 tokens``, ``0 tokens``; ``plural`` for the irregular (``1 entry``,
     ``3 entries``)."""
     return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def rate(count: int, seconds: float, unit: str) -> str:
+    """``12.3 tokens/s``; ``tokens/s n/a`` when there is nothing to measure (no time, or
+    nothing counted: a one-token answer has no decode time after its first token)."""
+    if count <= 0 or seconds <= 0:
+        return f"{unit}/s n/a"
+    return f"{count / seconds:.1f} {unit}/s"
