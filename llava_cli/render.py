@@ -150,7 +150,8 @@ def info(message: str) -> None:
 def stream_answer(chunks: Iterable[str], out: TextIO | None = None) -> None:
     """Write text chunks to stdout as they come, then a newline (also after a cut-off one).
     A terminal gets no control characters (a model's escape sequences); a pipe gets every
-    byte the model wrote. The status line goes when the answer starts."""
+    character the model wrote, in the locale's encoding (what it cannot carry becomes ASCII
+    or ``?``: see ``terminal.fit_to_encoding``). The status line goes when the answer starts."""
     out = out or sys.stdout
     terminal = out.isatty()
     wrote = False
