@@ -8,34 +8,96 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
 from .options import (
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_PIXELS,
+    INT32_MAX,
     LIMITS,
     RuntimeOptions,
     SamplingParams,
 )
 from .templates import MEDIA_MARKER
 
-app = typer.Typer(
-    name="llava",
-    help="Local chat with images: ask a LLaVA-style model about a photo, screenshot or scan.",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode=None,
-    pretty_exceptions_show_locals=False,  # LLAVA_DEBUG tracebacks never print variables (tokens)
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
 _MODEL = "Model"
 _GEN = "Generation"
-_RUNTIME = "Runtime"
+_OUTPUT = "Output"
+_HARDWARE = "Hardware"
+_LIMITS = "Input limits"
+_OTHER = "Other options"
+_HEADINGS = (_MODEL, _GEN, _OUTPUT, _HARDWARE, _LIMITS, _OTHER)  # in this order in --help
+
+
+class _Command(TyperCommand):
+    """Help with the options grouped under headings (Model, Generation, Output, Hardware,
+    Input limits), in plain text: no colour, no box drawing, the same in a pipe. Arguments
+    show their metavar as written (``IMAGE... [QUESTION]``), not a Python type."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(param.metavar or (param.name or "").upper())
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments: list[tuple[str, str]] = []
+        groups: dict[str, list[tuple[str, str]]] = {heading: [] for heading in _HEADINGS}
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                arguments.append(
+                    (param.metavar or (param.name or "").upper(), getattr(param, "help", ""))
+                )
+                continue
+            record = param.get_help_record(ctx)
+            if record is not None:
+                heading = getattr(param, "rich_help_panel", None) or _OTHER
+                groups.setdefault(heading, []).append(record)
+        if arguments:
+            with formatter.section("Arguments"):
+                formatter.write_dl(arguments)
+        grouped = any(records for heading, records in groups.items() if heading != _OTHER)
+        for heading, records in groups.items():
+            if records:
+                with formatter.section(heading if grouped else "Options"):
+                    formatter.write_dl(records)
+
+
+class _Group(TyperGroup):
+    """``llava --help`` lists each command with its whole summary, never cut off."""
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.short_help or command.get_short_help_str(200)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+app = typer.Typer(
+    name="llava",
+    cls=_Group,
+    help="Local chat with images: ask a LLaVA-style model about a photo, screenshot or scan, "
+    "entirely on this machine.\n\n"
+    "\b\n"
+    "Start here:\n"
+    "  llava ask photo.jpg 'What is in this picture?'\n"
+    "  llava chat screenshot.png\n"
+    "  llava list --available",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_show_locals=False,  # LLAVA_DEBUG tracebacks never print variables (tokens)
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 
 
 def _version(value: bool) -> None:
@@ -54,10 +116,30 @@ def _root(
     """Local chat with images."""
 
 
-def _bounds(name: str) -> dict[str, float]:
-    """``min``/``max`` for a numeric option, from the one table of limits (options.LIMITS)."""
+def _number(
+    name: str, help: str = "", *, envvar: str | None = None, panel: str = _GEN
+) -> typer.models.OptionInfo:
+    """A numeric option, checked against its range in the one table of limits
+    (options.LIMITS, which /set and saved chats use too); the range goes in its help."""
     limit = LIMITS[name]
-    return {"min": limit.kind(limit.low), "max": limit.kind(limit.high)}
+    shown = (
+        f"{limit.kind(n):,}" if limit.kind is int else f"{n:g}" for n in (limit.low, limit.high)
+    )
+    low, high = shown
+    span = f"at least {low}" if limit.high == INT32_MAX else f"{low} to {high}"
+
+    def check(value: float | None) -> float | None:
+        if value is not None and not limit.allows(value):
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise typer.BadParameter(f"must be {span}, not {shown}")
+        return value
+
+    metavar = "N" if limit.kind is int else "NUMBER"
+    text = f"{help}; {span}." if help else f"{span[:1].upper()}{span[1:]}."
+    option: typer.models.OptionInfo = typer.Option(
+        callback=check, metavar=metavar, envvar=envvar, help=text, rich_help_panel=panel
+    )
+    return option
 
 
 # Options shared by `ask` and `chat`: declared once, used by both signatures.
@@ -67,8 +149,10 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         envvar="LLAVA_MODEL",
-        help="NAME[:QUANT] from the registry, OWNER/REPO[:QUANT] on the hub, or a GGUF path. "
-        "Default: config.toml's model, else the registry default. Pulled if missing.",
+        metavar="REF",
+        help="NAME[:QUANT] from the registry (llava list -a), OWNER/REPO[:QUANT] on the hub, "
+        "or a GGUF file. Default: config.toml's model, else the registry default. "
+        "Pulled if missing.",
         rich_help_panel=_MODEL,
     ),
 ]
@@ -76,7 +160,8 @@ MmprojOpt = Annotated[
     str | None,
     typer.Option(
         envvar="LLAVA_MMPROJ",
-        help="Projector (mmproj) GGUF path, with a --model path. "
+        metavar="FILE",
+        help="Projector (mmproj) GGUF file, with a --model file. "
         "Default: the one *mmproj*.gguf beside the model.",
         rich_help_panel=_MODEL,
     ),
@@ -84,8 +169,20 @@ MmprojOpt = Annotated[
 OfflineOpt = Annotated[
     bool,
     typer.Option(
+        "--offline",
         help="Never touch the network: a model that is not pulled is an error (exit 3). "
         "Also HF_HUB_OFFLINE=1.",
+        rich_help_panel=_MODEL,
+    ),
+]
+YesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--yes",
+        "-y",
+        envvar="LLAVA_YES",
+        help="Pull a missing model without asking, however large (on a terminal llava asks "
+        "before fetching more than 1 GB; in a pipe it never asks).",
         rich_help_panel=_MODEL,
     ),
 ]
@@ -111,93 +208,54 @@ ThinkOpt = Annotated[
     ),
 ]
 SystemOpt = Annotated[
-    str | None, typer.Option(envvar="LLAVA_SYSTEM", help="System prompt.", rich_help_panel=_GEN)
+    str | None,
+    typer.Option(
+        envvar="LLAVA_SYSTEM", metavar="TEXT", help="System prompt.", rich_help_panel=_GEN
+    ),
 ]
 TemperatureOpt = Annotated[
-    float,
-    typer.Option(
-        envvar="LLAVA_TEMPERATURE",
-        **_bounds("temperature"),
-        help="0 = greedy.",
-        rich_help_panel=_GEN,
-    ),
+    float, _number("temperature", "0 = always the likeliest token", envvar="LLAVA_TEMPERATURE")
 ]
-TopPOpt = Annotated[float, typer.Option(**_bounds("top-p"), rich_help_panel=_GEN)]
-TopKOpt = Annotated[int, typer.Option(**_bounds("top-k"), rich_help_panel=_GEN)]
-MinPOpt = Annotated[float, typer.Option(**_bounds("min-p"), rich_help_panel=_GEN)]
-RepeatPenaltyOpt = Annotated[float, typer.Option(**_bounds("repeat-penalty"), rich_help_panel=_GEN)]
-SeedOpt = Annotated[
-    int | None,
-    typer.Option(
-        envvar="LLAVA_SEED", **_bounds("seed"), help="Default: random.", rich_help_panel=_GEN
-    ),
-]
+TopPOpt = Annotated[float, _number("top-p")]
+TopKOpt = Annotated[int, _number("top-k", "0 = off")]
+MinPOpt = Annotated[float, _number("min-p")]
+RepeatPenaltyOpt = Annotated[float, _number("repeat-penalty", "1 = off")]
+SeedOpt = Annotated[int | None, _number("seed", "Default: random", envvar="LLAVA_SEED")]
 MaxTokensOpt = Annotated[
-    int | None,
-    typer.Option(
-        envvar="LLAVA_MAX_TOKENS",
-        **_bounds("max-tokens"),
-        help="Default: until done.",
-        rich_help_panel=_GEN,
-    ),
+    int | None, _number("max-tokens", "Default: until done", envvar="LLAVA_MAX_TOKENS")
 ]
 StopOpt = Annotated[
     list[str] | None,
-    typer.Option(help="Stop at this text (repeatable).", rich_help_panel=_GEN),
+    typer.Option(metavar="TEXT", help="Stop at this text (repeatable).", rich_help_panel=_GEN),
 ]
 CtxOpt = Annotated[
     int | None,
-    typer.Option(
+    _number(
+        "ctx",
+        "Context size in tokens, at most the model's training context. "
+        "Default: 4096, or less if the model has less",
         envvar="LLAVA_CTX",
-        **_bounds("ctx"),
-        help="Context size in tokens, at most the model's training context. "
-        "Default: 4096, or less if the model has less.",
-        rich_help_panel=_RUNTIME,
     ),
 ]
 ThreadsOpt = Annotated[
-    int,
-    typer.Option(
-        envvar="LLAVA_THREADS",
-        **_bounds("threads"),
-        help="0 = one per CPU.",
-        rich_help_panel=_RUNTIME,
-    ),
+    int, _number("threads", "0 = one per CPU", envvar="LLAVA_THREADS", panel=_HARDWARE)
 ]
 GpuLayersOpt = Annotated[
     int,
-    typer.Option(
+    _number(
+        "gpu-layers",
+        "Layers to offload to the GPU; -1 = all (where supported), 0 = none",
         envvar="LLAVA_GPU_LAYERS",
-        **_bounds("gpu-layers"),
-        help="Layers to offload to the GPU; -1 = all (where supported), 0 = none.",
-        rich_help_panel=_RUNTIME,
+        panel=_HARDWARE,
     ),
 ]
 ImageOnCpuOpt = Annotated[
     bool,
     typer.Option(
+        "--image-on-cpu",
         envvar="LLAVA_IMAGE_ON_CPU",
         help="Keep the image encoder on the CPU.",
-        rich_help_panel=_RUNTIME,
-    ),
-]
-MaxPixelsOpt = Annotated[
-    int,
-    typer.Option(
-        envvar="LLAVA_MAX_PIXELS",
-        **_bounds("max-pixels"),
-        help="Refuse images with more pixels than this.",
-        rich_help_panel=_RUNTIME,
-    ),
-]
-MaxImageBytesOpt = Annotated[
-    int,
-    typer.Option(
-        envvar="LLAVA_MAX_IMAGE_BYTES",
-        **_bounds("max-image-bytes"),
-        help="Refuse image files (or standard input) larger than this many bytes "
-        "(default 256 MiB); checked as the bytes arrive.",
-        rich_help_panel=_RUNTIME,
+        rich_help_panel=_HARDWARE,
     ),
 ]
 NoCacheOpt = Annotated[
@@ -206,13 +264,36 @@ NoCacheOpt = Annotated[
         "--no-cache",
         envvar="LLAVA_NO_CACHE",
         help="Do not reuse or keep image prefixes between runs (the prefix cache).",
-        rich_help_panel=_RUNTIME,
+        rich_help_panel=_HARDWARE,
+    ),
+]
+MaxPixelsOpt = Annotated[
+    int,
+    _number(
+        "max-pixels",
+        "Refuse images with more pixels than this",
+        envvar="LLAVA_MAX_PIXELS",
+        panel=_LIMITS,
+    ),
+]
+MaxImageBytesOpt = Annotated[
+    int,
+    _number(
+        "max-image-bytes",
+        "Refuse image files (or standard input) larger than this many bytes, "
+        "checked as they arrive (default 256 MiB)",
+        envvar="LLAVA_MAX_IMAGE_BYTES",
+        panel=_LIMITS,
     ),
 ]
 VerboseOpt = Annotated[
     bool,
     typer.Option(
-        "--verbose", "-v", envvar="LLAVA_VERBOSE", help="Details and llama.cpp logs on stderr."
+        "--verbose",
+        "-v",
+        envvar="LLAVA_VERBOSE",
+        help="Details and llama.cpp logs on stderr.",
+        rich_help_panel=_OUTPUT,
     ),
 ]
 
@@ -239,25 +320,71 @@ def _sampling(
     )
 
 
-@app.command()
+def _runtime(
+    ctx: int | None,
+    threads: int,
+    gpu_layers: int,
+    image_on_cpu: bool,
+    chat_format: str,
+    verbose: bool,
+    no_cache: bool,
+) -> RuntimeOptions:
+    return RuntimeOptions(
+        ctx=ctx,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        image_on_cpu=image_on_cpu,
+        chat_format=chat_format,
+        verbose=verbose,
+        cache=not no_cache,
+    )
+
+
+def _question(arguments: list[str], prompt: str | None, flag: str) -> tuple[list[str], str | None]:
+    """``IMAGE... [QUESTION]`` split (commands.ask.split_arguments); a question given both
+    as words and with the flag is a usage error."""
+    from .commands.ask import split_arguments
+    from .errors import UsageError
+
+    images, words = split_arguments(arguments)
+    if words is not None and prompt is not None:
+        raise UsageError(
+            f"two questions given: {flag} and {words!r}",
+            f"give one (if {words!r} is an image, check its path)",
+        )
+    return images, words if words is not None else prompt
+
+
+@app.command(
+    cls=_Command,
+    short_help="Answer a question about each image, once; the answer alone goes to stdout.",
+    epilog="\b\nExamples:\n"
+    "  llava ask photo.jpg 'What is in this picture?'\n"
+    "  llava ask scan.png -p 'Transcribe the text.' -m smolvlm-500m\n"
+    "  llava ask a.png b.png 'Which room is this?'     (==> a.png <== before each answer)\n"
+    "  llava ask receipt.jpg --json-schema receipt.json --json | jq .parsed\n"
+    "  echo 'Is there a cat?' | llava ask photo.jpg\n"
+    "  curl -s https://example.org/x.png | llava ask - 'Describe it.'",
+)
 def ask(
-    images: Annotated[
+    arguments: Annotated[
         list[str],
         typer.Argument(
-            metavar="IMAGE", help="Image files (JPEG, PNG, WebP, GIF, BMP, TIFF), or - for stdin."
+            metavar="IMAGE... [QUESTION]",
+            help="Image files (JPEG, PNG, WebP, GIF, BMP, TIFF), or - for stdin, then the "
+            "question (or use -p). Default question: text piped on stdin, else "
+            "'Describe this image.'",
+            show_default=False,
         ),
     ],
     prompt: Annotated[
         str | None,
-        typer.Option(
-            "--prompt",
-            "-p",
-            help="The question. Default: text piped on stdin, else 'Describe this image.'",
-        ),
+        typer.Option("--prompt", "-p", metavar="TEXT", help="The question.", rich_help_panel=_GEN),
     ] = None,
     model: ModelOpt = None,
     mmproj: MmprojOpt = None,
     offline: OfflineOpt = False,
+    yes: YesOpt = False,
     chat_format: ChatFormatOpt = "auto",
     think: ThinkOpt = False,
     system: SystemOpt = None,
@@ -270,63 +397,139 @@ def ask(
     max_tokens: MaxTokensOpt = None,
     stop: StopOpt = None,
     ctx: CtxOpt = None,
-    threads: ThreadsOpt = 0,
-    gpu_layers: GpuLayersOpt = -1,
-    image_on_cpu: ImageOnCpuOpt = False,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    max_image_bytes: MaxImageBytesOpt = DEFAULT_MAX_IMAGE_BYTES,
+    json_schema: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SCHEMA",
+            help="Constrain the answer to this JSON schema (a file, or inline JSON): it is "
+            "valid JSON for the schema, or the command fails (exit 1).",
+            rich_help_panel=_GEN,
+        ),
+    ] = None,
+    grammar: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE",
+            help="Constrain the answer to this GBNF grammar (llama.cpp's format).",
+            rich_help_panel=_GEN,
+        ),
+    ] = None,
     together: Annotated[
-        bool, typer.Option(help="Send all images in one prompt; one answer.")
+        bool,
+        typer.Option(
+            "--together", help="Send all images in one prompt; one answer.", rich_help_panel=_GEN
+        ),
     ] = False,
     json_out: Annotated[
-        bool, typer.Option("--json", help="One JSON object per image (JSON Lines).")
+        bool,
+        typer.Option(
+            "--json", help="One JSON object per image (JSON Lines).", rich_help_panel=_OUTPUT
+        ),
     ] = False,
-    no_cache: NoCacheOpt = False,
+    label: Annotated[
+        bool | None,
+        typer.Option(
+            "--label/--no-label",
+            help="Write '==> IMAGE <==' before each answer, as head(1) does. "
+            "Default: when there are several images.",
+            rich_help_panel=_OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
     show_prompt: Annotated[
         bool,
         typer.Option(
             "--show-prompt",
             help="Print the exact prompt the model would read (template applied, "
             f"{MEDIA_MARKER} where each image goes) and exit; nothing is generated.",
+            rich_help_panel=_OUTPUT,
         ),
     ] = False,
     verbose: VerboseOpt = False,
+    threads: ThreadsOpt = 0,
+    gpu_layers: GpuLayersOpt = -1,
+    image_on_cpu: ImageOnCpuOpt = False,
+    no_cache: NoCacheOpt = False,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    max_image_bytes: MaxImageBytesOpt = DEFAULT_MAX_IMAGE_BYTES,
 ) -> None:
-    """Answer a question about each image, once. The answer alone goes to stdout."""
+    """Answer a question about each image, once. The answer alone goes to stdout: with
+    several images, each after a '==> IMAGE <==' line (or one JSON line each with --json)."""
     from .commands import ask as command
 
-    opts = command.AskOptions(
-        images=images,
-        prompt=prompt,
-        model=model,
-        mmproj=mmproj,
-        system=system,
-        sampling=_sampling(
-            temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
-        ),
-        runtime=RuntimeOptions(
-            ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, not no_cache
-        ),
-        max_pixels=max_pixels,
-        max_image_bytes=max_image_bytes,
-        together=together,
-        json=json_out,
-        offline=offline,
-        think=think,
-        show_prompt=show_prompt,
-    )
-    raise typer.Exit(guarded(lambda: command.run(opts)))
+    def run() -> int:
+        images, question = _question(arguments, prompt, "-p")
+        opts = command.AskOptions(
+            images=images,
+            prompt=question,
+            model=model,
+            mmproj=mmproj,
+            system=system,
+            sampling=_sampling(
+                temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
+            ),
+            runtime=_runtime(
+                ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, no_cache
+            ),
+            max_pixels=max_pixels,
+            max_image_bytes=max_image_bytes,
+            together=together,
+            json=json_out,
+            label=label,
+            offline=offline,
+            yes=yes,
+            think=think,
+            show_prompt=show_prompt,
+            json_schema=json_schema,
+            grammar=grammar,
+        )
+        return command.run(opts)
+
+    raise typer.Exit(guarded(run))
 
 
-@app.command()
+def _slash_commands() -> str:
+    """chat --help's list of slash commands, from the table the chat itself uses."""
+    from .commands.slash import COMMANDS
+
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return "\b\nIn the chat (Tab completes them):\n" + "\n".join(lines)
+
+
+@app.command(
+    cls=_Command,
+    short_help="Talk about images: streamed answers, slash commands, nothing read twice.",
+    epilog=_slash_commands() + "\n\n\b\nExamples:\n"
+    "  llava chat photo.jpg\n"
+    "  llava chat photo.jpg 'What is unusual here?'   (answers, then waits for more)\n"
+    "  llava chat -c                                 (the last chat, where it ended)\n"
+    "  llava chat --resume trip.json\n"
+    "  llava chat -m gemma3 < questions.txt          (one message per line, answers only)",
+)
 def chat(
-    images: Annotated[
+    arguments: Annotated[
         list[str] | None,
-        typer.Argument(metavar="IMAGE", help="Images to attach to the first message."),
+        typer.Argument(
+            metavar="[IMAGE]... [MESSAGE]",
+            help="Images to attach to the first message, then the first message itself.",
+            show_default=False,
+        ),
+    ] = None,
+    continue_last: Annotated[
+        bool,
+        typer.Option(
+            "--continue", "-c", help="Resume the last chat, as it ended.", rich_help_panel=_GEN
+        ),
+    ] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(metavar="FILE", help="Resume a chat saved with /save.", rich_help_panel=_GEN),
     ] = None,
     model: ModelOpt = None,
     mmproj: MmprojOpt = None,
     offline: OfflineOpt = False,
+    yes: YesOpt = False,
     chat_format: ChatFormatOpt = "auto",
     think: ThinkOpt = False,
     system: SystemOpt = None,
@@ -339,76 +542,105 @@ def chat(
     max_tokens: MaxTokensOpt = None,
     stop: StopOpt = None,
     ctx: CtxOpt = None,
+    verbose: VerboseOpt = False,
     threads: ThreadsOpt = 0,
     gpu_layers: GpuLayersOpt = -1,
     image_on_cpu: ImageOnCpuOpt = False,
+    no_cache: NoCacheOpt = False,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     max_image_bytes: MaxImageBytesOpt = DEFAULT_MAX_IMAGE_BYTES,
-    no_cache: NoCacheOpt = False,
-    verbose: VerboseOpt = False,
 ) -> None:
-    """Talk about images: streamed answers, slash commands (/help), nothing re-read twice."""
+    """Talk about images: answers stream as they are written; slash commands (/help) attach
+    images, retry, undo, save and load. Nothing the model has read is read again."""
     from .commands import chat as command
 
-    opts = command.ChatOptions(
-        images=images or [],
-        model=model,
-        mmproj=mmproj,
-        system=system,
-        sampling=_sampling(
-            temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
-        ),
-        runtime=RuntimeOptions(
-            ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, not no_cache
-        ),
-        max_pixels=max_pixels,
-        max_image_bytes=max_image_bytes,
-        offline=offline,
-        think=think,
-    )
-    raise typer.Exit(guarded(lambda: command.run(opts)))
+    def run() -> int:
+        images, message = _question(arguments or [], None, "")
+        opts = command.ChatOptions(
+            images=images,
+            prompt=message,
+            continue_last=continue_last,
+            resume=resume,
+            model=model,
+            mmproj=mmproj,
+            system=system,
+            sampling=_sampling(
+                temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
+            ),
+            runtime=_runtime(
+                ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, no_cache
+            ),
+            max_pixels=max_pixels,
+            max_image_bytes=max_image_bytes,
+            offline=offline,
+            yes=yes,
+            think=think,
+        )
+        return command.run(opts)
+
+    raise typer.Exit(guarded(run))
 
 
-@app.command()
+@app.command(
+    cls=_Command,
+    short_help="Check the installation: versions, backend, paths, an offline self-test.",
+    epilog="\b\nExamples:\n  llava doctor\n  llava doctor -v      (with llama.cpp's own logs)",
+)
 def doctor(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="llama.cpp logs on stderr.")
     ] = False,
 ) -> None:
-    """Check the installation: versions, backend, paths, and an offline self-test."""
+    """Check the installation: versions, backend, paths, and an offline self-test that asks a
+    tiny model built on the spot about a red and a blue image."""
     from .commands import doctor as command
 
     raise typer.Exit(guarded(lambda: command.run(verbose=verbose)))
 
 
-@app.command()
+@app.command(
+    cls=_Command,
+    short_help="Download models and their projectors: resumable, verified by sha256.",
+    epilog="\b\nExamples:\n"
+    "  llava pull smolvlm-500m\n"
+    "  llava pull gemma3:q8_0\n"
+    "  llava pull ggml-org/gemma-3-4b-it-GGUF\n"
+    "  HF_ENDPOINT=https://hf-mirror.example llava pull qwen2.5-vl-3b",
+)
 def pull(
     refs: Annotated[
         list[str],
         typer.Argument(
-            metavar="REF",
-            help="NAME[:QUANT] from the registry (see `llava list --available`) "
+            metavar="REF...",
+            help="NAME[:QUANT] from the registry (see llava list --available) "
             "or OWNER/REPO[:QUANT] on the hub.",
+            show_default=False,
         ),
     ],
     offline: Annotated[
-        bool, typer.Option(help="Only check what is on disk (also HF_HUB_OFFLINE=1).")
+        bool, typer.Option("--offline", help="Only check what is on disk (also HF_HUB_OFFLINE=1).")
     ] = False,
 ) -> None:
-    """Download models and their projectors: resumable, verified by sha256, progress on stderr."""
+    """Download models and their projectors: resumable (run it again after an interruption),
+    verified by sha256, progress on stderr."""
     from .commands import pull as command
 
     raise typer.Exit(guarded(lambda: command.run(refs, offline=offline)))
 
 
-@app.command("list")
+@app.command(
+    "list",
+    cls=_Command,
+    short_help="Pulled models (or, with -a, the models you can pull).",
+    epilog="\b\nExamples:\n  llava list\n  llava list -a\n  llava list --json | jq -r '.[].ref'",
+)
 def list_(
     available: Annotated[
         bool, typer.Option("--available", "-a", help="The registry: models you can pull.")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="A JSON array on stdout.")] = False,
 ) -> None:
-    """Pulled models: name, quant, size on disk and path."""
+    """Pulled models: name, quant, size on disk and path; with --available, the registry."""
     from .commands import models as command
 
     if available:
@@ -416,25 +648,45 @@ def list_(
     raise typer.Exit(guarded(lambda: command.list_pulled(json=json_out)))
 
 
-@app.command()
+@app.command(
+    cls=_Command,
+    short_help="Everything about one model: files, hashes, license, memory it needs.",
+    epilog="\b\nExamples:\n"
+    "  llava show smolvlm-500m\n"
+    "  llava show ggml-org/gemma-3-4b-it-GGUF --offline\n"
+    "  llava show ./models/my-model.gguf",
+)
 def show(
-    ref: Annotated[str, typer.Argument(metavar="REF", help="NAME[:QUANT] or OWNER/REPO[:QUANT].")],
-    ctx: Annotated[
-        int | None,
-        typer.Option(
-            envvar="LLAVA_CTX", **_bounds("ctx"), help="Context size for the memory estimate."
+    ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="REF",
+            help="NAME[:QUANT], OWNER/REPO[:QUANT], or a GGUF file.",
+            show_default=False,
         ),
-    ] = None,
+    ],
+    ctx: Annotated[int | None, _number("ctx", "Context size for the memory estimate")] = None,
+    offline: Annotated[
+        bool,
+        typer.Option("--offline", help="Do not ask the hub; show what is known here."),
+    ] = False,
 ) -> None:
     """Everything about one model: files, hashes, license, where it is, memory it needs."""
     from .commands import models as command
 
-    raise typer.Exit(guarded(lambda: command.show(ref, ctx=ctx)))
+    raise typer.Exit(guarded(lambda: command.show(ref, ctx=ctx, offline=offline)))
 
 
-@app.command()
+@app.command(
+    cls=_Command,
+    short_help="Remove pulled models' files (asks first on a terminal).",
+    epilog="\b\nExamples:\n  llava rm smolvlm-500m\n  llava rm -y gemma3 qwen2.5-vl-3b",
+)
 def rm(
-    refs: Annotated[list[str], typer.Argument(metavar="REF", help="Pulled models to remove.")],
+    refs: Annotated[
+        list[str],
+        typer.Argument(metavar="REF...", help="Pulled models to remove.", show_default=False),
+    ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Remove pulled models' files (asks first on a terminal)."""
@@ -444,13 +696,15 @@ def rm(
 
 
 cache_app = typer.Typer(
+    cls=_Group,
     help="The prefix cache: saved image prefixes, so asking about an image again is fast.",
+    short_help="The prefix cache: saved image prefixes (info, clear).",
     no_args_is_help=True,
 )
 app.add_typer(cache_app, name="cache")
 
 
-@cache_app.command("info")
+@cache_app.command("info", cls=_Command)
 def cache_info() -> None:
     """Where the cache is, how many entries it holds, its size and its cap."""
     from .commands import models as command
@@ -458,7 +712,7 @@ def cache_info() -> None:
     raise typer.Exit(guarded(command.cache_info))
 
 
-@cache_app.command("clear")
+@cache_app.command("clear", cls=_Command)
 def cache_clear() -> None:
     """Delete every saved prefix."""
     from .commands import models as command
@@ -479,6 +733,7 @@ def guarded(action: Callable[[], int]) -> int:
         render.error(exc.one_line())
         return exc.exit_code
     except KeyboardInterrupt:
+        render.status_clear()  # Ctrl-C while the model loads: no status left on the screen
         sys.stderr.write("\n")
         return EXIT_INTERRUPTED
     except BrokenPipeError:

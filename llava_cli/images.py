@@ -85,10 +85,13 @@ class PreparedImage:
 
 # File name endings that make an argument an image path even when no such file exists (a typo
 # is then reported as a missing image, not taken for the question).
-IMAGE_SUFFIXES = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .apng .webp .gif .bmp .dib .tif .tiff .mpo .heic .heif .avif "
-    ".ppm .pgm .pbm .pnm .ico .tga .psd .svg .jxl".split()
-)
+# fmt: off
+IMAGE_SUFFIXES = frozenset((
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".dib", ".tif",
+    ".tiff", ".mpo", ".heic", ".heif", ".avif", ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga",
+    ".psd", ".svg", ".jxl",
+))
+# fmt: on
 
 
 def looks_like_image_path(arg: str) -> bool:

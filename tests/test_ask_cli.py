@@ -44,7 +44,11 @@ def test_image_from_stdin(oracle: synthetic.ModelPair, images: Path) -> None:
 def test_batch_answers_in_order(oracle: synthetic.ModelPair, images: Path) -> None:
     files = [images / f"{c}.png" for c in ("red", "green", "blue")]
     result = llava("ask", *files, "-p", Q, *model_args(oracle))
-    assert (result.returncode, result.stdout, result.stderr) == (0, b"red\ngreen\nblue\n", b"")
+    # Each answer after its image's name, as head(1) writes several files.
+    expected = "\n".join(f"==> {f} <==\n{c}\n" for f, c in zip(files, ("red", "green", "blue")))
+    assert (result.returncode, result.stdout.decode(), result.stderr) == (0, expected, b"")
+    bare = llava("ask", *files, "-p", Q, "--no-label", *model_args(oracle))
+    assert (bare.returncode, bare.stdout, bare.stderr) == (0, b"red\ngreen\nblue\n", b"")
 
 
 def test_prompt_from_stdin_and_env_vars(oracle: synthetic.ModelPair, images: Path) -> None:
@@ -155,7 +159,8 @@ def test_batch_with_a_bad_image_continues_and_exits_4(
     result = llava("ask", images / "red.png", missing, images / "blue.png", "-p", Q,
                    *model_args(oracle))  # fmt: skip
     assert result.returncode == 4
-    assert result.stdout == b"red\nblue\n"
+    red, blue = images / "red.png", images / "blue.png"
+    assert result.stdout.decode() == f"==> {red} <==\nred\n\n==> {blue} <==\nblue\n"
     err = result.stderr.decode().splitlines()
     assert err == [f"Error: image {missing} does not exist — check the path"]
 

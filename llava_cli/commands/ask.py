@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from ..options import (
     RuntimeOptions,
     SamplingParams,
 )
+from ..units import rate
 
 if TYPE_CHECKING:
     from ..conversation import Conversation
@@ -65,6 +66,8 @@ class AskOptions(ModelOptions):
     json: bool = False
     show_prompt: bool = False
     label: bool | None = None  # None: a header before each answer when there are several
+    json_schema: str | None = None  # a file, or inline JSON: the answer must be valid for it
+    grammar: str | None = None  # a GBNF file the answer is constrained to
 
 
 def split_arguments(args: list[str]) -> tuple[list[str], str | None]:
@@ -83,14 +86,33 @@ class _Runner:
     """Loads the model on first use, so a batch of only bad images never pays for it."""
 
     opts: AskOptions
-    files: ModelFiles
+    files: ModelFiles | None
     conversation: Conversation | None = None
     failures: list[LlavaError] = field(default_factory=list)
+    stdin_image: PreparedImage | None = None  # '-' is read once, when the images are checked
+    answers: int = 0  # answers written so far (labels are parted by a blank line)
 
     def get(self) -> Conversation:
         if self.conversation is None:
+            assert self.files is not None, "model files not resolved"
+            if not self.opts.runtime.verbose:
+                render.status(f"loading {self.files.name}")
             self.conversation = _load(self.opts, self.files)
         return self.conversation
+
+    def image(self, source: str) -> PreparedImage:
+        if source == "-" and self.stdin_image is not None:
+            return self.stdin_image
+        return self.opts.load_image(source)
+
+    @property
+    def labelled(self) -> bool:
+        """A ``==> NAME <==`` line before each answer (as ``head`` and ``tail`` write them):
+        with --label, or by default when several images get an answer each."""
+        opts = self.opts
+        if opts.json or opts.together:
+            return False
+        return opts.label if opts.label is not None else len(opts.images) > 1
 
     def close(self) -> None:
         if self.conversation is not None:
@@ -123,28 +145,77 @@ def read_prompt(opts: AskOptions) -> str:
 
 def run(opts: AskOptions) -> int:
     if not opts.images:
-        raise UsageError("no image given", "llava ask IMAGE... -p 'question'")
+        hint = "llava ask IMAGE... 'question'"
+        if opts.prompt is not None:  # every argument read as words: say which
+            raise UsageError(f"no image given (read {opts.prompt!r} as the question)", hint)
+        raise UsageError("no image given", hint)
     if opts.images.count("-") > 1:
         raise UsageError("standard input ('-') can be read only once")
     check_chat_format(opts.runtime.chat_format)
     prompt = read_prompt(opts)
-    files = model_files(opts.model, opts.mmproj, offline=opts.offline)
+    # Every image is checked before a model is resolved: a typo must not cost a download.
+    runner = _Runner(opts, files=None)
+    checked = _check_images(runner)
+    if all(failure is not None for _, failure in checked):
+        for source, failure in checked:
+            assert failure is not None
+            _report_failure(runner, source, failure, said=True)
+        return _exit_code(runner.failures)
+    runner.files = model_files(opts.model, opts.mmproj, offline=opts.offline, yes=opts.yes)
+    sources = [source for source, failure in checked if failure is None]
     if opts.show_prompt:
-        return _show_prompt(opts, files, prompt)
-    runner = _Runner(opts, files)
+        return _show_prompt(opts, runner.files, prompt, sources, runner.stdin_image)
     try:
         if opts.together:
-            _answer_together(runner, prompt)
+            _answer_together(runner, sources, prompt)
         else:
-            for source in opts.images:
-                _answer_one(runner, source, prompt)
+            for source, failure in checked:  # answers and failures in the order given
+                if failure is not None:
+                    _report_failure(runner, source, failure, said=True)
+                else:
+                    _answer_one(runner, source, prompt)
     finally:
         runner.close()
-    if not runner.failures:
+    return _exit_code(runner.failures)
+
+
+def _exit_code(failures: list[LlavaError]) -> int:
+    if not failures:
         return EXIT_OK
-    if any(isinstance(f, BadInput) for f in runner.failures):
+    if any(isinstance(f, BadInput) for f in failures):
         return EXIT_BAD_INPUT
-    return runner.failures[0].exit_code
+    return failures[0].exit_code
+
+
+def _check_images(runner: _Runner) -> list[tuple[str, ImageError | None]]:
+    """Each image with what is wrong with it (see images.check), said on stderr at once;
+    with --together any failure ends the run. The image on standard input is read (and
+    decoded) here, once."""
+    opts, checked = runner.opts, []
+    for source in opts.images:
+        failure: ImageError | None = None
+        try:
+            if source == "-":
+                runner.stdin_image = opts.load_image(source)
+            else:
+                opts.check_image(source)
+        except ImageError as exc:
+            if opts.together:
+                raise
+            render.error(exc.one_line())
+            failure = exc
+        checked.append((source, failure))
+    return checked
+
+
+def _report_failure(runner: _Runner, source: str, exc: LlavaError, *, said: bool = False) -> None:
+    """One image failed: counted, said on stderr (unless it was already), and with --json
+    given its record in the place of its answer."""
+    runner.failures.append(exc)
+    if not said:
+        render.error(exc.one_line())
+    if runner.opts.json:
+        render.json_line({"image": source, "error": exc.one_line(), "exit_code": exc.exit_code})
 
 
 def check_chat_format(name: str) -> None:
@@ -178,17 +249,24 @@ def note_unanswered(conversation: Conversation) -> None:
         render.info("the model thought but gave no answer")
 
 
-def _show_prompt(opts: AskOptions, files: ModelFiles, prompt: str) -> int:
+def _show_prompt(
+    opts: AskOptions,
+    files: ModelFiles,
+    prompt: str,
+    sources: list[str],
+    stdin_image: PreparedImage | None,
+) -> int:
     """Print the prompt each run would evaluate: images checked, never encoded. Exactly the
     text (no newline added unless stdout is a terminal); several prompts are parted by a
     newline, or with --json each is a JSON line of its own."""
     from ..conversation import prompt_format, render_turn
 
-    for source in opts.images:  # every image checked before the model is read
-        _prepare(source, opts)
+    for source in sources:  # decoded too: what the model would get must be readable
+        if source != "-" or stdin_image is None:
+            opts.load_image(source)
     fmt = prompt_format(files.model, files.mmproj, opts.runtime, files.chat_format)
     warn_if_no_thinking(opts, fmt)
-    groups = [opts.images] if opts.together else [[source] for source in opts.images]
+    groups = [sources] if opts.together else [[source] for source in sources]
     for i, group in enumerate(groups):
         rendered = render_turn(fmt, opts.system, [], prompt, len(group), think=opts.think)
         if opts.json:
@@ -199,7 +277,9 @@ def _show_prompt(opts: AskOptions, files: ModelFiles, prompt: str) -> int:
     return EXIT_OK
 
 
-def model_files(model: str | None, mmproj: str | None, *, offline: bool) -> ModelFiles:
+def model_files(
+    model: str | None, mmproj: str | None, *, offline: bool, yes: bool = False
+) -> ModelFiles:
     """The model's files, pulled first (progress on stderr) unless offline."""
     from ..config import hub_offline
 
@@ -207,36 +287,33 @@ def model_files(model: str | None, mmproj: str | None, *, offline: bool) -> Mode
         return resolve(model, mmproj, offline=offline or hub_offline(), progress=progress)
 
 
-def _prepare(source: str, opts: AskOptions) -> PreparedImage:
-    return opts.load_image(source)
-
-
 def _answer_one(runner: _Runner, source: str, prompt: str) -> None:
     opts = runner.opts
-    if len(opts.images) > 1 and not opts.json and render.stderr_is_terminal():
-        render.info(f"==> {source} <==")  # which answer is which, for a reader at a terminal
     try:
-        image = _prepare(source, opts)
+        image = runner.image(source)
         conversation = runner.get()
-        _ask(conversation, [image], prompt, opts)
+        header = None
+        if runner.labelled:  # as head(1): a blank line before every header but the first
+            header = f"{chr(10) if runner.answers else ''}==> {source} <==\n"
+        _ask(conversation, [image], prompt, opts, header=header)
+        runner.answers += 1
     except (ImageError, ContextOverflow) as exc:  # this image's problem: go on with the rest
-        runner.failures.append(exc)
-        render.error(exc.one_line())
-        if opts.json:
-            render.json_line({"image": source, "error": exc.one_line(), "exit_code": exc.exit_code})
+        _report_failure(runner, source, exc)
         return
     if opts.json:
+        assert runner.files is not None
         render.json_line(
             {"image": source, "sha256": image.sha256, **_record(runner.files, conversation, prompt)}
         )
 
 
-def _answer_together(runner: _Runner, prompt: str) -> None:
+def _answer_together(runner: _Runner, sources: list[str], prompt: str) -> None:
     opts = runner.opts
-    prepared = [_prepare(source, opts) for source in opts.images]
+    prepared = [runner.image(source) for source in sources]
     conversation = runner.get()
     _ask(conversation, prepared, prompt, opts)
     if opts.json:
+        assert runner.files is not None
         images = [{"image": p.source, "sha256": p.sha256} for p in prepared]
         render.json_line({"images": images, **_record(runner.files, conversation, prompt)})
 
@@ -256,15 +333,28 @@ def _load(opts: AskOptions, files: ModelFiles) -> Conversation:
 
 
 def _ask(
-    conversation: Conversation, images: Sequence[PreparedImage], prompt: str, opts: AskOptions
+    conversation: Conversation,
+    images: Sequence[PreparedImage],
+    prompt: str,
+    opts: AskOptions,
+    *,
+    header: str | None = None,
 ) -> None:
     conversation.reset()  # each answer stands alone; the shared prefix stays in the KV cache
-    if opts.json:
-        for _ in conversation.ask(prompt, images, opts.sampling):
-            pass
-    else:
-        echo = render.ThinkingEcho()
-        render.stream_answer(echo.answer(conversation.ask(prompt, images, opts.sampling, echo)))
+    session = conversation.loaded.session
+    if not opts.runtime.verbose:  # llama.cpp's log lines would land on the status line
+        session.on_progress = render.status
+    try:
+        if opts.json:
+            for _ in conversation.ask(prompt, images, opts.sampling):
+                pass
+        else:
+            echo = render.ThinkingEcho()
+            chunks = echo.answer(conversation.ask(prompt, images, opts.sampling, echo))
+            render.stream_answer(_headed(chunks, header))
+    finally:
+        session.on_progress = None
+        render.status_clear()
     note_unanswered(conversation)
     completion = conversation.last
     if opts.runtime.verbose:
@@ -277,8 +367,23 @@ def _ask(
             f"prompt {u.prompt_tokens} tokens ({u.image_tokens} image, {u.cached_tokens} cached), "
             f"completion {u.completion_tokens}; encode {t.image_encode_s:.2f} s, "
             f"prefill {t.prefill_s:.2f} s, first token {t.ttft_s:.2f} s, "
-            f"{t.decode_tokens_per_s:.1f} tokens/s"
+            f"{rate(u.completion_tokens - 1, t.decode_s, 'tokens')}"
         )
+
+
+def _headed(chunks: Iterable[str], header: str | None) -> Iterator[str]:
+    """The answer after its header, if it has one: written with the answer's first text, so
+    that a failure before it leaves no header without an answer."""
+    if header is None:
+        yield from chunks
+        return
+    for chunk in chunks:
+        if header:
+            yield header
+            header = ""
+        yield chunk
+    if header:  # an empty answer still says whose it is
+        yield header
 
 
 def _record(files: ModelFiles, conversation: Conversation, prompt: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ..errors import ContextOverflow, EngineError, ImageError
 from ..options import SamplingParams
 from ..templates import MEDIA_MARKER
 from ..textstream import TextStream
+from ..units import plural
 from .model import Engine, flash_attn_type
 from .native import INTERRUPTS, LOGS
 
@@ -276,7 +277,7 @@ class Session:
             n_images, seen = sum(not isinstance(p, list) for p in planned), 0
             for i, p in enumerate(planned):
                 if isinstance(p, list):
-                    self._progress(f"reading the prompt ({len(p)} tokens)")
+                    self._progress(f"reading the prompt ({plural(len(p), 'token')})")
                     self._eval_tokens(p, "text", logits=i == len(planned) - 1)
                 else:
                     seen += 1
