@@ -11,8 +11,9 @@ PYTEST_ARGS ?= -n auto  # tests run in parallel, one worker per CPU
 help:
 	@echo "make install   create $(VENV), build llama-cpp-python (flags: scripts/llama-cmake-args.sh), install llava editable"
 	@echo "make test      install if needed, then run the test suite"
-	@echo "make lint      ruff and mypy --strict"
+	@echo "make lint      ruff, mypy --strict, and docs/cli.md up to date"
 	@echo "make fmt       format with ruff"
+	@echo "make docs      regenerate docs/cli.md from the commands' --help (make lint checks it)"
 	@echo "make doctor    install if needed, then run llava doctor (offline self-test)"
 	@echo "make bench     llava against llama-cpp-python's Llava15ChatHandler (~10 min; bench-quick: ~1 min)"
 	@echo "make clean     remove $(VENV) and caches"
@@ -33,6 +34,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check llava_cli tests benchmarks
 	$(BIN)/ruff format --check llava_cli tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/python scripts/cli-reference.py --check
+
+docs: $(STAMP)
+	$(BIN)/python scripts/cli-reference.py
 
 fmt: $(STAMP)
 	$(BIN)/ruff format llava_cli tests benchmarks

@@ -68,6 +68,12 @@ class _Command(TyperCommand):
                 with formatter.section(heading if grouped else "Options"):
                     formatter.write_dl(records)
 
+    def format_epilog(self, ctx: Any, formatter: Any) -> None:
+        """The epilog (examples, the chat's commands) as written: headings flush left like
+        the option groups, lines never rewrapped."""
+        if self.epilog:
+            formatter.write("\n" + self.epilog.rstrip() + "\n")
+
 
 class _Group(TyperGroup):
     """``llava --help`` lists each command with its whole summary, never cut off."""
@@ -143,6 +149,19 @@ def _number(
 
 
 # Options shared by `ask` and `chat`: declared once, used by both signatures.
+def _complete_models(incomplete: str) -> list[str]:
+    """Tab completion for --model: the registry's names and aliases, and pulled models."""
+    from . import registry, store
+
+    try:
+        reg = registry.load()
+        names = {*reg.models, *(a for spec in reg.models.values() for a in spec.aliases)}
+        names.update(r.ref for r in store.records())
+    except Exception:  # a broken user registry must not break the shell's completion
+        return []
+    return sorted(n for n in names if n.startswith(incomplete))
+
+
 ModelOpt = Annotated[
     str | None,
     typer.Option(
@@ -150,6 +169,7 @@ ModelOpt = Annotated[
         "-m",
         envvar="LLAVA_MODEL",
         metavar="REF",
+        autocompletion=_complete_models,
         help="NAME[:QUANT] from the registry (llava list -a), OWNER/REPO[:QUANT] on the hub, "
         "or a GGUF file. Default: config.toml's model, else the registry default. "
         "Pulled if missing.",
@@ -358,7 +378,7 @@ def _question(arguments: list[str], prompt: str | None, flag: str) -> tuple[list
 @app.command(
     cls=_Command,
     short_help="Answer a question about each image, once; the answer alone goes to stdout.",
-    epilog="\b\nExamples:\n"
+    epilog="Examples:\n"
     "  llava ask photo.jpg 'What is in this picture?'\n"
     "  llava ask scan.png -p 'Transcribe the text.' -m smolvlm-500m\n"
     "  llava ask a.png b.png 'Which room is this?'     (==> a.png <== before each answer)\n"
@@ -494,13 +514,13 @@ def _slash_commands() -> str:
 
     width = max(len(name) for name in COMMANDS)
     lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
-    return "\b\nIn the chat (Tab completes them):\n" + "\n".join(lines)
+    return "In the chat (Tab completes them):\n" + "\n".join(lines)
 
 
 @app.command(
     cls=_Command,
     short_help="Talk about images: streamed answers, slash commands, nothing read twice.",
-    epilog=_slash_commands() + "\n\n\b\nExamples:\n"
+    epilog=_slash_commands() + "\n\nExamples:\n"
     "  llava chat photo.jpg\n"
     "  llava chat photo.jpg 'What is unusual here?'   (answers, then waits for more)\n"
     "  llava chat -c                                 (the last chat, where it ended)\n"
@@ -584,7 +604,7 @@ def chat(
 @app.command(
     cls=_Command,
     short_help="Check the installation: versions, backend, paths, an offline self-test.",
-    epilog="\b\nExamples:\n  llava doctor\n  llava doctor -v      (with llama.cpp's own logs)",
+    epilog="Examples:\n  llava doctor\n  llava doctor -v      (with llama.cpp's own logs)",
 )
 def doctor(
     verbose: Annotated[
@@ -601,7 +621,7 @@ def doctor(
 @app.command(
     cls=_Command,
     short_help="Download models and their projectors: resumable, verified by sha256.",
-    epilog="\b\nExamples:\n"
+    epilog="Examples:\n"
     "  llava pull smolvlm-500m\n"
     "  llava pull gemma3:q8_0\n"
     "  llava pull ggml-org/gemma-3-4b-it-GGUF\n"
@@ -632,7 +652,7 @@ def pull(
     "list",
     cls=_Command,
     short_help="Pulled models (or, with -a, the models you can pull).",
-    epilog="\b\nExamples:\n  llava list\n  llava list -a\n  llava list --json | jq -r '.[].ref'",
+    epilog="Examples:\n  llava list\n  llava list -a\n  llava list --json | jq -r '.[].ref'",
 )
 def list_(
     available: Annotated[
@@ -651,7 +671,7 @@ def list_(
 @app.command(
     cls=_Command,
     short_help="Everything about one model: files, hashes, license, memory it needs.",
-    epilog="\b\nExamples:\n"
+    epilog="Examples:\n"
     "  llava show smolvlm-500m\n"
     "  llava show ggml-org/gemma-3-4b-it-GGUF --offline\n"
     "  llava show ./models/my-model.gguf",
@@ -680,7 +700,7 @@ def show(
 @app.command(
     cls=_Command,
     short_help="Remove pulled models' files (asks first on a terminal).",
-    epilog="\b\nExamples:\n  llava rm smolvlm-500m\n  llava rm -y gemma3 qwen2.5-vl-3b",
+    epilog="Examples:\n  llava rm smolvlm-500m\n  llava rm -y gemma3 qwen2.5-vl-3b",
 )
 def rm(
     refs: Annotated[

@@ -1,0 +1,111 @@
+"""The help texts, shell completion and the generated command reference (docs/cli.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llava_cli.commands.slash import COMMANDS
+from tests.conftest import llava
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = ["ask", "chat", "pull", "list", "show", "rm", "doctor"]
+
+
+def help_of(*command: str) -> str:
+    result = llava(*command, "--help", env={"COLUMNS": "100"})
+    assert result.returncode == 0 and result.stderr == b"", result.stderr
+    return result.stdout.decode()
+
+
+def test_top_level_help_lists_every_command_with_its_whole_summary() -> None:
+    text = help_of()
+    commands = text.split("Commands:\n", 1)[1]
+    for name in [*SUBCOMMANDS, "cache"]:
+        assert re.search(rf"^  {name}\s+\S", commands, re.M), name
+    assert "..." not in commands and "…" not in commands  # click cuts long summaries so
+    assert "--install-completion" in text and "--show-completion" in text
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_command_has_examples_and_plain_metavars(command: str) -> None:
+    text = help_of(command)
+    examples = text.split("Examples:\n", 1)[1]
+    assert all(line.strip().startswith("llava ") or line.strip().startswith(("echo", "curl", "HF_"))
+               for line in examples.strip().splitlines())  # fmt: skip
+    # No Python types or click's range notation where a user expects a word.
+    assert not re.search(r"<(list|str|int|float|bool)|range>|<=x<=|\{[A-Z]", text), text
+
+
+def test_ask_options_are_grouped_in_order() -> None:
+    text = help_of("ask")
+    headings = re.findall(r"^([A-Z][a-z ]+):$", text, re.M)
+    assert headings == [
+        "Arguments", "Model", "Generation", "Output", "Hardware", "Input limits",
+        "Other options", "Examples",
+    ]  # fmt: skip
+    assert "Usage: llava ask [OPTIONS] IMAGE... [QUESTION]" in text
+    model = text.split("\nModel:\n", 1)[1].split("\n\n", 1)[0]
+    assert "--model REF" in model and "--offline" in model and "--yes" in model
+    assert "--top-p NUMBER  " in text and "0 to 1." in text  # the range, from options.LIMITS
+    assert "--seed N " in text
+
+
+def test_chat_help_lists_every_slash_command() -> None:
+    text = help_of("chat")
+    listed = text.split("In the chat", 1)[1]
+    for name in COMMANDS:
+        assert re.search(rf"^  {re.escape(name)}\s", listed, re.M), name
+    assert "[IMAGE]... [MESSAGE]" in text and "--continue" in text and "--resume FILE" in text
+
+
+def test_a_range_error_names_the_range_from_the_same_table() -> None:
+    result = llava("ask", "x.png", "--top-p", "3")
+    assert result.returncode == 2
+    assert result.stderr.decode() == (
+        "Error: invalid value for '--top-p': must be 0 to 1, not 3 — see llava ask --help\n"
+    )
+    huge = llava("ask", "x.png", "--top-k", str(2**40))
+    assert huge.returncode == 2 and b"must be at least 0, not 1099511627776" in huge.stderr
+
+
+def complete(words: str) -> list[str]:
+    """What bash completion offers for the command line ``words`` (last word incomplete)."""
+    env = {
+        **os.environ,
+        "_LLAVA_COMPLETE": "complete_bash",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1)),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "llava_cli"], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_shell_completion_of_commands_options_and_model_names() -> None:
+    assert complete("llava as") == ["ask"]
+    assert complete("llava ask --mo") == ["--model"]
+    names = complete("llava ask -m gemma")
+    assert "gemma3" in names and "gemma-3-4b" in names  # aliases too
+    assert all(n.startswith("gemma") for n in names)
+    script = llava("--show-completion", "bash")
+    assert script.returncode == 0 and b"_llava_completion" in script.stdout
+
+
+def test_the_command_reference_is_generated_and_checked(tmp_path: Path) -> None:
+    script = [sys.executable, str(ROOT / "scripts" / "cli-reference.py")]
+    fresh = subprocess.run([*script, "--check"], capture_output=True, text=True, check=False)
+    assert fresh.returncode == 0, fresh.stderr  # docs/cli.md matches the help as it is
+    stale = tmp_path / "cli.md"
+    stale.write_text((ROOT / "docs" / "cli.md").read_text().replace("IMAGE...", "IMAGES"))
+    result = subprocess.run(
+        [*script, "--check", "--output", str(stale)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 1 and "stale" in result.stderr
