@@ -9,6 +9,7 @@ network request.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from . import hub, registry, store
 from .config import paths
-from .errors import ConfigError, DownloadError, ModelNotAvailable, UsageError
+from .errors import ConfigError, DownloadError, ModelFileError, ModelNotAvailable, UsageError
 from .gguf_file import check_model, read_gguf
 from .registry import FileSpec, Ref
 from .store import RepoCache
@@ -25,6 +26,7 @@ from .templates import OWN_FORMATS, check_format_name
 
 QUANT_PREFERENCE = ("Q4_K_M", "Q8_0")
 MMPROJ_PREFERENCE = ("F16", "BF16", "Q8_0", "F32")
+_PATH_PREFIXES = ("/", "./", "../", "~")
 _QUANT_LABEL = re.compile(r"(?:^|[-._])(I?Q\d[A-Z0-9_]*|BF16|F16|F32|INT4|INT8)$")
 
 
@@ -67,8 +69,9 @@ class PullResult:
 
 
 def looks_like_path(ref: str) -> bool:
-    """A GGUF file name, or a file that exists: a folder called ``tiny`` is not a model."""
-    if ref.lower().endswith(".gguf"):
+    """A GGUF file name, a path spelled as one (``./x``, ``/x``, ``~/x``: never a reference),
+    or a file that exists: a folder called ``tiny`` is not a model."""
+    if ref.lower().endswith(".gguf") or ref.startswith(_PATH_PREFIXES):
         return True
     try:
         return Path(ref).expanduser().is_file()
@@ -89,10 +92,22 @@ def resolve(
 
     Without ``progress`` a missing model is an error instead of a download.
     """
+    found = resolve_local(model, mmproj, offline=offline or progress is None)
+    if isinstance(found, ModelFiles):
+        return found
+    assert progress is not None  # resolve_local refused it otherwise
+    return pull(found, progress).files
+
+
+def resolve_local(model: str | None, mmproj: str | None, *, offline: bool) -> ModelFiles | Ref:
+    """Local files, or the files on disk for a reference; else the reference still to pull
+    (with ``offline``, a ModelNotAvailable saying what to run instead). No network request."""
     text = model or default_ref()
     if looks_like_path(text):
         path = Path(text).expanduser()
+        _check_exists(path, text, "model")
         if mmproj:
+            _check_exists(Path(mmproj).expanduser(), mmproj, "mmproj")
             return ModelFiles(path.name, path, Path(mmproj).expanduser())
         # A missing, broken or weightless model says so before its projector is looked for.
         check_model(read_gguf(path, "model"))
@@ -107,13 +122,25 @@ def resolve(
     found = find_local(ref)
     if found is not None:
         return found
-    if offline or progress is None:
+    if offline:
         name = str(ref) if ref.is_repo else registry_target(ref).ref
-        why = "offline mode is on" if offline else "it is not pulled"
         raise ModelNotAvailable(
-            f"{name} is not on this machine and {why}", f"run: llava pull {name}"
+            f"{name} is not on this machine and offline mode is on", f"run: llava pull {name}"
         )
-    return pull(ref, progress).files
+    return ref
+
+
+def _check_exists(path: Path, text: str, role: str) -> None:
+    """A file named on the command line that is not there, named as the user wrote it."""
+    try:
+        there = os.path.lexists(path)
+    except ValueError:  # a NUL byte: read_gguf names it
+        return
+    if not there:
+        flag = "--model" if role == "model" else "--mmproj"
+        raise ModelFileError(
+            f"{role} file {text} does not exist", f"pass an existing GGUF file with {flag} PATH"
+        )
 
 
 def find_local(ref: Ref) -> ModelFiles | None:
@@ -328,16 +355,58 @@ def pull(ref: Ref, progress: hub.Progress, *, offline: bool = False) -> PullResu
             f"{ref} is not on this machine and offline mode is on",
             "pull it without --offline and with HF_HUB_OFFLINE unset",
         )
+    planned = plan_pull(ref, progress)
+    return fetch(planned, progress)
+
+
+@dataclass(frozen=True)
+class PendingFile:
+    """One of the two files a pull needs, and how much of it is on disk already."""
+
+    role: str  # "model" or "projector"
+    remote: hub.RemoteFile
+    have: int  # bytes on disk: all of them, a partial download's, or none
+
+    @property
+    def left(self) -> int:
+        return self.remote.size - self.have
+
+
+@dataclass(frozen=True)
+class PullPlan:
+    """What a pull will fetch, known before a byte is: the hub's answers about both files."""
+
+    target: Target
+    files: tuple[PendingFile, PendingFile]
+    cache: RepoCache
+
+    @property
+    def left(self) -> int:
+        """Bytes still to download (a file both roles share counted once)."""
+        return sum({f.remote.digest: f.left for f in self.files}.values())
+
+
+def plan_pull(ref: Ref, progress: hub.Progress | None = None) -> PullPlan:
+    """Ask the hub about the model's files (no download yet) and see what is on disk."""
     target, remotes = plan(ref, progress)
     cache = RepoCache.of(target.repo)
-    missing = [
-        r for r in remotes if cache.find(r.file, digest=r.digest, size=r.size, commit=None) is None
-    ]
-    unique = {r.digest: r for r in missing}.values()
-    needed = sum(r.size - _partial_size(cache, r) for r in unique)
+    pending = []
+    for role, remote in zip(("model", "projector"), remotes, strict=True):
+        there = cache.find(remote.file, digest=remote.digest, size=remote.size, commit=None)
+        have = remote.size if there is not None else _partial_size(cache, remote)
+        pending.append(PendingFile(role, remote, have))
+    return PullPlan(target, (pending[0], pending[1]), cache)
+
+
+def fetch(planned: PullPlan, progress: hub.Progress) -> PullResult:
+    """Download what the plan lacks (resumably, verified), link it and remember the pull."""
+    target, cache = planned.target, planned.cache
+    remotes = [f.remote for f in planned.files]
+    missing = {f.remote.digest: f.remote for f in planned.files if f.left}
+    needed = planned.left
     if needed:
         hub.check_space(cache.folder, needed)
-    for remote in unique:
+    for remote in missing.values():
         hub.download(cache, remote, progress)
     with hub.cache_writes(cache.folder):
         linked = [cache.link(r.commit, r.file, r.digest) for r in remotes]
@@ -352,6 +421,37 @@ def _partial_size(cache: RepoCache, remote: hub.RemoteFile) -> int:
     partial = cache.partial(remote.digest)
     have = partial.stat().st_size if partial.is_file() else 0
     return have if have <= remote.size else 0  # an oversized partial is discarded
+
+
+@dataclass(frozen=True)
+class KeptPartial:
+    file: str  # the file's name in the repo ("" when the registry does not pin it)
+    have: int  # bytes kept
+    size: int | None  # the whole file's, when known
+
+
+def kept_partials(ref: Ref) -> list[KeptPartial]:
+    """Partial downloads of this model's repo left on disk: a later pull resumes them."""
+    spec = None if ref.is_repo else registry.load().find(ref.name)
+    repo = ref.name if spec is None else spec.repo
+    pins = {}
+    if spec is not None:
+        for file in (*spec.quants.values(), spec.mmproj):
+            if file.sha256:
+                pins[file.sha256] = file
+    kept = []
+    cache = RepoCache.of(repo)
+    for path in sorted((cache.folder / "blobs").glob("*.llava-partial")):
+        try:
+            have = path.stat().st_size
+        except OSError:
+            continue
+        pin = pins.get(path.name.removesuffix(".llava-partial"))
+        if have and pin is not None:
+            kept.append(KeptPartial(pin.file, have, pin.size))
+        elif have:
+            kept.append(KeptPartial("", have, None))
+    return kept
 
 
 def _remember(target: Target, files: ModelFiles, digests: list[str] | None = None) -> None:

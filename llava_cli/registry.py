@@ -45,7 +45,7 @@ _REQUIRED = (
     "chat_format",
     "default_quant",
 )
-_ENTRY_KEYS = frozenset((*_REQUIRED, "aliases", "quants", "mmproj"))
+_ENTRY_KEYS = frozenset((*_REQUIRED, "aliases", "quants", "mmproj", "download"))
 _FILE_KEYS = frozenset(("file", "size", "sha256"))
 
 
@@ -75,6 +75,9 @@ class ModelSpec:
     mmproj: FileSpec
     aliases: tuple[str, ...] = ()
     source: Path | None = None  # the file that defined (or last changed) this entry
+    # About how many bytes the default quant and its projector take, where the files' sizes are
+    # not pinned: shown with a "~", never checked against a download.
+    download: int | None = None
 
     @property
     def from_listing(self) -> bool:
@@ -337,6 +340,11 @@ def _entry(key: str, t: Mapping[str, Any], path: Path) -> ModelSpec:
         or context_length < 1
     ):
         raise _bad(path, key, "context_length", "must be a positive integer")
+    download = t.get("download")
+    if download is not None and (
+        isinstance(download, bool) or not isinstance(download, int) or download <= 0
+    ):
+        raise _bad(path, key, "download", "must be a positive number of bytes")
     aliases = t.get("aliases", [])
     if not isinstance(aliases, list) or not all(
         isinstance(a, str) and _KEY.fullmatch(a) for a in aliases
@@ -357,6 +365,7 @@ def _entry(key: str, t: Mapping[str, Any], path: Path) -> ModelSpec:
         mmproj=_file(path, key, "mmproj", t["mmproj"]) if "mmproj" in t else FROM_LISTING,
         aliases=tuple(aliases),
         source=path,
+        download=download,
     )
 
 

@@ -236,7 +236,7 @@ def test_model_not_pulled_while_offline_exits_3_with_the_pull_command(images: Pa
     # No model named at all: the registry default, with the same advice.
     default = llava("ask", images / "red.png")
     assert default.returncode == 3
-    assert b"llava pull llava-1.5-7b:Q4_K_M" in default.stderr
+    assert b"llava pull smolvlm-500m:Q8_0" in default.stderr
 
 
 @pytest.mark.parametrize(

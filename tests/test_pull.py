@@ -352,6 +352,9 @@ def test_a_stalled_server_times_out_clearly(served: Served) -> None:
         f"Error: no answer from {served.hub.url.removeprefix('http://')} for {MODEL} in {REPO} "
         "within 1 s"
     )
+    assert err.endswith(
+        f"1.0 kB of {MODEL} (274.3 kB) is kept: `llava pull oracle` resumes from there"
+    )
     assert served.partial(served.model).stat().st_size == 1000  # kept for the next run
 
 
@@ -489,14 +492,26 @@ def test_rm_asks_on_a_terminal(served: Served) -> None:
 
 
 def test_list_available_shows_the_registry() -> None:
-    result = llava("list", "--available")
+    result = llava("list", "--available", env={"COLUMNS": ""})  # a pipe: no width limit
     assert result.returncode == 0
     lines = result.stdout.decode().splitlines()
-    assert lines[0].split()[:5] == ["NAME", "PARAMS", "QUANT", "DOWNLOAD", "LICENSE"]
-    default = next(line for line in lines if line.startswith("llava-1.5-7b"))
-    assert "(default)" in default and "Q4_K_M" in default
+    assert lines[0].split() == [
+        "NAME",
+        "ALIASES",
+        "PARAMS",
+        "QUANT",
+        "DOWNLOAD",
+        "PULLED",
+        "LICENSE",
+        "DESCRIPTION",
+    ]  # a pipe gets every column, whole
+    default = next(line for line in lines if line.startswith("smolvlm-500m"))
+    assert "(default)" in default and "Q8_0" in default and "545.6 MB" in default
     gemma = next(line for line in lines if line.startswith("gemma-3-4b "))
     assert "3.3 GB" in gemma  # 2489757856 + 851251104 bytes, from the pins
+    assert "gemma3, gemma-3-4b-it" in gemma
+    moondream = next(line for line in lines if line.startswith("moondream2 "))
+    assert "~3.7 GB" in moondream  # the entry's approximate figure: its files are not sized
     data = json.loads(llava("list", "--available", "--json").stdout)
     assert {d["key"] for d in data} >= {"llava-1.5-7b", "qwen2.5-vl-7b", "moondream2"}
 

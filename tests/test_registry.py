@@ -54,7 +54,7 @@ def user_registry(text: str) -> Path:
 
 def test_shipped_registry_covers_the_required_models() -> None:
     reg = registry.load()
-    assert reg.default == "llava-1.5-7b"
+    assert reg.default == "smolvlm-500m"
     for key in REQUIRED_MODELS:
         spec = reg.get(key)
         assert spec.mmproj.file.endswith(".gguf")

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .. import registry, render, store
+from .. import hub, registry, render, store
 from ..config import DEFAULT_CTX, hub_offline
-from ..errors import EXIT_OK, LlavaError, ModelNotAvailable, UsageError
+from ..errors import EXIT_OK, LlavaError, ModelFileError, ModelNotAvailable, UsageError
+from ..gguf_checks import projector_type
 from ..hub import RemoteFile
-from ..modelref import Target, find_local, local_target, plan, registry_target
+from ..modelref import (
+    Target,
+    choose_files,
+    find_local,
+    find_mmproj,
+    local_target,
+    looks_like_path,
+    plan,
+    quant_of,
+    registry_target,
+)
 from ..registry import ModelSpec, Ref, parse_ref
-from ..text import escaped
+from ..terminal import ellipsis, output_width
+from ..text import cell_width, display_path, escaped
+from .pull import explained
 
 
 def list_pulled(*, json: bool = False) -> int:
@@ -25,15 +40,46 @@ def list_pulled(*, json: bool = False) -> int:
         render.json_value([_record_json(r) for r in records])
         return EXIT_OK
     if not records:
-        render.info("no models pulled yet — try: llava pull " + registry.load().default)
+        render.info(empty_hint())
         return EXIT_OK
     rows = [["NAME", "QUANT", "SIZE", "PULLED", "PATH"]]
     for r in records:
         when = time.strftime("%Y-%m-%d", time.localtime(r.pulled_at)) if r.pulled_at else "?"
         size = render.human_bytes(r.size) if r.present() else "missing"
-        rows.append([r.ref.rsplit(":", 1)[0], r.quant, size, when, r.model.path])
-    render.table(rows)
+        rows.append([r.ref.rsplit(":", 1)[0], r.quant, size, when, display_path(r.model.path)])
+    _cut_paths(rows, 4)
+    render.table(rows, shrink=[4])
     return EXIT_OK
+
+
+def empty_hint() -> str:
+    """What ``llava list`` says before anything is pulled: the registry default, which the
+    README's quick start names too."""
+    return "no models pulled yet — try: llava pull " + registry.load().default
+
+
+def _cut_paths(rows: list[list[str]], column: int) -> None:
+    """Paths too long for the terminal lose their middle, not the file name at their end."""
+    limit = output_width(sys.stdout)
+    if limit is None:
+        return
+    others = sum(max(cell_width(row[i]) for row in rows) + 2 for i in range(len(rows[0])))
+    others -= max(cell_width(row[column]) for row in rows) + 2
+    room = max(limit - others, _MIN_PATH)
+    mark = ellipsis(sys.stdout)
+    for row in rows[1:]:
+        row[column] = _cut_middle(row[column], room, mark)
+
+
+_MIN_PATH = 24
+
+
+def _cut_middle(text: str, width: int, mark: str) -> str:
+    if cell_width(text) <= width or not text.isascii():
+        return text  # render.table cuts what is left over (at the end)
+    room = width - len(mark)
+    tail = min(len(text.rsplit("/", 1)[-1]) + 1, room - room // 4)
+    return text[: room - tail] + mark + text[len(text) - tail :]
 
 
 def _note_skipped(skipped: list[tuple[Path, str]]) -> None:
@@ -55,34 +101,115 @@ def list_available(*, json: bool = False) -> int:
     if json:
         render.json_value([_spec_json(s, reg, pulled) for s in reg.models.values()])
         return EXIT_OK
-    rows = [["NAME", "PARAMS", "QUANT", "DOWNLOAD", "LICENSE", "PULLED", "DESCRIPTION"]]
-    for spec in reg.models.values():
-        quant, file = spec.quant(None)
-        name = spec.key + (" (default)" if spec.key == reg.default else "")
-        rows.append(
-            [
-                name,
-                spec.parameters,
-                quant,
-                _download_size(file.size, spec.mmproj.size),
-                spec.license,
-                "yes" if f"{spec.key}:{quant}" in pulled else "",
-                _short(spec.description),
-            ]
-        )
-    render.table(rows)
+    sizes = catalogue_sizes(list(reg.models.values()))
+    columns = [
+        _Column("NAME", [_name(s.spec.key, reg.default) for s in sizes]),
+        _Column("ALIASES", [", ".join(s.spec.aliases) or "-" for s in sizes], True, least=20),
+        _Column("PARAMS", [s.spec.parameters for s in sizes]),
+        _Column("QUANT", [s.quant for s in sizes]),
+        _Column("DOWNLOAD", [s.text for s in sizes]),
+        _Column("PULLED", ["yes" if f"{s.spec.key}:{s.quant}" in pulled else "" for s in sizes]),
+        _Column("LICENSE", [s.spec.license for s in sizes], optional=2),
+        _Column("DESCRIPTION", [_short(s.spec.description) for s in sizes], True, 1, 24),
+    ]
+    columns = _fitting(columns, output_width(sys.stdout))
+    rows = [[c.header for c in columns], *map(list, zip(*(c.cells for c in columns), strict=True))]
+    render.table(rows, shrink=[i for i, c in enumerate(columns) if c.shrink])
+    if any(s.text == "?" for s in sizes):
+        why = "offline, the hub was not asked" if hub_offline() else "the hub did not answer"
+        render.info(f"?: no size in the registry, and {why}; `llava show NAME` asks it")
     return EXIT_OK
+
+
+def _name(key: str, default: str) -> str:
+    return key + " (default)" if key == default else key
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    cells: list[str]
+    shrink: bool = False  # may be cut to fit the width
+    optional: int = 0  # left out when the width is short: the highest number first
+    least: int = 10  # the fewest columns it is worth showing in
+
+    @property
+    def width(self) -> int:
+        return max(cell_width(c) for c in [self.header, *self.cells])
+
+    @property
+    def narrowest(self) -> int:
+        return min(self.width, self.least) if self.shrink else self.width
+
+
+def _fitting(columns: list[_Column], limit: int | None) -> list[_Column]:
+    """The columns that fit ``limit`` once the cuttable ones are cut: optional ones are left
+    out (the highest ``optional`` first) until they do."""
+    if limit is None:
+        return columns
+    for level in sorted({c.optional for c in columns if c.optional}, reverse=True):
+        if sum(c.narrowest + 2 for c in columns) - 2 <= limit:
+            break
+        columns = [c for c in columns if c.optional != level]
+    return columns
+
+
+@dataclass(frozen=True)
+class EntrySize:
+    """A registry entry's default download: exact from its pins or the hub, else about."""
+
+    spec: ModelSpec
+    quant: str
+    size: int | None
+    exact: bool
+
+    @property
+    def text(self) -> str:
+        if self.size is None:
+            return "?"
+        return render.human_bytes(self.size) if self.exact else "~" + render.human_bytes(self.size)
+
+
+def catalogue_sizes(specs: list[ModelSpec]) -> list[EntrySize]:
+    """Each entry's download size: its pins, else what the hub lists (when online), else the
+    entry's approximate ``download`` figure."""
+    sizes = []
+    for spec in specs:
+        quant, file = spec.quant(None)
+        if file.size is not None and spec.mmproj.size is not None:
+            sizes.append(EntrySize(spec, quant, file.size + spec.mmproj.size, True))
+        else:
+            sizes.append(EntrySize(spec, quant, spec.download, False))
+    unknown = [s for s in sizes if s.size is None]
+    if unknown and not hub_offline():
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(unknown), 8)) as pool:
+            listed = dict(zip(map(id, unknown), pool.map(_listed_size, unknown), strict=True))
+        sizes = [
+            replace(s, size=listed[id(s)], exact=True) if id(s) in listed else s for s in sizes
+        ]
+    return sizes
+
+
+def _listed_size(entry: EntrySize) -> int | None:
+    """The default quant's and its projector's sizes from the repo's listing (one request)."""
+    spec = entry.spec
+    try:
+        listing = hub.list_files(spec.repo, spec.revision)
+        if spec.from_listing:
+            _, model, mmproj = choose_files(Ref(spec.repo, entry.quant), listing.sizes)
+        else:
+            model, mmproj = spec.quant(None)[1].file, spec.mmproj.file
+    except LlavaError:
+        return None
+    found = [listing.sizes.get(model, 0), listing.sizes.get(mmproj, 0)]
+    return sum(found) if all(found) else None
 
 
 def _short(text: str, width: int = 60) -> str:
     first = text.split(". ", maxsplit=1)[0].rstrip(".")
     return first if len(first) <= width else first[: width - 1].rstrip(" ,;") + "…"
-
-
-def _download_size(model: int | None, mmproj: int | None) -> str:
-    if model is None or mmproj is None:
-        return "?"
-    return render.human_bytes(model + mmproj)
 
 
 def _spec_json(spec: ModelSpec, reg: registry.Registry, pulled: set[str]) -> dict[str, Any]:
@@ -94,9 +221,13 @@ def _spec_json(spec: ModelSpec, reg: registry.Registry, pulled: set[str]) -> dic
     return data
 
 
-def show(text: str, *, ctx: int | None = None) -> int:
+def show(text: str, *, ctx: int | None = None, offline: bool = False) -> int:
+    offline = offline or hub_offline()
+    if looks_like_path(text):
+        return show_file(text, ctx=ctx)
     ref = parse_ref(text)
-    target, spec = _target(ref)
+    with explained(ref):
+        target, spec = _target(ref, offline=offline)
     local = find_local(ref)
     lines: list[tuple[str, str]] = [("name", target.name), ("ref", target.ref)]
     if spec is not None:
@@ -122,25 +253,98 @@ def show(text: str, *, ctx: int | None = None) -> int:
         lines.append((f"quant {target.quant}", _file_line(target.model)))
     lines.append(("mmproj", _file_line(target.mmproj)))
     if local is not None:
-        lines += [("model path", str(local.model)), ("mmproj path", str(local.mmproj))]
+        lines += [
+            ("model path", display_path(local.model)),
+            ("mmproj path", display_path(local.mmproj)),
+        ]
     else:
         lines.append(("pulled", f"no — llava pull {target.ref}"))
     lines.append(("memory", _memory(target, local, ctx, spec)))
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        sys.stdout.write(f"{escaped(key):<{width}}  {escaped(value)}\n")
+    _write_fields(lines)
     return EXIT_OK
 
 
-def _target(ref: Ref) -> tuple[Target, ModelSpec | None]:
+def show_file(text: str, *, ctx: int | None = None) -> int:
+    """A local GGUF's facts, from its header (nothing is loaded): what it is, how big, its
+    projector, and the memory it would take."""
+    from ..gguf_file import read_gguf
+    from ..memory import kv_cache_bytes
+
+    path = Path(text).expanduser()
+    if not os.path.lexists(path):
+        raise ModelFileError(f"model file {text} does not exist", "check the path")
+    info = read_gguf(path, "model")
+    arch = info.architecture or "?"
+    lines = [("file", text), ("size", render.human_bytes(info.file_size))]
+    name = info.get_str("general.name")
+    if name:
+        lines.append(("name", name))
+    lines.append(("architecture", arch))
+    if arch == "clip":
+        lines.append(("projector type", projector_type(info) or "?"))
+        lines.append(("use", "this is a projector: pass it as --mmproj, with its model as --model"))
+        _write_fields(lines)
+        return EXIT_OK
+    count = sum(math.prod(t.shape) for t in info.tensors.values())
+    lines.append(("parameters", _count(count) if count else "none: a vocabulary-only file"))
+    quant = quant_of(path.name)
+    if quant:
+        lines.append(("quant", f"{quant} (from the file name)"))
+    trained = info.get_int(f"{arch}.context_length")
+    lines.append(("context length", str(trained) if trained else "not stated"))
+    template = "tokenizer.chat_template" in info.metadata
+    lines.append(
+        ("chat template", "its own" if template else "none: the LLaVA-1.5/Vicuna layout is used")
+    )
+    sizes = [info.file_size]
+    try:
+        mmproj = read_gguf(find_mmproj(path), "mmproj")
+    except LlavaError as exc:
+        lines.append(("mmproj", f"{exc.message} — {exc.hint}" if exc.hint else exc.message))
+    else:
+        kind = projector_type(mmproj) or "?"
+        where = display_path(mmproj.path)
+        lines.append(("mmproj", f"{where}, {render.human_bytes(mmproj.file_size)}, type {kind}"))
+        sizes.append(mmproj.file_size)
+    n_ctx = ctx or min(DEFAULT_CTX, trained or DEFAULT_CTX)
+    kv = kv_cache_bytes(info, n_ctx)
+    weights = "weights and projector" if len(sizes) == 2 else "weights (no projector)"
+    lines.append(
+        (
+            "memory",
+            f"about {render.human_bytes(sum(sizes) + kv)}: {weights} "
+            f"{render.human_bytes(sum(sizes))}, KV cache {render.human_bytes(kv)} "
+            f"for {n_ctx} tokens",
+        )
+    )
+    _write_fields(lines)
+    return EXIT_OK
+
+
+def _count(n: int) -> str:
+    """``494M``, ``1.71B``: a parameter count as model cards write it."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def _write_fields(lines: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        sys.stdout.write(f"{escaped(key):<{width}}  {escaped(value)}\n")
+    sys.stdout.flush()
+
+
+def _target(ref: Ref, *, offline: bool) -> tuple[Target, ModelSpec | None]:
     if not ref.is_repo:
         target, spec = registry_target(ref), registry.load().get(ref.name)
         unsized = target.model.size is None or target.mmproj.size is None
-        if unsized and not hub_offline() and find_local(ref) is None:
+        if unsized and not offline and find_local(ref) is None:
             try:  # the sizes the registry does not pin, from the hub (two HEAD requests)
                 return _with_remote(target, plan(ref)[1]), spec
             except LlavaError as exc:
-                render.info(f"could not ask the hub for sizes: {exc.one_line()}")
+                render.info(f"file sizes unknown: {exc.message}")
         return target, spec
     local = find_local(ref)
     if local is not None:
@@ -148,8 +352,11 @@ def _target(ref: Ref) -> tuple[Target, ModelSpec | None]:
         if record is not None:
             return _record_target(record), None
         return local_target(ref, local), None  # in the hub cache, from another tool
-    if hub_offline():
-        raise ModelNotAvailable(f"{ref} is not pulled and offline mode is on")
+    if offline:
+        raise ModelNotAvailable(
+            f"{ref} is not pulled and offline mode is on",
+            f"without --offline (and HF_HUB_OFFLINE), `llava show {ref}` asks the hub",
+        )
     target, remotes = plan(ref)
     return _with_remote(target, remotes), None
 

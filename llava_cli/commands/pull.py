@@ -1,12 +1,36 @@
-"""``llava pull REF...``: download models and their projectors, resumably and verified."""
+"""``llava pull REF...``: download models and their projectors, resumably and verified; and the
+pull that ``ask``/``chat`` make of a model that is not on disk, which first says what it fetches.
+
+A failed transfer is explained here, where the model is known: whether a partial download was
+kept (and how much of it), and, when the hub cannot be reached at all, which pulled models work
+without it (``--offline``).
+"""
 
 from __future__ import annotations
 
-from .. import render
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from .. import render, store
 from ..config import hub_offline
-from ..errors import EXIT_OK, LlavaError
-from ..modelref import pull
-from ..registry import parse_ref
+from ..errors import EXIT_OK, LlavaError, ModelNotAvailable
+from ..hub import HubUnreachable, NetworkError, ServerError
+from ..modelref import (
+    ModelFiles,
+    PullPlan,
+    fetch,
+    kept_partials,
+    plan_pull,
+    pull,
+    resolve_local,
+)
+from ..registry import Ref, parse_ref
+from ..text import display_path
+from ..units import human_bytes
+
+ASK_ABOVE = 1_000_000_000  # bytes: a bigger download that nobody asked for is asked about
+_SHOWN_MODELS = 3  # pulled models named in an error's hint
 
 
 def run(refs: list[str], *, offline: bool = False) -> int:
@@ -17,7 +41,9 @@ def run(refs: list[str], *, offline: bool = False) -> int:
     with render.transfer_progress() as progress:
         for text in refs:
             try:
-                result = pull(parse_ref(text), progress, offline=offline)
+                ref = parse_ref(text)
+                with explained(ref):
+                    result = pull(ref, progress, offline=offline)
             except LlavaError as exc:
                 if len(refs) == 1:
                     raise
@@ -28,8 +54,98 @@ def run(refs: list[str], *, offline: bool = False) -> int:
             size = files.model.stat().st_size + files.mmproj.stat().st_size
             state = "pulled" if result.fetched else "already pulled"
             done.append(
-                f"{files.name}: {state} ({render.human_bytes(size)}) in {files.model.parent}"
+                f"{files.name}: {state} ({human_bytes(size)}) in {display_path(files.model.parent)}"
             )
     for line in done:  # after the progress bars, so the lines never mix with them
         render.info(line)
     return failures[0].exit_code if failures else EXIT_OK
+
+
+def files_for_run(model: str | None, mmproj: str | None, *, offline: bool, yes: bool) -> ModelFiles:
+    """The files ``ask``/``chat`` load. A model that is not on disk is pulled first: stderr
+    says what is fetched, how big and where; on a terminal a download over 1 GB is asked about
+    first, unless ``yes``. Progress on stderr."""
+    found = resolve_local(model, mmproj, offline=offline or hub_offline())
+    if isinstance(found, ModelFiles):
+        return found
+    with explained(found):
+        planned = plan_pull(found, render.PlainTransfer())  # notes only: no bar before asking
+        if planned.left:
+            _announce(planned, yes=yes)
+        with render.transfer_progress() as progress:
+            return fetch(planned, progress).files
+
+
+def _announce(planned: PullPlan, *, yes: bool) -> None:
+    target = planned.target
+    name = target.ref if target.name == target.repo else f"{target.name} ({target.ref})"
+    render.info(f"pulling {name}: {fetch_summary(planned)} into {display_path(planned.cache.root)}")
+    if yes or planned.left <= ASK_ABOVE or not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return
+    if not render.confirm(f"Download {human_bytes(planned.left)} now?"):
+        raise ModelNotAvailable(
+            f"{target.ref} was not downloaded",
+            f"pull it when it suits you with `llava pull {target.ref}`, "
+            "or pass -y (or set LLAVA_YES=1) to download without this question",
+        )
+
+
+def fetch_summary(planned: PullPlan) -> str:
+    """``model 4.1 GB + projector 624.4 MB = 4.7 GB``: what is left to download, by file."""
+    parts, seen = [], set()
+    for file in planned.files:
+        if file.remote.digest in seen:
+            continue
+        seen.add(file.remote.digest)
+        if not file.left:
+            parts.append(f"({file.role} already here)")
+        elif file.have:
+            whole = human_bytes(file.remote.size)
+            parts.append(f"{file.role} {human_bytes(file.left)} (the rest of {whole})")
+        else:
+            parts.append(f"{file.role} {human_bytes(file.left)}")
+    fetched = [p for p in parts if not p.startswith("(")]
+    text = " + ".join(fetched)
+    if len(fetched) > 1:
+        text += f" = {human_bytes(planned.left)}"
+    return " ".join([text, *(p for p in parts if p.startswith("("))])
+
+
+@contextlib.contextmanager
+def explained(ref: Ref) -> Iterator[None]:
+    """A failed transfer's hint, completed with what is on disk: a partial download that the
+    next pull resumes (only when there is one), and, when the hub cannot be reached, the
+    pulled models that work without it."""
+    try:
+        yield
+    except (NetworkError, ServerError) as exc:
+        exc.hint = "; ".join(p for p in (exc.hint, *_on_disk(ref, exc)) if p)
+        raise
+
+
+def _on_disk(ref: Ref, exc: LlavaError) -> list[str]:
+    notes = []
+    kept = kept_partials(ref)
+    if kept:
+        part = kept[0]
+        what = f"{human_bytes(part.have)} of {part.file or 'a file'}"
+        if part.size:
+            what += f" ({human_bytes(part.size)})"
+        more = f" and {len(kept) - 1} more partial files" if len(kept) > 1 else ""
+        notes.append(f"{what}{more} is kept: `llava pull {ref}` resumes from there")
+    elif isinstance(exc, HubUnreachable):
+        notes.append("nothing was downloaded")
+    if isinstance(exc, HubUnreachable):
+        notes.append(offline_choices())
+    return notes
+
+
+def offline_choices() -> str:
+    """Which pulled models work without the network, for a hint."""
+    pulled = sorted(r.ref for r in store.records() if r.present())
+    if not pulled:
+        return "no model is on disk yet to use with --offline"
+    names = ", ".join(pulled[:_SHOWN_MODELS])
+    if len(pulled) > _SHOWN_MODELS:
+        names += f" and {len(pulled) - _SHOWN_MODELS} more (`llava list`)"
+    return f"on disk, usable with --offline: {names}"
