@@ -4,6 +4,9 @@ A ``.json`` file holds the record below. Any other name gets Markdown (each turn
 images' paths, sizes and sha256) and the same record at the end in an HTML comment, which
 Markdown viewers hide and ``/load`` reads. Images are stored by absolute path and sha256;
 loading checks each file still has the bytes it had.
+
+The chat also keeps its last conversation this way, after every turn (``last_chat.json``
+beside the input history, 0600 like every saved chat), for ``llava chat -c``.
 """
 
 from __future__ import annotations
@@ -13,11 +16,18 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .config import paths
 from .errors import BadInput
 from .files import check_write_target, read_regular
 from .store import write_atomic
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from .conversation import Exchange
+    from .images import PreparedImage
 
 FORMAT = "llava-chat/1"
 _SIDE_MAX = 1 << 31  # pixels: no image is larger
@@ -48,12 +58,17 @@ class Transcript:
     settings: dict[str, Any]
     turns: list[SavedTurn]
     saved_at: float = 0.0
+    # A model given as local files: their absolute paths (its name alone would not find them)
+    model_file: str | None = None
+    mmproj_file: str | None = None
 
     def record(self) -> dict[str, Any]:
+        files = {"model_file": self.model_file, "mmproj_file": self.mmproj_file}
         return {
             "format": FORMAT,
             "saved_at": self.saved_at or time.time(),
             "model": self.model,
+            **{key: path for key, path in files.items() if path is not None},
             "system": self.system,
             "settings": self.settings,
             "turns": [
@@ -65,6 +80,61 @@ class Transcript:
                 for t in self.turns
             ],
         }
+
+
+def last_chat_path() -> Path:
+    """Where the chat keeps its last conversation, for ``llava chat -c``."""
+    return paths().data_dir / "last_chat.json"
+
+
+def private_folder(path: Path) -> None:
+    """Create ``path`` (and its parents) if missing, the folder itself readable only by its
+    owner (0700), as the chats and the input history kept in it are (0600)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def save_last(transcript: Transcript) -> None:
+    """Keep ``transcript`` as the last chat (replacing the one before, atomically)."""
+    path = last_chat_path()
+    try:
+        private_folder(path.parent)
+    except OSError as exc:
+        raise BadInput(f"cannot create {path.parent}: {exc.strerror or exc}") from exc
+    save(transcript, path)
+
+
+def saved_turns(exchanges: Sequence[Exchange]) -> list[SavedTurn]:
+    """A conversation's turns as they are saved: images by absolute path and sha256."""
+    return [
+        SavedTurn(
+            ex.prompt,
+            [
+                SavedImage(str(Path(i.source).resolve()), i.sha256, i.width, i.height)
+                for i in ex.images
+            ],
+            ex.answer,
+        )
+        for ex in exchanges
+    ]
+
+
+def restored_exchanges(
+    saved: Transcript, load_image: Callable[[str], PreparedImage]
+) -> list[Exchange]:
+    """The saved turns with their images read again, each checked to have the bytes it had
+    when the chat was saved (a changed or missing image is an error: nothing is restored)."""
+    from .conversation import Exchange
+
+    def reload(image: SavedImage) -> PreparedImage:
+        prepared = load_image(image.path)
+        if prepared.sha256 != image.sha256:
+            raise BadInput(
+                f"{image.path} changed since the chat was saved (sha256 differs)",
+                "restore the original file; nothing was loaded",
+            )
+        return prepared
+
+    return [Exchange(t.prompt, [reload(i) for i in t.images], t.answer) for t in saved.turns]
 
 
 def save(transcript: Transcript, path: Path) -> None:
@@ -151,12 +221,16 @@ def load(path: Path) -> Transcript:
         system = data.get("system")
         if system is not None:
             system = _text(system, "its system prompt")
+        files = [data.get(key) for key in ("model_file", "mmproj_file")]
+        model_file, mmproj_file = (_text(f, "a model file") if f else None for f in files)
         return Transcript(
             str(data.get("model", "")),
             system,
             dict(data.get("settings") or {}),
             turns,
             float(data.get("saved_at") or 0),
+            model_file,
+            mmproj_file,
         )
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         # Python's own words ("'list' object has no attribute 'get'") would not help.
