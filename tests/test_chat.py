@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import stat
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from prompt_toolkit.output import DummyOutput
 
 from llava_cli import synthetic
 from llava_cli.commands.chat import COMMANDS, Chat, ChatOptions, open_chat
+from llava_cli.commands.slash import split_words
 from llava_cli.engine import Counters
 from llava_cli.options import RuntimeOptions, SamplingParams
 from llava_cli.repl import LineReader
@@ -225,7 +227,7 @@ def test_a_full_context_drops_the_oldest_turn_first(
         drive(chat, f"/image {images / 'blue.png'}", "And this one?")
         out, err = capsys.readouterr()
         assert out == "red\nblue\n"
-        assert "dropping the oldest message and 1 image(s)" in err
+        assert "dropping the oldest message and 1 image\n" in err
         assert [e.prompt for e in chat.conversation.exchanges()] == ["And this one?"]
         drive(chat, "word " * 300)  # cannot fit at all: said before anything is dropped
         err = capsys.readouterr().err
@@ -274,56 +276,191 @@ def test_retry_on_a_longer_answer_gives_the_same_text(
         chat.close()
 
 
-def test_a_real_terminal_ctrl_c_stops_the_answer_and_exit_ends_the_chat(
-    random_pair: synthetic.ModelPair, images: Path, tmp_path: Path
-) -> None:
-    """tmux: start, ask, Ctrl-C during a long answer, the chat is still there, /exit is 0."""
-    tmux = ["tmux", "-L", f"llava-test-{os.getpid()}"]
-    done = tmp_path / "exit-code"
-    keep = ("PATH", "LLAVA_HOME", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")  # colour on
-    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in keep if k in os.environ)
-    command = (
-        f"env {env} TERM=xterm-256color {shlex.quote(sys.executable)} -m llava_cli chat "
-        f"{images / 'red.png'} --model {random_pair.model} --mmproj {random_pair.mmproj} "
-        f"--max-tokens 100000 --ctx 16384; echo $? > {done}"  # an answer of many seconds
-    )
+class Tmux:
+    """A real terminal (tmux, 100x30) running one ``llava chat``; its screen read back as text,
+    and everything written to it (escape sequences, transient lines) in ``raw()``."""
 
-    def pane() -> str:
-        shown = subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, check=False)
+    def __init__(self, tmp_path: Path, *args: str | Path) -> None:
+        self.socket = ["tmux", "-L", f"llava-test-{os.getpid()}-{id(self)}"]
+        self.done, self.log, gate = (
+            tmp_path / "exit-code",
+            tmp_path / "terminal.log",
+            tmp_path / "go",
+        )
+        keep = ("PATH", "LLAVA_HOME", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")  # colour on
+        env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in keep if k in os.environ)
+        words = " ".join(shlex.quote(str(a)) for a in args)
+        command = (  # waits for the log to be attached, so that it misses nothing
+            f"while [ ! -e {gate} ]; do sleep 0.05; done; env {env} TERM=xterm-256color "
+            f"{shlex.quote(sys.executable)} -m llava_cli chat {words}; echo $? > {self.done}"
+        )
+        self.run("new-session", "-d", "-x", "100", "-y", "30", command)
+        self.run("pipe-pane", "-o", f"cat >> {shlex.quote(str(self.log))}")
+        gate.touch()
+
+    def run(self, *args: str) -> None:
+        subprocess.run([*self.socket, *args], check=True)
+
+    def pane(self, *, scrollback: bool = False) -> str:
+        start = ["-S", "-"] if scrollback else []
+        shown = subprocess.run(
+            [*self.socket, "capture-pane", "-p", *start], capture_output=True, check=False
+        )
         return shown.stdout.decode(errors="replace")
 
-    def wait_for(check: Callable[[], bool], what: str) -> None:
+    def raw(self) -> bytes:
+        return self.log.read_bytes() if self.log.exists() else b""
+
+    def wait_for(self, check: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + 60
         while not check():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{pane()}"
-            time.sleep(0.1)
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.pane()}"
+            time.sleep(0.05)
 
-    def keys(*names: str) -> None:
-        subprocess.run([*tmux, "send-keys", *names], check=True)
+    def at_prompt(self) -> bool:
+        return self.pane().rstrip().endswith(">")
 
-    subprocess.run([*tmux, "new-session", "-d", "-x", "100", "-y", "30", command], check=True)
-    try:
-        wait_for(lambda: "attached" in pane() and pane().rstrip().endswith(">"), "the prompt")
-        keys("Tell me a long story", "Enter")
+    def keys(self, *names: str) -> None:
+        self.run("send-keys", *names)
 
-        def answering() -> bool:
-            _, asked, after = pane().partition("Tell me a long story")
-            return bool(asked) and len(after.strip()) > 40
+    def exit_code(self) -> str:
+        self.wait_for(self.done.exists, "the exit")
+        return self.done.read_text().strip()
 
-        wait_for(answering, "the answer to stream")
-        time.sleep(0.5)
-        keys("C-c")
-        wait_for(lambda: "(stopped; the answer so far stays" in pane(), "the stop")
-        wait_for(lambda: pane().rstrip().endswith(">"), "the prompt again")
-        keys("/stats", "Enter")
-        wait_for(lambda: "tokens/s (interrupted)" in pane(), "/stats after the stop")
-        keys("/exit", "Enter")
-        wait_for(done.exists, "the exit")
-        assert done.read_text().strip() == "0"
-        history = Path(os.environ["LLAVA_HOME"]) / "chat_history"
-        assert "Tell me a long story" in history.read_text()
-    finally:
-        subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)
+    def close(self) -> None:
+        subprocess.run([*self.socket, "kill-server"], capture_output=True, check=False)
+
+
+@pytest.fixture
+def terminal(tmp_path: Path) -> Iterator[Callable[..., Tmux]]:
+    opened: list[Tmux] = []
+
+    def open_terminal(*args: str | Path) -> Tmux:
+        opened.append(Tmux(tmp_path, *args))
+        return opened[-1]
+
+    yield open_terminal
+    for t in opened:
+        t.close()
+
+
+@pytest.fixture(scope="module")
+def long_random_pair(tmp_path_factory: pytest.TempPathFactory) -> synthetic.ModelPair:
+    """The random pair trained (it says) for 32K tokens: answers of many seconds."""
+    return synthetic.build_random(tmp_path_factory.mktemp("long"), seed=1, context=32768)
+
+
+def test_a_real_terminal_ctrl_c_stops_the_answer_and_exit_ends_the_chat(
+    long_random_pair: synthetic.ModelPair,
+    images: Path,
+    terminal: Callable[..., Tmux],
+) -> None:
+    """tmux: start, ask, Ctrl-C during a long answer, the chat is still there, /exit is 0."""
+    pair = long_random_pair
+    t = terminal(images / "red.png", "--model", pair.model, "--mmproj", pair.mmproj,
+                 "--max-tokens", "100000", "--ctx", "32768")  # fmt: skip
+    t.wait_for(lambda: "attached" in t.pane() and t.at_prompt(), "the prompt")
+    t.keys("Tell me a long story", "Enter")
+
+    def answering() -> bool:
+        _, asked, after = t.pane().partition("Tell me a long story")
+        return bool(asked) and len(after.strip()) > 40
+
+    t.wait_for(answering, "the answer to stream")
+    time.sleep(0.5)
+    t.keys("C-c")
+    t.wait_for(lambda: "(stopped; the answer so far stays" in t.pane(), "the stop")
+    t.wait_for(t.at_prompt, "the prompt again")
+    t.keys("/stats", "Enter")
+    t.wait_for(lambda: "(interrupted)" in t.pane(), "/stats after the stop")
+    t.keys("/exit", "Enter")
+    assert t.exit_code() == "0"
+    history = Path(os.environ["LLAVA_HOME"]) / "chat_history"
+    assert "Tell me a long story" in history.read_text()
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600
+
+
+def test_ctrl_c_prints_the_partial_answer_once(
+    long_random_pair: synthetic.ModelPair,
+    images: Path,
+    terminal: Callable[..., Tmux],
+    tmp_path: Path,
+) -> None:
+    """The terminal's echo of Ctrl-C (``^C``) used to wrap the live view's full-width last
+    line, so its redraw started a row low and left the top of the answer on the screen
+    above the answer printed in full. Now the screen holds the answer once, exactly as it is
+    printed in full (Rich's Markdown, at the terminal's width)."""
+    from rich.console import Console
+
+    from llava_cli.render import _answer_markdown
+
+    pair = long_random_pair
+    t = terminal(images / "red.png", "--model", pair.model, "--mmproj", pair.mmproj,
+                 "--max-tokens", "100000", "--ctx", "32768", "--seed", "1")  # fmt: skip
+    t.wait_for(lambda: "attached" in t.pane() and t.at_prompt(), "the prompt")
+    t.keys("Tell me a long story", "Enter")
+    t.wait_for(lambda: len(t.pane().partition("Tell me a long story")[2].strip()) > 40, "text")
+    t.keys("C-c")
+    t.wait_for(lambda: "(stopped; the answer so far stays" in t.pane(), "the stop")
+    t.wait_for(t.at_prompt, "the prompt again")
+    saved = tmp_path / "stopped.json"
+    t.keys(f"/save {saved}", "Enter")
+    t.wait_for(saved.exists, "/save")
+    answer = json.loads(saved.read_text())["turns"][0]["answer"]
+    console = Console(width=100, color_system=None, force_terminal=False)
+    with console.capture() as printed:
+        console.print(_answer_markdown(answer))
+    expected = [line.rstrip() for line in printed.get().splitlines()]
+    screen = [line.rstrip() for line in t.pane(scrollback=True).splitlines()]
+    asked = max(i for i, line in enumerate(screen) if line.endswith("> Tell me a long story"))
+    stopped = screen.index("(stopped; the answer so far stays in the conversation)", asked)
+    assert screen[asked + 1 : stopped] == expected
+    assert b"^C" not in t.raw()
+
+
+def test_status_shows_while_it_works_and_goes_when_the_answer_starts(
+    oracle: synthetic.ModelPair, images: Path, terminal: Callable[..., Tmux]
+) -> None:
+    t = terminal(images / "red.png", "--model", oracle.model, "--temperature", "0")
+    t.wait_for(lambda: "attached" in t.pane() and t.at_prompt(), "the prompt")
+    t.keys("What colour is this?", "Enter")
+    t.wait_for(lambda: "\nred" in t.pane(), "the answer")
+    raw = t.raw()
+    for status in (b"loading oracle-model.gguf", b"encoding image", b"reading the prompt ("):
+        assert status in raw  # drawn on the terminal...
+        assert status.decode() not in t.pane(scrollback=True)  # ...and erased
+    last_status = raw.rindex(b"reading the prompt (")
+    assert raw.index(b"\r\x1b[2K", last_status) < raw.index(b"red", last_status)
+    t.keys("/bye", "Enter")
+    assert t.exit_code() == "0"
+
+
+def test_tab_completes_a_spaced_path_that_enter_attaches(
+    oracle: synthetic.ModelPair, images: Path, terminal: Callable[..., Tmux], tmp_path: Path
+) -> None:
+    """Tab writes the path quoted (closed, for a file), offers only images after /image, and
+    Enter attaches it."""
+    folder = tmp_path / "my photos"
+    folder.mkdir()
+    (folder / "red one.png").write_bytes((images / "red.png").read_bytes())
+    (folder / "red notes.txt").write_text("not an image")
+    t = terminal("--model", oracle.model, "--temperature", "0")
+    t.wait_for(t.at_prompt, "the prompt")
+    t.keys("-l", f"/image {tmp_path}/my")
+    t.keys("Tab")
+    t.wait_for(lambda: f'> /image "{folder}/' in t.pane(), "the folder, quoted")
+    t.keys("-l", "red")
+    t.keys("Tab")  # one image there: it is written out, its quote closed
+    t.wait_for(lambda: f'> /image "{folder}/red one.png"' in t.pane(), "the file, quoted")
+    t.keys("Enter")
+    t.wait_for(lambda: f"attached {folder}/red one.png: 48×40" in t.pane(), "the image")
+    t.keys("What colour is this?", "Enter")
+    t.wait_for(lambda: "\nred" in t.pane(), "the answer")
+    t.keys('/image "missing quote.png', "Enter")  # an open quote is closed at the end
+    t.wait_for(lambda: "image missing quote.png does not exist" in t.pane(), "the error")
+    assert "No closing quotation" not in t.pane()
+    t.keys("/exit", "Enter")
+    assert t.exit_code() == "0"
 
 
 def test_ctrl_c_at_the_prompt_clears_the_line(
@@ -335,12 +472,18 @@ def test_ctrl_c_at_the_prompt_clears_the_line(
 
 
 def test_completion_of_commands_and_paths(tmp_path: Path) -> None:
+    """Paths come out as the commands split them: quoted when they hold a space, the quote of
+    a file closed; after /image only images (and folders to go into)."""
     from prompt_toolkit.completion import CompleteEvent
     from prompt_toolkit.document import Document
 
     from llava_cli.repl import ChatCompleter
 
     (tmp_path / "photo.png").write_bytes(b"")
+    (tmp_path / "photo notes.txt").write_bytes(b"")
+    (tmp_path / "my photos").mkdir()
+    (tmp_path / "my photos" / "cat 1.JPG").write_bytes(b"")
+    (tmp_path / 'say "cheese".png').write_bytes(b"")
     completer = ChatCompleter(COMMANDS)
 
     def complete(text: str) -> list[str]:
@@ -349,11 +492,28 @@ def test_completion_of_commands_and_paths(tmp_path: Path) -> None:
 
     assert complete("/st") == ["/stats"]
     assert complete("/im") == ["/image", "/images"]
-    assert complete(f"/image {tmp_path}/ph") == ["oto.png"]
     assert complete("hello /st") == []  # only at the start of the line
-    (tmp_path / "my photos").mkdir()
-    assert complete(f"/image {tmp_path}/my") == [f'"{tmp_path}/my photos']  # quoted
-    assert complete(f'/image "{tmp_path}/my p') == ["hotos"]
+    assert complete(f"/image {tmp_path}/ph") == [f"{tmp_path}/photo.png"]  # no .txt
+    assert complete(f"/load {tmp_path}/ph") == [
+        f'"{tmp_path}/photo notes.txt"',
+        f"{tmp_path}/photo.png",
+    ]
+    assert complete(f"/image {tmp_path}/my") == [f'"{tmp_path}/my photos/']  # a folder: open
+    assert complete(f'/image "{tmp_path}/my photos/') == [f'"{tmp_path}/my photos/cat 1.JPG"']
+    assert complete(f'/image a.png "{tmp_path}/my p') == [f'"{tmp_path}/my photos/']
+    assert complete(f"/image '{tmp_path}/my photos/c") == [f"'{tmp_path}/my photos/cat 1.JPG'"]
+    assert complete(f"/image {tmp_path}/my\\ photos/c") == [f'"{tmp_path}/my photos/cat 1.JPG"']
+    assert complete(f"/image {tmp_path}/say") == [f'"{tmp_path}/say \\"cheese\\".png"']
+    # each of them reads back as the one path it names
+    for word in complete(f"/image {tmp_path}/say") + complete(f'/image "{tmp_path}/my photos/'):
+        assert len(split_words(word)) == 1 and Path(split_words(word)[0]).exists()
+
+
+def test_an_unclosed_quote_is_closed_at_the_end_of_the_line() -> None:
+    assert split_words('"/tmp/my photo.png') == ["/tmp/my photo.png"]
+    assert split_words("a 'b c") == ["a", "b c"]
+    assert split_words("x\\") == ["x"]  # a lone backslash at the end is dropped
+    assert split_words('"a\\"b') == ['a"b']
 
 
 def test_answers_are_markdown_never_rich_markup(capsys: pytest.CaptureFixture[str]) -> None:
@@ -462,3 +622,50 @@ def test_thinking_streams_to_stderr_above_a_live_markdown_answer() -> None:
     assert "think." in stderr and "\x1b[2m" in stderr and "late thought" in stderr
     assert "think" not in stdout and "thought" not in stdout
     assert "red" in stdout and "red" not in stderr
+
+
+def test_term_dumb_reads_plain_lines_without_escape_sequences(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    """Under TERM=dumb the chat reads lines as the terminal's own line discipline gives them,
+    after a plain prompt: nothing it writes holds an escape sequence (no line editor)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "dumb"}
+    env.pop("NO_COLOR", None)
+    command = [sys.executable, "-m", "llava_cli", "chat", str(images / "red.png")]
+    proc = subprocess.Popen(
+        [*command, "--model", str(oracle.model), "--temperature", "0"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes) -> None:
+        """Read until ``marker`` comes in what is new since the last call."""
+        nonlocal seen
+        start, deadline = len(seen), time.monotonic() + 60
+        while marker not in seen[start:]:
+            assert time.monotonic() < deadline, f"timed out waiting for {marker!r}: {seen!r}"
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the other end closed
+                    break
+
+    try:
+        read_until(b"\n> ")
+        os.write(master, b"What colour is this?\n")
+        read_until(b"\nred\r\n> ")
+        os.write(master, b"/exit\n")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    assert b"\x1b" not in seen, seen
+    assert b"attached" in seen and b"What colour is this?\r\nred\r\n> " in seen

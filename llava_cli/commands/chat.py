@@ -3,12 +3,17 @@
 Each turn re-renders the conversation and the engine's Session evaluates only what changed:
 a follow-up costs its own tokens, an image is encoded once, ``/retry`` regenerates from the
 end of the question without evaluating anything, ``/undo`` cuts the cache back at the next
-turn. The input line is ``repl.LineReader``; this module holds the slash commands.
+turn. The input line is ``repl.LineReader``; the slash-command table is ``slash.COMMANDS``;
+this module runs them.
+
+Everything the command line names (images, a chat to resume) is read and checked before any
+model is resolved, pulled or loaded: a typo costs nothing. After every turn the conversation
+is kept as the last chat (``transcript.last_chat_path``) for ``llava chat -c``.
 """
 
 from __future__ import annotations
 
-import shlex
+import os
 import sys
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field, replace
@@ -17,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import render, transcript
 from ..config import debug_enabled, paths
-from ..errors import EXIT_OK, BadInput, ContextOverflow, LlavaError, UsageError
+from ..errors import EXIT_OK, ContextOverflow, LlavaError, UsageError
 from ..images import PreparedImage, thumbnail
-from ..modelref import ModelFiles
-from ..options import MAX_TOKEN_CHARS, SamplingParams, parse_number
+from ..modelref import ModelFiles, looks_like_path
+from ..options import MAX_TOKEN_CHARS, SamplingParams
+from ..units import plural, rate
+from . import resume
 from .ask import (
     ModelOptions,
     check_chat_format,
@@ -28,49 +35,55 @@ from .ask import (
     note_unanswered,
     warn_if_no_thinking,
 )
+from .slash import COMMANDS, canonical, help_lines, settings_of, split_words, with_setting
 
 if TYPE_CHECKING:
     from ..conversation import Conversation, Exchange
     from ..engine import Completion, Counters
 
-ANSWER_ROOM = 256  # tokens kept free for the answer when the conversation must be shortened
+__all__ = ["COMMANDS", "Chat", "ChatOptions", "open_chat", "run"]
 
-COMMANDS = {
-    "/image": "PATH... attach images to the next message",
-    "/images": "the images and their token cost; '/images clear' detaches those not sent yet",
-    "/clear": "start a new conversation (same model)",
-    "/system": "TEXT set the system prompt; '/system' shows it, '/system -' resets it",
-    "/retry": "answer the last message again",
-    "/undo": "drop the last message and its answer",
-    "/save": "FILE save the chat (.json for programs, else Markdown)",
-    "/load": "FILE resume a saved chat",
-    "/set": "KEY VALUE temperature, top-p, top-k, min-p, repeat-penalty, max-tokens, seed",
-    "/stats": "context use, and the last turn's work and speed",
-    "/prompt": "[TEXT] the prompt as the model reads it: so far, or with TEXT as the next message",
-    "/help": "this list",
-    "/exit": "end the chat (also Ctrl-D)",
-}
+ANSWER_ROOM = 256  # tokens kept free for the answer when the conversation must be shortened
 
 
 @dataclass(frozen=True, kw_only=True)
 class ChatOptions(ModelOptions):
     images: list[str] = field(default_factory=list)
-    history: bool = True
-    prompt: str | None = None  # the first message, sent as soon as the model is loaded
-    resume: str | None = None  # a chat saved with /save, resumed
-    continue_last: bool = False  # the last chat, resumed where it ended (-c)
+    prompt: str | None = None  # the first message, answered as soon as the model is loaded
+    resume: str | None = None  # a chat saved with /save, to go on with (--resume FILE)
+    continue_last: bool = False  # go on with the last chat (-c, --continue)
+    history: bool = True  # keep the input history, and the last chat for -c
 
 
 def run(opts: ChatOptions) -> int:
     from ..repl import reader
 
+    if opts.resume is not None and opts.continue_last:
+        raise UsageError(
+            "--continue and --resume cannot go together",
+            "-c goes on with the last chat, --resume FILE with a saved one",
+        )
+    check_chat_format(opts.runtime.chat_format)
+    images = [opts.load_image(source) for source in opts.images]  # a bad one: exit 4, now
+    resumed = resume.from_command_line(
+        continue_last=opts.continue_last,
+        resume=opts.resume,
+        sampling=opts.sampling,
+        load_image=opts.load_image,
+    )
+    if resumed is not None:
+        model, mmproj = resume.model_for(resumed.saved, opts.model, opts.mmproj)
+        opts = replace(opts, model=model, mmproj=mmproj)
     chat = open_chat(opts)
     try:
-        for source in opts.images:
-            try:
-                chat.attach(source)
-            except LlavaError as exc:  # a bad image on the command line: say so, chat anyway
-                render.error(exc.one_line())
+        if resumed is not None:
+            chat.restore(resumed)
+            if opts.system is not None:  # --system, given now, over the saved one
+                chat.conversation.system = opts.system
+        for image in images:
+            chat.attach_image(image)
+        if opts.prompt is not None:  # bytes that are not UTF-8 (argv's surrogates): U+FFFD
+            chat.send(opts.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
         history = paths().data_dir / "chat_history" if opts.history else None
         chat.run(reader(COMMANDS, history).lines())
     finally:
@@ -84,8 +97,10 @@ def open_chat(opts: ChatOptions) -> Chat:
     from ..engine import backend_info
 
     check_chat_format(opts.runtime.chat_format)
-    files = model_files(opts.model, opts.mmproj, offline=opts.offline)
+    files = model_files(opts.model, opts.mmproj, offline=opts.offline, yes=opts.yes)
+    render.status(f"loading {files.name}")
     loaded = open_model(files.model, files.mmproj, opts.runtime, known_format=files.chat_format)
+    loaded.session.on_progress = render.status  # encoding an image, reading the prompt
     warn_if_no_thinking(opts, loaded.fmt)
     backend = backend_info()["backend"]
     render.info(
@@ -106,10 +121,13 @@ class Chat:
     last_work: Counters | None = None
     last_completion: Completion | None = None
     markdown: bool = field(default_factory=lambda: sys.stdout.isatty())  # noqa: PLW0108 (today's stdout)
+    keep_last: bool = field(init=False)  # the conversation is kept for -c after each change
+    _keep_failed: bool = False  # keeping it failed once (said once, not at every turn)
 
     def __post_init__(self) -> None:
         self.sampling = self.opts.sampling
         self.default_system = self.conversation.system
+        self.keep_last = self.opts.history
 
     def close(self) -> None:
         self.conversation.loaded.close()
@@ -124,15 +142,22 @@ class Chat:
     def handle(self, line: str) -> bool:
         """One line from the user; False ends the chat. Errors are reported, never fatal."""
         text = line.strip()
-        if not text:
-            return True
+        if text.startswith("/") and not text.startswith("//"):
+            return self._reported(lambda: self.command(text))
+        if text:
+            self.send(line.lstrip()[1:] if text.startswith("//") else line)  # //: a message
+        return True
+
+    def send(self, message: str) -> None:
+        """One message (the first may come from the command line); errors are reported."""
+        self._reported(lambda: self.turn(message))
+        self.keep()
+
+    def _reported(self, action: Callable[[], Any]) -> bool:
+        """``action``'s result (True when it returns nothing); an error is reported, and the
+        chat goes on."""
         try:
-            if text.startswith("//"):  # a message that starts with a slash
-                self.turn(line.lstrip()[1:])
-            elif text.startswith("/"):
-                return self.command(text)
-            else:
-                self.turn(line)
+            return action() is not False
         except LlavaError as exc:
             render.error(exc.one_line())
         except KeyboardInterrupt:  # Ctrl-C outside an answer: the command stops, the chat goes on
@@ -145,14 +170,31 @@ class Chat:
 
     def command(self, text: str) -> bool:
         name, _, arg = text.partition(" ")
-        arg = arg.strip()
-        if name in ("/exit", "/quit"):
+        name, arg = canonical(name), arg.strip()
+        if name == "/exit":
             return False
         handler = self._handlers().get(name)
         if handler is None:
             raise UsageError(f"unknown command {name}", "/help lists the commands")
-        handler(arg)
+        try:
+            handler(arg)
+        finally:
+            if name in _CHANGES_THE_CHAT:
+                self.keep()
         return True
+
+    def keep(self) -> None:
+        """Keep the conversation as the last chat (``llava chat -c``), once it has a turn:
+        a chat opened and left at once leaves the one before in place. A failure is said
+        once; the chat goes on."""
+        if not self.keep_last or not self.conversation.messages:
+            return
+        try:
+            transcript.save_last(self.as_saved())
+        except LlavaError as exc:
+            if not self._keep_failed:
+                render.error(f"cannot keep this chat for -c: {exc.one_line()}")
+            self._keep_failed = True
 
     def _handlers(self) -> dict[str, Callable[[str], None]]:
         return {
@@ -190,6 +232,8 @@ class Chat:
     def _answer(self, start: Callable[[render.ThinkingEcho], Generator[str, None, None]]) -> bool:
         """Stream one answer (a reasoning model's thinking dimmed on stderr before it);
         True once the question is in the conversation."""
+        from ..repl import keys_unechoed
+
         session = self.conversation.loaded.session
         counters = session.counters.snapshot()
         before = len(self.conversation.messages)
@@ -197,14 +241,16 @@ class Chat:
         stream = start(echo)
         interrupted = False
         try:
-            if self.markdown:
-                render.stream_markdown(echo.answer(stream))
-            else:
-                render.stream_answer(echo.answer(stream))
+            with keys_unechoed():  # no ^C drawn into the live view (it would be redrawn askew)
+                if self.markdown:
+                    render.stream_markdown(echo.answer(stream))
+                else:
+                    render.stream_answer(echo.answer(stream))
         except KeyboardInterrupt:
             interrupted = True
         finally:
             stream.close()  # Ctrl-C may land outside the generator: finish it, keep the answer
+            render.status_clear()  # a status of the evaluation, if it ended before the answer
             self.last_work = _delta(session.counters, counters)
             self.last_completion = session.last
         sent = len(self.conversation.messages) > before
@@ -276,7 +322,7 @@ class Chat:
         low = len(exchanges) - fitting  # exchanges dropped
         conversation.replace(exchanges[low:])
         n_images = sum(len(ex.images) for ex in exchanges[:low])
-        what = f" and {n_images} image(s)" if n_images else ""
+        what = f" and {plural(n_images, 'image')}" if n_images else ""
         messages = "the oldest message" if low == 1 else f"the {low} oldest messages"
         needs = f"needs {need} of {n_ctx} tokens" if need else f"does not fit {n_ctx} tokens"
         render.info(f"context: this turn {needs} plus room to answer; dropping {messages}{what}")
@@ -284,26 +330,30 @@ class Chat:
     # -- commands ---------------------------------------------------------------------------
 
     def attach(self, source: str) -> None:
-        image = self.opts.load_image(source)
+        self.attach_image(self.opts.load_image(source))
+
+    def attach_image(self, image: PreparedImage) -> None:
+        """An image read already, for the next message: its size and context cost said."""
         cost = self.conversation.loaded.session.image_cost(image)
         self.pending.append(image)
-        render.info(f"attached {source}: {image.size_text('×')}, {cost} tokens")
+        render.info(f"attached {image.source}: {image.size_text('×')}, {plural(cost, 'token')}")
         if render.stderr_is_terminal():
             render.image_preview(*thumbnail(image))
 
     def cmd_image(self, arg: str) -> None:
-        sources = _split(arg)
+        sources = split_words(arg)
         if not sources:
             raise UsageError("/image needs a path", "/image PATH...")
         for source in sources:
             try:
-                self.attach(source)
+                self.attach(os.path.expanduser(source))
             except LlavaError as exc:  # the rest still attach
                 render.error(exc.one_line())
 
     def cmd_images(self, arg: str) -> None:
         if arg == "clear":
-            render.info(f"detached {len(self.pending)} image(s) waiting for the next message")
+            waiting = plural(len(self.pending), "image")
+            render.info(f"detached {waiting} waiting for the next message")
             self.pending.clear()
             return
         session = self.conversation.loaded.session
@@ -314,7 +364,8 @@ class Chat:
             return
         for i, (image, note) in enumerate(rows, 1):
             cost = session.image_cost(image)
-            render.info(f"{i}. {image.source}: {image.size_text('×')}, {cost} tokens{note}")
+            size = image.size_text("×")
+            render.info(f"{i}. {image.source}: {size}, {plural(cost, 'token')}{note}")
 
     def cmd_clear(self, _arg: str) -> None:
         self.conversation.reset()
@@ -325,8 +376,12 @@ class Chat:
         if not arg:
             render.info(f"system prompt: {self.conversation.system or '(the format default)'}")
             return
-        self.conversation.system = self.default_system if arg == "-" else arg
-        render.info("system prompt set; it applies to the whole conversation")
+        if arg == "-":
+            self.conversation.system = self.default_system
+            render.info("system prompt reset to the default; it applies to the whole conversation")
+        else:
+            self.conversation.system = arg
+            render.info("system prompt set; it applies to the whole conversation")
 
     def cmd_retry(self, _arg: str) -> None:
         exchanges = self.conversation.exchanges()
@@ -349,62 +404,59 @@ class Chat:
         gone = self.conversation.drop(len(exchanges) - 1)
         render.info(f"dropped: {_preview(gone.prompt)}")
 
+    def as_saved(self) -> transcript.Transcript:
+        """The conversation as it is saved: by /save, and as the last chat."""
+        model_file = mmproj_file = None
+        if self.opts.model is not None and looks_like_path(self.opts.model):
+            model_file = str(self.files.model.resolve())
+            mmproj_file = str(self.files.mmproj.resolve())
+        return transcript.Transcript(
+            self.files.name,
+            self.conversation.system,
+            settings_of(self.sampling),
+            transcript.saved_turns(self.conversation.exchanges()),
+            model_file=model_file,
+            mmproj_file=mmproj_file,
+        )
+
     def cmd_save(self, arg: str) -> None:
-        names = _split(arg)
+        names = split_words(arg)
         if len(names) != 1:
             raise UsageError("/save needs one file name", "/save chat.md or /save chat.json")
         path = Path(names[0]).expanduser()
-        turns = [
-            transcript.SavedTurn(
-                ex.prompt,
-                [
-                    transcript.SavedImage(
-                        str(Path(i.source).resolve()), i.sha256, i.width, i.height
-                    )
-                    for i in ex.images
-                ],
-                ex.answer,
-            )
-            for ex in self.conversation.exchanges()
-        ]
-        record = transcript.Transcript(
-            self.files.name, self.conversation.system, _settings(self.sampling), turns
-        )
+        record = self.as_saved()
         transcript.save(record, path)
-        render.info(f"saved {len(turns)} turns to {path}")
+        render.info(f"saved {plural(len(record.turns), 'turn')} to {path}")
 
     def cmd_load(self, arg: str) -> None:
-        from ..conversation import Exchange
-
-        names = _split(arg)
+        names = split_words(arg)
         if len(names) != 1:
             raise UsageError("/load needs one file name", "/load chat.md")
-        saved = transcript.load(Path(names[0]).expanduser())
-        sampling = self.sampling
-        for key, value in saved.settings.items():
-            sampling = _set(sampling, key, str(value))
-        exchanges = [
-            Exchange(t.prompt, [_reload(i, self.opts) for i in t.images], t.answer)
-            for t in saved.turns
-        ]
-        # Every setting and image checked out: only now does anything change.
-        self.conversation.replace(exchanges)
+        path = Path(names[0]).expanduser()
+        # Everything checked out before anything changes:
+        self.restore(resume.read(path, names[0], self.sampling, self.opts.load_image))
+
+    def restore(self, resumed: resume.Resumed) -> None:
+        """Go on with a saved chat: its turns, system prompt and settings."""
+        saved = resumed.saved
+        self.conversation.replace(resumed.exchanges)
         self.conversation.system = saved.system
-        self.sampling = sampling
+        self.sampling = resumed.sampling
         self.pending.clear()
         if saved.model and saved.model != self.files.name:
             render.info(f"note: saved with {saved.model}, continuing with {self.files.name}")
-        render.info(f"loaded {len(exchanges)} turns from {names[0]}")
+        turns = plural(len(resumed.exchanges), "turn")
+        render.info(f"loaded {turns} from {resumed.source}")
 
     def cmd_set(self, arg: str) -> None:
         parts = arg.split()
         if not parts:
-            for key, value in _settings(self.sampling).items():
+            for key, value in settings_of(self.sampling).items():
                 render.info(f"{key} {value}")
             return
         if len(parts) != 2:
             raise UsageError("/set takes a key and a value", "e.g. /set temperature 0.7")
-        self.sampling = _set(self.sampling, parts[0], parts[1])
+        self.sampling = with_setting(self.sampling, parts[0], parts[1])
         render.info(f"{parts[0]} = {parts[1]}")
 
     def cmd_prompt(self, arg: str) -> None:
@@ -431,59 +483,25 @@ class Chat:
             f"{work.image_tokens_evaluated} image tokens, reused {done.usage.cached_tokens} "
             f"from the cache; images encoded: {work.image_chunks_encoded}"
         )
+        n = done.usage.completion_tokens
+        speed = rate(n - 1, t.decode_s, "tokens")  # the tokens after the first, in decode time
         render.info(
-            f"answer: {done.usage.completion_tokens} tokens, first token after {t.ttft_s:.2f} s, "
-            f"{t.decode_tokens_per_s:.1f} tokens/s ({done.finish_reason})"
+            f"answer: {plural(n, 'token')}, first token after {t.ttft_s:.2f} s, "
+            f"{speed} ({done.finish_reason})"
         )
 
     def cmd_help(self, _arg: str) -> None:
-        width = max(len(name) for name in COMMANDS)
-        for name, text in COMMANDS.items():
-            render.info(f"{name:<{width}}  {text}")
-        render.info("Alt-Enter: new line · Ctrl-C: stop an answer, or clear the line · //: send /")
+        for line in help_lines():
+            render.info(line)
 
 
-def _split(arg: str) -> list[str]:
-    try:
-        return shlex.split(arg)
-    except ValueError as exc:
-        raise UsageError(f"cannot read {arg!r}: {exc}", "quote paths with spaces") from exc
+# Commands after which the last chat is kept again (they change what -c would resume).
+_CHANGES_THE_CHAT = frozenset({"/retry", "/undo", "/load", "/system", "/set"})
 
 
 def _preview(text: str, width: int = 60) -> str:
     line = " ".join(text.split())
     return line if len(line) <= width else line[: width - 1] + "…"
-
-
-def _reload(saved: transcript.SavedImage, opts: ChatOptions) -> PreparedImage:
-    image = opts.load_image(saved.path)
-    if image.sha256 != saved.sha256:
-        raise BadInput(
-            f"{saved.path} changed since the chat was saved (sha256 differs)",
-            "restore the original file; nothing was loaded",
-        )
-    return image
-
-
-# The settings /set changes: their names are the command-line options', their ranges
-# options.LIMITS.
-_SETTINGS = ("temperature", "top-p", "top-k", "min-p", "repeat-penalty", "max-tokens", "seed")
-
-
-def _set(sampling: SamplingParams, key: str, value: str) -> SamplingParams:
-    key = key.lower().replace("_", "-")
-    if key not in _SETTINGS:
-        raise UsageError(f"unknown setting {key!r}", "one of: " + ", ".join(_SETTINGS))
-    field_name = key.replace("-", "_")
-    if key in ("max-tokens", "seed") and value.lower() in ("none", "random", "default"):
-        unset: dict[str, Any] = {field_name: None}
-        return replace(sampling, **unset)
-    changes: dict[str, Any] = {field_name: parse_number(key, value)}
-    return replace(sampling, **changes)
-
-
-def _settings(sampling: SamplingParams) -> dict[str, Any]:
-    return {key: getattr(sampling, key.replace("-", "_")) for key in _SETTINGS}
 
 
 def _delta(now: Counters, before: Counters) -> Counters:
