@@ -71,14 +71,19 @@ def _cut_paths(rows: list[list[str]], column: int) -> None:
         row[column] = _cut_middle(row[column], room, mark)
 
 
-_MIN_PATH = 24
+_MIN_PATH = 10  # as render.table cuts a column
 
 
 def _cut_middle(text: str, width: int, mark: str) -> str:
+    """A commit id in the path goes first (``snapshots/…/x.gguf``), then the middle."""
     if cell_width(text) <= width or not text.isascii():
         return text  # render.table cuts what is left over (at the end)
+    parts = text.split("/")
+    text = "/".join(mark if store.is_commit(p) else p for p in parts)
+    if len(text) <= width:
+        return text
     room = width - len(mark)
-    tail = min(len(text.rsplit("/", 1)[-1]) + 1, room - room // 4)
+    tail = min(len(parts[-1]) + 1, room - room // 4)
     return text[: room - tail] + mark + text[len(text) - tail :]
 
 
