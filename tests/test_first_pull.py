@@ -208,3 +208,34 @@ def test_list_fits_80_columns_with_home_as_tilde(hub: Hub) -> None:
     assert row.split()[-1].startswith("~/hf-home") and row.endswith("…/" + MODEL)
     whole = llava("list", env={"COLUMNS": "", "HOME": hub.env["HOME"]})  # a pipe: whole paths
     assert whole.stdout.decode().splitlines()[1].split()[-1].count("/") > 5
+
+
+def test_list_available_asks_the_hub_for_sizes_nothing_else_gives(hub: Hub) -> None:
+    home = Path(os.environ["LLAVA_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "models.toml").write_text(
+        f"""
+[models.listed]
+name = "Colour oracle, files from the listing"
+description = "Answers with the colour of the image."
+repo = "{REPO}"
+revision = "main"
+license = "mit"
+parameters = "1M"
+context_length = 512
+chat_format = "gguf"
+default_quant = "F16"
+"""
+    )
+
+    def row(env: dict[str, str]) -> tuple[list[str], str]:
+        result = llava("list", "--available", env={**env, "COLUMNS": "100"})
+        assert result.returncode == 0, result.stderr
+        line = next(x for x in result.stdout.decode().splitlines() if x.startswith("listed "))
+        return line.split(), result.stderr.decode()
+
+    online, err = row(hub.env)
+    assert online[-2:] == ["334.8", "kB"]  # the model and its projector, as the hub lists them
+    offline, err = row({**hub.env, "HF_HUB_OFFLINE": "1"})
+    assert offline[-1] == "?"
+    assert err == "?: no size in the registry; the hub is asked for it when online\n"
