@@ -92,10 +92,12 @@ def resolve(
 
     Without ``progress`` a missing model is an error instead of a download.
     """
-    found = resolve_local(model, mmproj, offline=offline or progress is None)
+    found = resolve_local(model, mmproj, offline=offline)
     if isinstance(found, ModelFiles):
         return found
-    assert progress is not None  # resolve_local refused it otherwise
+    if progress is None:
+        name = str(found) if found.is_repo else registry_target(found).ref
+        raise ModelNotAvailable(f"{name} is not pulled", f"run: llava pull {name}")
     return pull(found, progress).files
 
 

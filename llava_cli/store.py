@@ -304,7 +304,7 @@ def _delete(path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError as exc:
         raise LlavaError(
-            f"cannot remove {path}: {(exc.strerror or str(exc)).lower()}",
+            f"cannot remove {path}: {(exc.strerror or os.strerror(exc.errno or 0)).lower()}",
             "fix the folder's permissions, or run as the user who pulled it, then run "
             "`llava rm` again",
         ) from exc

@@ -227,7 +227,7 @@ def filesystem_error(
         reason = "permission denied"
         hint = f"give this user access to it, or {hint}"
     else:
-        reason = (exc.strerror or type(exc).__name__).lower()
+        reason = (exc.strerror or (os.strerror(code) if code else "it failed")).lower()
     return DownloadError(f"cannot {action} {path}: {reason}", hint)
 
 
