@@ -19,7 +19,7 @@ from ..errors import (
     UsageError,
 )
 from ..images import PreparedImage, check, load, looks_like_image_path
-from ..modelref import ModelFiles, resolve
+from ..modelref import ModelFiles
 from ..options import (
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -280,11 +280,11 @@ def _show_prompt(
 def model_files(
     model: str | None, mmproj: str | None, *, offline: bool, yes: bool = False
 ) -> ModelFiles:
-    """The model's files, pulled first (progress on stderr) unless offline."""
-    from ..config import hub_offline
+    """The model's files; one not on disk is pulled first, announced (and asked about, on a
+    terminal, when large), with progress on stderr; see commands.pull.files_for_run."""
+    from .pull import files_for_run
 
-    with render.transfer_progress() as progress:
-        return resolve(model, mmproj, offline=offline or hub_offline(), progress=progress)
+    return files_for_run(model, mmproj, offline=offline, yes=yes)
 
 
 def _answer_one(runner: _Runner, source: str, prompt: str) -> None:
