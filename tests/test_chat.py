@@ -280,7 +280,7 @@ class Tmux:
     """A real terminal (tmux, 100x30) running one ``llava chat``; its screen read back as text,
     and everything written to it (escape sequences, transient lines) in ``raw()``."""
 
-    def __init__(self, tmp_path: Path, *args: str | Path) -> None:
+    def __init__(self, tmp_path: Path, *args: str | Path, cwd: Path | None = None) -> None:
         self.socket = ["tmux", "-L", f"llava-test-{os.getpid()}-{id(self)}"]
         self.done, self.log, gate = (
             tmp_path / "exit-code",
@@ -294,7 +294,7 @@ class Tmux:
             f"while [ ! -e {gate} ]; do sleep 0.05; done; env {env} TERM=xterm-256color "
             f"{shlex.quote(sys.executable)} -m llava_cli chat {words}; echo $? > {self.done}"
         )
-        self.run("new-session", "-d", "-x", "100", "-y", "30", command)
+        self.run("new-session", "-d", "-x", "100", "-y", "30", "-c", str(cwd or tmp_path), command)
         self.run("pipe-pane", "-o", f"cat >> {shlex.quote(str(self.log))}")
         gate.touch()
 
@@ -335,8 +335,8 @@ class Tmux:
 def terminal(tmp_path: Path) -> Iterator[Callable[..., Tmux]]:
     opened: list[Tmux] = []
 
-    def open_terminal(*args: str | Path) -> Tmux:
-        opened.append(Tmux(tmp_path, *args))
+    def open_terminal(*args: str | Path, cwd: Path | None = None) -> Tmux:
+        opened.append(Tmux(tmp_path, *args, cwd=cwd))
         return opened[-1]
 
     yield open_terminal
@@ -440,20 +440,20 @@ def test_tab_completes_a_spaced_path_that_enter_attaches(
 ) -> None:
     """Tab writes the path quoted (closed, for a file), offers only images after /image, and
     Enter attaches it."""
-    folder = tmp_path / "my photos"
-    folder.mkdir()
+    folder = tmp_path / "here" / "my photos"  # the chat runs in "here": short paths
+    folder.mkdir(parents=True)
     (folder / "red one.png").write_bytes((images / "red.png").read_bytes())
     (folder / "red notes.txt").write_text("not an image")
-    t = terminal("--model", oracle.model, "--temperature", "0")
+    t = terminal("--model", oracle.model, "--temperature", "0", cwd=folder.parent)
     t.wait_for(t.at_prompt, "the prompt")
-    t.keys("-l", f"/image {tmp_path}/my")
+    t.keys("-l", "/image ./my")
     t.keys("Tab")
-    t.wait_for(lambda: f'> /image "{folder}/' in t.pane(), "the folder, quoted")
+    t.wait_for(lambda: '> /image "./my photos/' in t.pane(), "the folder, quoted")
     t.keys("-l", "red")
     t.keys("Tab")  # one image there: it is written out, its quote closed
-    t.wait_for(lambda: f'> /image "{folder}/red one.png"' in t.pane(), "the file, quoted")
+    t.wait_for(lambda: '> /image "./my photos/red one.png"' in t.pane(), "the file, quoted")
     t.keys("Enter")
-    t.wait_for(lambda: f"attached {folder}/red one.png: 48×40" in t.pane(), "the image")
+    t.wait_for(lambda: "attached ./my photos/red one.png: 48×40" in t.pane(), "the image")
     t.keys("What colour is this?", "Enter")
     t.wait_for(lambda: "\nred" in t.pane(), "the answer")
     t.keys('/image "missing quote.png', "Enter")  # an open quote is closed at the end
