@@ -16,6 +16,7 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed, reported in the result
     max_tokens: int | None = None  # None: until end of sequence or a full context
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # GBNF text the answer must match (``structured.Constraint``)
 
 
 @dataclass(frozen=True)

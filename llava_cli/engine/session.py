@@ -26,6 +26,7 @@ from ..options import SamplingParams
 from ..templates import MEDIA_MARKER
 from ..textstream import TextStream
 from ..units import plural
+from .grammar import TokenPicker
 from .model import Engine, flash_attn_type
 from .native import INTERRUPTS, LOGS
 
@@ -616,7 +617,8 @@ class Session:
         turn = self._turn or _Turn(started=time.perf_counter())
         self._turn = None
         seed = params.seed if params.seed is not None else random.randrange(2**31)
-        sampler = _build_sampler(params, seed, self.engine.n_vocab)
+        chain = _build_sampler(params, seed, self.engine.n_vocab)
+        picker = TokenPicker(self.engine, chain, params.grammar, self.shown_tokens)
         stream = TextStream(params.stop)
         limit = params.max_tokens if params.max_tokens is not None else self.n_ctx
         n_gen = 0
@@ -625,7 +627,7 @@ class Session:
         try:
             while True:
                 with INTERRUPTS.native():
-                    token = llama_cpp.llama_sampler_sample(sampler, self.ctx, -1)
+                    token = picker.sample(self.ctx)
                 first_at = first_at or time.perf_counter()
                 if self.engine.is_end(token):
                     finish = "stop"
@@ -647,7 +649,7 @@ class Session:
             if tail := stream.finish():
                 yield tail
         finally:
-            llama_cpp.llama_sampler_free(sampler)
+            picker.close()
             end = time.perf_counter()
             first_at = first_at or end
             decode_s = end - first_at
