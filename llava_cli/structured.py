@@ -92,7 +92,7 @@ def constraint_from(
         )
     if grammar is not None:
         path = Path(grammar)
-        text = _text_of(path, f"grammar file {path}", GRAMMAR_MAX_BYTES, BadInput)
+        text = _text_of(path, "grammar file", GRAMMAR_MAX_BYTES, BadInput)
         _checked_grammar(text, f"grammar file {path}", BadInput, verbose)
         return Constraint(grammar=text, schema=None, source=f"the grammar in {path}")
     if json_schema is None:
@@ -106,7 +106,7 @@ def constraint_from(
     else:
         path = Path(json_schema)
         what, fault, source = f"JSON schema file {path}", BadInput, f"the schema in {path}"
-        text = _text_of(path, what, SCHEMA_MAX_BYTES, BadInput)
+        text = _text_of(path, "JSON schema file", SCHEMA_MAX_BYTES, BadInput)
     schema = _schema_of(text, what, fault)
     from .engine.grammar import SchemaError, schema_to_gbnf
 
@@ -121,10 +121,11 @@ def constraint_from(
 # -- reading -----------------------------------------------------------------------------------
 
 
-def _text_of(path: Path, what: str, limit: int, fault: type[LlavaError]) -> str:
+def _text_of(path: Path, noun: str, limit: int, fault: type[LlavaError]) -> str:
     from .files import read_regular
 
-    data = read_regular(path, limit, what)
+    data = read_regular(path, limit, noun)
+    what = f"{noun} {path}"
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
