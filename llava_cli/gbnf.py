@@ -5,15 +5,18 @@ parenthesis, its left-recursion check once per rule reference, and it builds its
 stacks by copying every stack on the way, so memory grows with the square of a chain of
 references. A grammar of a few kilobytes can therefore crash the process or take gigabytes
 before any of llama.cpp's own checks answer; ``{5,3}`` even makes it loop until memory runs out.
-This module follows the same syntax without recursion, counts what llama.cpp would build, and
-refuses a grammar over the limits below (or one llama.cpp would refuse) with one line. It does
-not import llama.cpp.
+This module follows the same syntax without recursion, counts what llama.cpp would build
+(gbnf_rules.py works out what its parse stacks would do), and refuses a grammar over the limits
+below, or one llama.cpp would refuse or choke on, with one line. It does not import llama.cpp.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+
+from .gbnf_rules import ALT as _ALT
+from .gbnf_rules import analyse
 
 GRAMMAR_MAX_BYTES = 1 << 20  # a grammar's text; hand-written ones are a few kilobytes
 # Grammar elements llama.cpp would hold (8 bytes each), repetitions expanded.
@@ -33,7 +36,6 @@ MAX_REPETITION = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD for {m,n}
 _WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 _HEX = frozenset("0123456789abcdefABCDEF")
 _SIMPLE_ESCAPES = frozenset('trn\\"[]-')
-_ALT = 0  # in a rule's items: an alternative begins; n > 0: n terminal elements; n < 0: a reference
 
 
 class GrammarError(ValueError):
@@ -66,7 +68,13 @@ def _measure(text: str) -> GrammarSize:
         raise GrammarError("it holds a NUL character")
     reader = _Reader(text)
     reader.read()
-    chain, stack, branches = analyse(reader.rules, reader.owner)
+    shape = analyse(reader.rules)
+    if shape.left_recursive is not None:
+        name = reader.owner.get(shape.left_recursive, "?")
+        raise GrammarError(
+            f"rule {name!r} can begin with itself (left recursion), which llama.cpp cannot take"
+        )
+    chain, stack, branches = shape.chain, shape.stack, shape.branches
     if chain > GRAMMAR_MAX_CHAIN:
         raise GrammarError(
             f"it chains {chain:,} rule references, over the limit of {GRAMMAR_MAX_CHAIN:,}"
@@ -406,165 +414,3 @@ class _Reader:
         if optional:
             items.append(-last - 1)
         frame.prev_rules *= total
-
-
-# -- what llama.cpp does with the rules: expand references until a terminal --------------------
-
-Alternatives = list[list[int]]
-
-
-def _alternatives(items: list[int]) -> Alternatives:
-    alts: Alternatives = [[]]
-    for item in items:
-        if item == _ALT:
-            alts.append([])
-        else:
-            alts[-1].append(item)
-    return alts
-
-
-def _nullable(rules: dict[int, Alternatives]) -> set[int]:
-    """Rules that can match nothing (a worklist, linear in the grammar's size)."""
-    waiting: dict[tuple[int, int], int] = {}  # an alternative: references not yet nullable
-    users: dict[int, list[tuple[int, int]]] = {}
-    found: set[int] = set()
-    todo: list[int] = []
-    for rule, alts in rules.items():
-        for k, alt in enumerate(alts):
-            if any(item > 0 for item in alt):
-                continue  # holds a terminal
-            refs = [-item - 1 for item in alt]
-            waiting[rule, k] = len(refs)
-            for ref in refs:
-                users.setdefault(ref, []).append((rule, k))
-            if not refs and rule not in found:
-                found.add(rule)
-                todo.append(rule)
-    while todo:
-        for user in users.get(todo.pop(), ()):
-            waiting[user] -= 1
-            if waiting[user] == 0 and user[0] not in found:
-                found.add(user[0])
-                todo.append(user[0])
-    return found
-
-
-def _post_order(graph: dict[int, list[int]]) -> tuple[list[int], tuple[int, int] | None]:
-    """The nodes, each after everything it leads to; and an edge that closes a cycle, if any."""
-    order: list[int] = []
-    state: dict[int, int] = {}  # 1: on the current path, 2: done
-    for start, first in graph.items():
-        if start in state:
-            continue
-        state[start] = 1
-        path = [(start, iter(first))]
-        while path:
-            node, children = path[-1]
-            child = next(children, None)
-            if child is None:
-                state[node] = 2
-                order.append(node)
-                path.pop()
-            elif child not in state:
-                state[child] = 1
-                path.append((child, iter(graph[child])))
-            elif state[child] == 1:
-                return order, (node, child)
-    return order, None
-
-
-def analyse(rules: dict[int, list[int]], owner: dict[int, str]) -> tuple[int, int, int]:
-    """The longest chain of references, the deepest parse stack one step can build, and the
-    most parse stacks one step can expand into; GrammarError for left recursion, which
-    llama.cpp detects only when an alternative is literally empty (and otherwise expands until
-    memory runs out)."""
-    alts = {rule: _alternatives(items) for rule, items in rules.items()}
-    empty = _nullable(alts)
-    leftmost: dict[int, list[int]] = {}
-    for rule, rule_alts in alts.items():
-        firsts = []
-        for alt in rule_alts:
-            for item in alt:
-                if item > 0:
-                    break
-                firsts.append(-item - 1)
-                if -item - 1 not in empty:
-                    break
-        leftmost[rule] = firsts
-    order, cycle = _post_order(leftmost)
-    if cycle is not None:
-        name = owner.get(cycle[1], "?")
-        raise GrammarError(
-            f"rule {name!r} can begin with itself (left recursion), which llama.cpp cannot take"
-        )
-    # Parse stacks one expansion makes from a rule's start (only its leftmost references
-    # count, so the order above has them ready), then from any point inside a rule.
-    branches: dict[int, int] = {}
-    for rule in order:
-        total = 0
-        for alt in alts[rule]:
-            for item in alt:
-                if item > 0:
-                    total += 1
-                    break
-                total += branches[-item - 1]
-                if -item - 1 not in empty:
-                    break
-            else:
-                total += 1  # matched nothing: the stack goes on with what follows the rule
-        branches[rule] = min(total, _SATURATED)
-    widest = max(branches.values(), default=1)
-    for rule_alts in alts.values():
-        for alt in rule_alts:
-            after = 1
-            for item in reversed(alt):
-                ref = -item - 1
-                after = 1 if item > 0 else branches[ref] + (after if ref in empty else 0)
-                after = min(after, _SATURATED)
-                widest = max(widest, after)
-    chain, stack = _depths(alts)
-    return chain, stack, widest
-
-
-_SATURATED = 1 << 62
-
-
-def _depths(alts: dict[int, Alternatives]) -> tuple[int, int]:
-    """The longest chain of rule references, and of those that are followed by more symbols
-    (each deepens a parse stack). Recursion is not followed round: it only goes deeper as
-    text is generated."""
-    edges: dict[int, list[tuple[int, int]]] = {}
-    for rule, rule_alts in alts.items():
-        out = edges[rule] = []
-        for alt in rule_alts:
-            for k, item in enumerate(alt):
-                if item < 0:
-                    out.append((-item - 1, int(k + 1 < len(alt))))
-    done: dict[int, tuple[int, int]] = {}
-    active: set[int] = set()
-    for root in edges:
-        if root in done:
-            continue
-        todo: list[tuple[int, int]] = [(root, 0)]
-        active.add(root)
-        while todo:
-            node, k = todo[-1]
-            out = edges[node]
-            if k < len(out):
-                todo[-1] = (node, k + 1)
-                child = out[k][0]
-                if child not in done and child not in active:
-                    active.add(child)
-                    todo.append((child, 0))
-                continue
-            chain = stack = 0
-            for child, followed in out:
-                if child in done:
-                    chain = max(chain, done[child][0] + 1)
-                    stack = max(stack, done[child][1] + followed)
-            done[node] = (chain, stack)
-            active.discard(node)
-            todo.pop()
-    return max((d[0] for d in done.values()), default=0), max(
-        (d[1] for d in done.values()), default=0
-    )

@@ -11,8 +11,9 @@ Two things llama.cpp does not guard against are guarded here. A token the gramma
 accepted, throws a C++ exception that aborts the process; so sampling is done step by step
 (apply the grammar, check that something is left, apply the chain, accept) instead of by
 ``llama_sampler_sample``. And the grammar sees a control token as its text (``<s>``), while the
-answer shows nothing for it; such tokens are masked under a grammar, so that the text the
-grammar checked is the text the answer holds.
+answer shows nothing for it, and its UTF-8 decoder takes byte sequences (overlong forms,
+surrogates) that the answer's decoder shows as U+FFFD: such tokens are masked under a grammar,
+so that the text the grammar checked is the text the answer holds.
 """
 
 from __future__ import annotations
