@@ -106,3 +106,48 @@ def test_batch_headers_name_each_answer_and_skip_failures(
     assert [r["image"] for r in records] == [str(red), str(gone), str(blue)]
     assert [r.get("answer") for r in records] == ["red", None, "blue"]
     assert records[1]["exit_code"] == 4
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "colour": {"enum": ["red", "green", "blue"]},
+        "note": {"type": "string", "maxLength": 8},
+        "count": {"type": "integer", "minimum": 0},
+    },
+    "required": ["colour", "note"],
+    "additionalProperties": False,
+}
+
+
+def test_a_schema_held_answer_through_the_cli(
+    oracle: synthetic.ModelPair, random_pair: synthetic.ModelPair, images: Path, tmp_path: Path
+) -> None:
+    import jsonschema
+
+    enum = llava("ask", images / "red.png", Q, "--json-schema", '{"enum": ["red", "green"]}',
+                 *model_args(oracle))  # fmt: skip
+    assert (enum.returncode, enum.stdout, enum.stderr) == (0, b'"red"\n', b"")
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    # The random model writes whatever the grammar allows: every answer parses and validates,
+    # on stdout alone and as the record's "parsed" field.
+    for seed in ("1", "2", "3"):
+        args = [images / "red.png", Q, "--json-schema", schema_file, "--seed", seed,
+                "--temperature", "1.5", *model_args(random_pair)]  # fmt: skip
+        out = llava("ask", *args)
+        assert out.returncode == 0, out.stderr
+        jsonschema.validate(json.loads(out.stdout), SCHEMA)
+        as_json = llava("ask", *args, "--json")
+        record = json.loads(as_json.stdout)
+        assert record["parsed"] == json.loads(record["answer"]) == json.loads(out.stdout)
+    # Cut before the JSON closes: exit 1, one line, and nothing on stdout.
+    cut = llava("ask", images / "red.png", Q, "--json-schema", schema_file, "--max-tokens", "3",
+                *model_args(random_pair))  # fmt: skip
+    assert (cut.returncode, cut.stdout) == (1, b"")
+    assert cut.stderr.decode() == (
+        "Error: the answer was cut at 3 tokens before the JSON was complete — allow more with "
+        "--max-tokens (or a larger --ctx)\n"
+    )
+    both = llava("ask", images / "red.png", Q, "--json-schema", schema_file, "--grammar", "g.gbnf")
+    assert both.returncode == 2 and b"cannot be used together" in both.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .. import render
@@ -27,6 +27,7 @@ from ..options import (
     RuntimeOptions,
     SamplingParams,
 )
+from ..structured import AnswerRejected, Constraint, constraint_from
 from ..units import rate
 
 if TYPE_CHECKING:
@@ -90,6 +91,8 @@ class _Runner:
     conversation: Conversation | None = None
     failures: list[LlavaError] = field(default_factory=list)
     stdin_image: PreparedImage | None = None  # '-' is read once, when the images are checked
+    constraint: Constraint | None = None  # --json-schema / --grammar, read before the model
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # with its grammar, if any
     answers: int = 0  # answers written so far (labels are parted by a blank line)
 
     def get(self) -> Conversation:
@@ -152,9 +155,12 @@ def run(opts: AskOptions) -> int:
     if opts.images.count("-") > 1:
         raise UsageError("standard input ('-') can be read only once")
     check_chat_format(opts.runtime.chat_format)
+    constraint = constraint_from(opts.json_schema, opts.grammar, verbose=opts.runtime.verbose)
     prompt = read_prompt(opts)
     # Every image is checked before a model is resolved: a typo must not cost a download.
-    runner = _Runner(opts, files=None)
+    runner = _Runner(opts, files=None, constraint=constraint, sampling=opts.sampling)
+    if constraint is not None:
+        runner.sampling = replace(opts.sampling, grammar=constraint.grammar)
     checked = _check_images(runner)
     if all(failure is not None for _, failure in checked):
         for source, failure in checked:
@@ -291,31 +297,26 @@ def _answer_one(runner: _Runner, source: str, prompt: str) -> None:
     opts = runner.opts
     try:
         image = runner.image(source)
-        conversation = runner.get()
         header = None
         if runner.labelled:  # as head(1): a blank line before every header but the first
             header = f"{chr(10) if runner.answers else ''}==> {source} <==\n"
-        _ask(conversation, [image], prompt, opts, header=header)
+        parsed = _ask(runner, [image], prompt, header=header)
         runner.answers += 1
-    except (ImageError, ContextOverflow) as exc:  # this image's problem: go on with the rest
-        _report_failure(runner, source, exc)
+    except (ImageError, ContextOverflow, AnswerRejected) as exc:  # this image's problem
+        _report_failure(runner, source, exc)  # go on with the rest
         return
     if opts.json:
-        assert runner.files is not None
-        render.json_line(
-            {"image": source, "sha256": image.sha256, **_record(runner.files, conversation, prompt)}
-        )
+        record = {"image": source, "sha256": image.sha256, **_record(runner, prompt, parsed)}
+        render.json_line(record)
 
 
 def _answer_together(runner: _Runner, sources: list[str], prompt: str) -> None:
     opts = runner.opts
     prepared = [runner.image(source) for source in sources]
-    conversation = runner.get()
-    _ask(conversation, prepared, prompt, opts)
+    parsed = _ask(runner, prepared, prompt)
     if opts.json:
-        assert runner.files is not None
         images = [{"image": p.source, "sha256": p.sha256} for p in prepared]
-        render.json_line({"images": images, **_record(runner.files, conversation, prompt)})
+        render.json_line({"images": images, **_record(runner, prompt, parsed)})
 
 
 def _load(opts: AskOptions, files: ModelFiles) -> Conversation:
@@ -333,24 +334,29 @@ def _load(opts: AskOptions, files: ModelFiles) -> Conversation:
 
 
 def _ask(
-    conversation: Conversation,
+    runner: _Runner,
     images: Sequence[PreparedImage],
     prompt: str,
-    opts: AskOptions,
     *,
     header: str | None = None,
-) -> None:
+) -> Any:
+    """Answer one prompt; the answer streams to stdout (unless --json). Under a constraint
+    (--json-schema, --grammar) the answer is held back until it is checked, so that stdout
+    never carries one that fails: returns it parsed (or raises AnswerRejected)."""
+    opts, constraint = runner.opts, runner.constraint
+    conversation = runner.get()
     conversation.reset()  # each answer stands alone; the shared prefix stays in the KV cache
     session = conversation.loaded.session
     if not opts.runtime.verbose:  # llama.cpp's log lines would land on the status line
         session.on_progress = render.status
     try:
-        if opts.json:
-            for _ in conversation.ask(prompt, images, opts.sampling):
-                pass
+        if opts.json or constraint is not None:  # held back: the record, or until checked
+            for i, _ in enumerate(conversation.ask(prompt, images, runner.sampling)):
+                if i == 0 and session.on_progress is not None:
+                    render.status("writing the answer")
         else:
             echo = render.ThinkingEcho()
-            chunks = echo.answer(conversation.ask(prompt, images, opts.sampling, echo))
+            chunks = echo.answer(conversation.ask(prompt, images, runner.sampling, echo))
             render.stream_answer(_headed(chunks, header))
     finally:
         session.on_progress = None
@@ -358,17 +364,31 @@ def _ask(
     note_unanswered(conversation)
     completion = conversation.last
     if opts.runtime.verbose:
-        session = conversation.loaded.session
-        for image in images:
-            tokens = session.image_tokens(image.key)
-            render.info(f"image {image.source}: {image.describe()}, {tokens} context tokens")
-        t, u = completion.timings, completion.usage
-        render.info(
-            f"prompt {u.prompt_tokens} tokens ({u.image_tokens} image, {u.cached_tokens} cached), "
-            f"completion {u.completion_tokens}; encode {t.image_encode_s:.2f} s, "
-            f"prefill {t.prefill_s:.2f} s, first token {t.ttft_s:.2f} s, "
-            f"{rate(u.completion_tokens - 1, t.decode_s, 'tokens')}"
-        )
+        _say_work(conversation, images)
+    if constraint is None:
+        return None
+    reply = conversation.last_reply
+    answer = reply.answer if reply is not None else ""
+    tokens = completion.usage.completion_tokens
+    parsed = constraint.check(answer, completion.finish_reason, tokens=tokens)
+    if not opts.json:
+        render.stream_answer(_headed([answer], header))
+    return parsed
+
+
+def _say_work(conversation: Conversation, images: Sequence[PreparedImage]) -> None:
+    """--verbose: what each image cost, and where the time went."""
+    session = conversation.loaded.session
+    for image in images:
+        tokens = session.image_tokens(image.key)
+        render.info(f"image {image.source}: {image.describe()}, {tokens} context tokens")
+    t, u = conversation.last.timings, conversation.last.usage
+    render.info(
+        f"prompt {u.prompt_tokens} tokens ({u.image_tokens} image, {u.cached_tokens} cached), "
+        f"completion {u.completion_tokens}; encode {t.image_encode_s:.2f} s, "
+        f"prefill {t.prefill_s:.2f} s, first token {t.ttft_s:.2f} s, "
+        f"{rate(u.completion_tokens - 1, t.decode_s, 'tokens')}"
+    )
 
 
 def _headed(chunks: Iterable[str], header: str | None) -> Iterator[str]:
@@ -386,19 +406,23 @@ def _headed(chunks: Iterable[str], header: str | None) -> Iterator[str]:
         yield header
 
 
-def _record(files: ModelFiles, conversation: Conversation, prompt: str) -> dict[str, Any]:
+def _record(runner: _Runner, prompt: str, parsed: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
+    files, conversation = runner.files, runner.get()
+    assert files is not None, "model files not resolved"
     completion = conversation.last
     reply = conversation.last_reply
     assert reply is not None, "no answer yet"
     thinking = {"thinking": reply.thinking} if reply.thinking else {}
+    structured = {"parsed": parsed} if runner.constraint is not None else {}
     return {
         "model": files.name,
         "model_path": str(files.model),
         "mmproj_path": str(files.mmproj),
         "prompt": prompt,
         "answer": reply.answer,
+        **structured,
         **thinking,
         "finish_reason": completion.finish_reason,
         "seed": completion.seed,
