@@ -31,6 +31,7 @@ from llava_cli.structured import (
     Constraint,
     constraint_from,
 )
+from tests.conftest import llava
 
 # What a program would ask of a picture: every part bounded, so that the grammar itself ends
 # the answer (enums, strings with maxLength, arrays with maxItems, no other properties).
@@ -500,3 +501,84 @@ def test_the_limits_are_what_llama_cpp_can_take() -> None:
     assert constraint is not None
     size = gbnf.measure(constraint.grammar)
     assert size.nesting <= gbnf.GRAMMAR_MAX_NESTING and size.stack <= gbnf.GRAMMAR_MAX_STACK
+
+
+# -- through the CLI ----------------------------------------------------------------------------
+
+
+def model_args(pair: synthetic.ModelPair) -> list[str]:
+    return ["--model", str(pair.model), "--mmproj", str(pair.mmproj)]
+
+
+def test_cli_prints_only_an_answer_that_validates(
+    oracle: synthetic.ModelPair, random_pair: synthetic.ModelPair, images: Path
+) -> None:
+    colours = '{"enum": [" red", " green", " blue", " none"]}'
+    result = llava("ask", images / "blue.png", "Colour?", *model_args(oracle),
+                   "--json-schema", colours)  # fmt: skip
+    assert (result.returncode, result.stdout, result.stderr) == (0, b'" blue"\n', b"")
+    with_json = [*model_args(oracle), "--json", "--json-schema", colours]
+    record = json.loads(llava("ask", images / "blue.png", "Colour?", *with_json).stdout)
+    assert (record["answer"], record["parsed"]) == ('" blue"', " blue")
+    for seed in ("1", "2"):
+        result = llava("ask", images / "red.png", "Describe.", *model_args(random_pair),
+                       "--json-schema", json.dumps(RECORD), "--seed", seed,
+                       "--temperature", "1", "--max-tokens", "400")  # fmt: skip
+        assert (result.returncode, result.stderr) == (0, b""), result.stderr
+        jsonschema.validate(json.loads(result.stdout), RECORD)
+
+
+def test_cli_fails_with_one_line_and_no_answer(
+    random_pair: synthetic.ModelPair, images: Path, tmp_path: Path
+) -> None:
+    long_text = (
+        '{"type": "object", "properties": {"a": {"type": "string", "minLength": 50}}, '
+        '"required": ["a"]}'
+    )
+    result = llava("ask", images / "red.png", "x", *model_args(random_pair),
+                   "--json-schema", long_text, "--max-tokens", "8")  # fmt: skip
+    assert (result.returncode, result.stdout) == (EXIT_RUNTIME, b"")
+    assert result.stderr.decode() == (
+        "Error: the answer was cut at 8 tokens before the JSON was complete — "
+        "allow more with --max-tokens (or a larger --ctx)\n"
+    )
+    big = '{"type": "object", "properties": {"n": {"type": "integer", "minimum": 100000}}, ' \
+          '"required": ["n"]}'  # fmt: skip
+    result = llava("ask", images / "red.png", "x", *model_args(random_pair), "--seed", "1",
+                   "--json-schema", big)  # fmt: skip
+    assert (result.returncode, result.stdout) == (EXIT_RUNTIME, b"")
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: the answer does not match the inline")
+    assert "is less than the minimum of 100000" in lines[0]
+
+
+def test_cli_grammar_file(random_pair: synthetic.ModelPair, images: Path, tmp_path: Path) -> None:
+    path = tmp_path / "yes-no.gbnf"
+    path.write_text('root ::= "yes" | "no"\n')
+    result = llava("ask", images / "red.png", "Red?", *model_args(random_pair), "--grammar", path)
+    assert result.returncode == 0 and result.stderr == b""
+    assert result.stdout in (b"yes\n", b"no\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--json-schema", "{}", "--grammar", "g.gbnf"], EXIT_USAGE,
+         "--json-schema and --grammar cannot be used together"),
+        (["--json-schema", "missing.json"], EXIT_BAD_INPUT,
+         "JSON schema file missing.json does not exist"),
+        (["--grammar", "missing.gbnf"], EXIT_BAD_INPUT, "grammar file missing.gbnf does not exist"),
+        (["--json-schema", '{"type": "array", "minItems": 100000000}'], EXIT_USAGE,
+         "asks for minItems 100,000,000, over the limit of 1,000"),
+        (["--json-schema", "{oops"], EXIT_USAGE, "the inline JSON schema is not valid JSON"),
+    ],
+)  # fmt: skip
+def test_cli_reads_the_constraint_before_any_model(
+    images: Path, tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    # The model does not exist either: the constraint is refused first.
+    result = llava("ask", images / "red.png", "x", "--model", tmp_path / "none.gguf", *args,
+                   cwd=tmp_path)  # fmt: skip
+    assert (result.returncode, result.stdout) == (code, b"")
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
