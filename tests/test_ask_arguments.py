@@ -106,3 +106,11 @@ def test_batch_headers_name_each_answer_and_skip_failures(
     assert [r["image"] for r in records] == [str(red), str(gone), str(blue)]
     assert [r.get("answer") for r in records] == ["red", None, "blue"]
     assert records[1]["exit_code"] == 4
+
+
+def test_options_a_grammar_cannot_take_are_refused_first(images: Path, tmp_path: Path) -> None:
+    for extra, flag in ((["--stop", "}"], "--stop"), (["--think"], "--think")):
+        result = llava("ask", images / "red.png", "x", "--json-schema", '{"type": "object"}',
+                       "-m", tmp_path / "none.gguf", *extra)  # fmt: skip
+        assert (result.returncode, result.stdout) == (2, b"")
+        assert result.stderr.decode().startswith(f"Error: {flag} cannot be used with --json-schema")

@@ -156,6 +156,8 @@ def run(opts: AskOptions) -> int:
         raise UsageError("standard input ('-') can be read only once")
     check_chat_format(opts.runtime.chat_format)
     constraint = constraint_from(opts.json_schema, opts.grammar, verbose=opts.runtime.verbose)
+    if constraint is not None:
+        _check_constraint_options(opts)
     prompt = read_prompt(opts)
     # Every image is checked before a model is resolved: a typo must not cost a download.
     runner = _Runner(opts, files=None, constraint=constraint, sampling=opts.sampling)
@@ -183,6 +185,21 @@ def run(opts: AskOptions) -> int:
     finally:
         runner.close()
     return _exit_code(runner.failures)
+
+
+def _check_constraint_options(opts: AskOptions) -> None:
+    """Options that cannot go with a grammar: --stop would cut the answer where the grammar
+    cannot see it (both end as "stop"), and the grammar holds the whole generation, so a
+    model's thinking could never close."""
+    flag = "--json-schema" if opts.json_schema is not None else "--grammar"
+    if opts.sampling.stop:
+        raise UsageError(
+            f"--stop cannot be used with {flag}", "the grammar decides where the answer ends"
+        )
+    if opts.think:
+        raise UsageError(
+            f"--think cannot be used with {flag}", "the grammar holds everything the model writes"
+        )
 
 
 def _exit_code(failures: list[LlavaError]) -> int:
