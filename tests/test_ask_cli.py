@@ -42,10 +42,11 @@ def test_image_from_stdin(oracle: synthetic.ModelPair, images: Path) -> None:
 
 
 def test_batch_answers_in_order(oracle: synthetic.ModelPair, images: Path) -> None:
-    files = [images / f"{c}.png" for c in ("red", "green", "blue")]
+    colours = ("red", "green", "blue")
+    files = [images / f"{c}.png" for c in colours]
     result = llava("ask", *files, "-p", Q, *model_args(oracle))
     # Each answer after its image's name, as head(1) writes several files.
-    expected = "\n".join(f"==> {f} <==\n{c}\n" for f, c in zip(files, ("red", "green", "blue")))
+    expected = "\n".join(f"==> {images / c}.png <==\n{c}\n" for c in colours)
     assert (result.returncode, result.stdout.decode(), result.stderr) == (0, expected, b"")
     bare = llava("ask", *files, "-p", Q, "--no-label", *model_args(oracle))
     assert (bare.returncode, bare.stdout, bare.stderr) == (0, b"red\ngreen\nblue\n", b"")
