@@ -358,3 +358,50 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)  # the client sees a short body
         except OSError:  # the client went away
             self.close_connection = True
+
+
+def write_user_entry(
+    key: str,
+    repo: str,
+    *,
+    model: tuple[str, bytes] | None = None,
+    mmproj: tuple[str, bytes] | None = None,
+    model_sha: str | None = None,
+    mmproj_size: bool = True,
+    revision: str = "main",
+    chat_format: str = "gguf",
+    aliases: tuple[str, ...] = (),
+) -> None:
+    """A user models.toml ($LLAVA_HOME) with one entry for a served repo: pinned like the
+    shipped ones when ``model``/``mmproj`` (file name, bytes) are given (``model_sha`` pins a
+    wrong digest on purpose), else leaving the files to the repo's listing."""
+    import os
+    from pathlib import Path
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    lines = [
+        f"[models.{key}]",
+        'name = "Colour oracle"',
+        *([f"aliases = {json.dumps(list(aliases))}"] if aliases else []),
+        'description = "Answers with the colour of the image."',
+        f'repo = "{repo}"',
+        f'revision = "{revision}"',
+        'license = "mit"',
+        'parameters = "1M"',
+        "context_length = 512",
+        f'chat_format = "{chat_format}"',
+        'default_quant = "F16"',
+    ]
+    if model is not None:
+        name, data = model
+        lines += [f"[models.{key}.quants.F16]", f'file = "{name}"', f"size = {len(data)}",
+                  f'sha256 = "{model_sha or sha(data)}"']  # fmt: skip
+    if mmproj is not None:
+        name, data = mmproj
+        size = [f"size = {len(data)}"] if mmproj_size else []
+        lines += [f"[models.{key}.mmproj]", f'file = "{name}"', *size, f'sha256 = "{sha(data)}"']
+    home = Path(os.environ["LLAVA_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "models.toml").write_text("\n".join(lines) + "\n")

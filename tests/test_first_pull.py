@@ -22,7 +22,7 @@ from llava_cli.text import cell_width
 
 from .conftest import REPO as CHECKOUT
 from .conftest import llava
-from .fakehub import FakeHub
+from .fakehub import FakeHub, write_user_entry
 
 REPO = "test/colour-oracle-GGUF"
 MODEL = "oracle-F16.gguf"
@@ -211,22 +211,7 @@ def test_list_fits_80_columns_with_home_as_tilde(hub: Hub) -> None:
 
 
 def test_list_available_asks_the_hub_for_sizes_nothing_else_gives(hub: Hub) -> None:
-    home = Path(os.environ["LLAVA_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "models.toml").write_text(
-        f"""
-[models.listed]
-name = "Colour oracle, files from the listing"
-description = "Answers with the colour of the image."
-repo = "{REPO}"
-revision = "main"
-license = "mit"
-parameters = "1M"
-context_length = 512
-chat_format = "gguf"
-default_quant = "F16"
-"""
-    )
+    write_user_entry("listed", REPO)
 
     def row(env: dict[str, str]) -> tuple[list[str], str]:
         result = llava("list", "--available", env={**env, "COLUMNS": "100"})

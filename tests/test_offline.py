@@ -18,7 +18,7 @@ import pytest
 from llava_cli import synthetic
 
 from .conftest import llava
-from .fakehub import FakeHub
+from .fakehub import FakeHub, write_user_entry
 
 REPO = "test/colour-oracle-GGUF"
 MODEL = "oracle-F16.gguf"
@@ -45,30 +45,7 @@ class Offline:
 
 def write_registry(model: bytes, mmproj: bytes) -> None:
     """A user models.toml entry `oracle`, pinned by sha256 and size like the shipped ones."""
-    home = Path(os.environ["LLAVA_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "models.toml").write_text(
-        f"""
-[models.oracle]
-name = "Colour oracle"
-description = "Answers with the colour of the image."
-repo = "{REPO}"
-revision = "main"
-license = "mit"
-parameters = "1M"
-context_length = 512
-chat_format = "gguf"
-default_quant = "F16"
-[models.oracle.quants.F16]
-file = "{MODEL}"
-size = {len(model)}
-sha256 = "{hashlib.sha256(model).hexdigest()}"
-[models.oracle.mmproj]
-file = "{MMPROJ}"
-size = {len(mmproj)}
-sha256 = "{hashlib.sha256(mmproj).hexdigest()}"
-"""
-    )
+    write_user_entry("oracle", REPO, model=(MODEL, model), mmproj=(MMPROJ, mmproj))
 
 
 def online(endpoint: str) -> dict[str, str]:

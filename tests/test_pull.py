@@ -25,7 +25,7 @@ import pytest
 from llava_cli import synthetic
 
 from .conftest import llava
-from .fakehub import FakeHub
+from .fakehub import FakeHub, write_user_entry
 
 REPO = "test/colour-oracle-GGUF"
 MODEL = "oracle-F16.gguf"
@@ -72,30 +72,9 @@ def served(oracle: synthetic.ModelPair) -> Iterator[Served]:
 
 def write_registry(s: Served, *, model_sha: str | None = None, revision: str = "") -> None:
     """A user models.toml entry `oracle` for the served repo, pinned like the shipped ones."""
-    home = Path(os.environ["LLAVA_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "models.toml").write_text(
-        f"""
-[models.oracle]
-name = "Colour oracle"
-aliases = ["colours"]
-description = "Answers with the colour of the image."
-repo = "{REPO}"
-revision = "{revision or s.commit}"
-license = "mit"
-parameters = "1M"
-context_length = 512
-chat_format = "gguf"
-default_quant = "F16"
-[models.oracle.quants.F16]
-file = "{MODEL}"
-size = {len(s.model)}
-sha256 = "{model_sha or s.sha(s.model)}"
-[models.oracle.mmproj]
-file = "{MMPROJ}"
-sha256 = "{s.sha(s.mmproj)}"
-"""
-    )
+    write_user_entry("oracle", REPO, model=(MODEL, s.model), mmproj=(MMPROJ, s.mmproj),
+                     model_sha=model_sha, mmproj_size=False, revision=revision or s.commit,
+                     aliases=("colours",))  # fmt: skip
 
 
 def ask_red(images: Path, model: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
@@ -520,21 +499,7 @@ def test_an_entry_that_names_no_files_takes_them_from_the_listing(
     served: Served, images: Path
 ) -> None:
     """The current-generation entries leave file names and pins to the hub."""
-    home = Path(os.environ["LLAVA_HOME"])
-    (home / "models.toml").write_text(
-        f"""
-[models.listed]
-name = "Colour oracle, files from the listing"
-description = "Answers with the colour of the image."
-repo = "{REPO}"
-revision = "main"
-license = "mit"
-parameters = "1M"
-context_length = 512
-chat_format = "vicuna"
-default_quant = "F16"
-"""
-    )
+    write_user_entry("listed", REPO, chat_format="vicuna")
     show = llava("show", "listed", env={**served.env, "HF_HUB_OFFLINE": "1"})
     assert "chosen from the repo's listing at pull time" in show.stdout.decode()
     result = llava("pull", "listed", env=served.env)
