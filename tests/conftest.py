@@ -9,11 +9,16 @@ import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from PIL import Image
 
 from llava_cli import synthetic
+
+if TYPE_CHECKING:
+    from llava_cli.conversation import LoadedModel
+    from llava_cli.images import PreparedImage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,3 +107,32 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     d = tmp_path / "work"
     d.mkdir()
     yield d
+
+
+@pytest.fixture(scope="module")
+def random_model(random_pair: synthetic.ModelPair) -> Iterator[LoadedModel]:
+    """The random pair loaded once per test module (imported lazily: llama.cpp loads only
+    for the modules that use it)."""
+    from llava_cli.conversation import open_model
+    from llava_cli.options import RuntimeOptions
+
+    loaded = open_model(random_pair.model, random_pair.mmproj, RuntimeOptions(ctx=1024))
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture(scope="module")
+def oracle_model(oracle: synthetic.ModelPair) -> Iterator[LoadedModel]:
+    from llava_cli.conversation import open_model
+    from llava_cli.options import RuntimeOptions
+
+    loaded = open_model(oracle.model, oracle.mmproj, RuntimeOptions(ctx=2048))
+    yield loaded
+    loaded.close()
+
+
+def pic(images: Path, name: str) -> PreparedImage:
+    """One of the ``images`` fixture's pictures, loaded."""
+    from llava_cli.images import load
+
+    return load(str(images / f"{name}.png"))

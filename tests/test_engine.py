@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,28 +9,11 @@ import pytest
 from llava_cli import synthetic
 from llava_cli.conversation import Conversation, LoadedModel, open_model
 from llava_cli.errors import ContextOverflow
-from llava_cli.images import PreparedImage, load
+from llava_cli.images import PreparedImage
 from llava_cli.options import RuntimeOptions, SamplingParams
 from llava_cli.templates import Message
 from llava_cli.textstream import TextStream
-
-
-@pytest.fixture(scope="module")
-def random_model(random_pair: synthetic.ModelPair) -> Iterator[LoadedModel]:
-    loaded = open_model(random_pair.model, random_pair.mmproj, RuntimeOptions(ctx=1024))
-    yield loaded
-    loaded.close()
-
-
-@pytest.fixture(scope="module")
-def oracle_model(oracle: synthetic.ModelPair) -> Iterator[LoadedModel]:
-    loaded = open_model(oracle.model, oracle.mmproj, RuntimeOptions(ctx=2048))
-    yield loaded
-    loaded.close()
-
-
-def pic(images: Path, name: str) -> PreparedImage:
-    return load(str(images / f"{name}.png"))
+from tests.conftest import pic
 
 
 def answer(conv: Conversation, prompt: str, imgs: list[PreparedImage], **kw: object) -> str:

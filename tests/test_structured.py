@@ -12,7 +12,6 @@ import os
 import resource
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,10 @@ import jsonschema
 import pytest
 
 from llava_cli import gbnf, synthetic
-from llava_cli.conversation import Conversation, LoadedModel, open_model
+from llava_cli.conversation import Conversation, LoadedModel
 from llava_cli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, EXIT_USAGE, LlavaError
-from llava_cli.images import PreparedImage, load
-from llava_cli.options import RuntimeOptions, SamplingParams
+from llava_cli.images import PreparedImage
+from llava_cli.options import SamplingParams
 from llava_cli.structured import (
     SCHEMA_MAX_BYTES,
     SCHEMA_MAX_REPEAT,
@@ -31,7 +30,7 @@ from llava_cli.structured import (
     Constraint,
     constraint_from,
 )
-from tests.conftest import llava
+from tests.conftest import llava, pic
 
 # What a program would ask of a picture: every part bounded, so that the grammar itself ends
 # the answer (enums, strings with maxLength, arrays with maxItems, no other properties).
@@ -54,24 +53,6 @@ RECORD = {
     "required": ["colour", "caption", "count", "sure", "tags", "box"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def random_model(random_pair: synthetic.ModelPair) -> Iterator[LoadedModel]:
-    loaded = open_model(random_pair.model, random_pair.mmproj, RuntimeOptions(ctx=1024))
-    yield loaded
-    loaded.close()
-
-
-@pytest.fixture(scope="module")
-def oracle_model(oracle: synthetic.ModelPair) -> Iterator[LoadedModel]:
-    loaded = open_model(oracle.model, oracle.mmproj, RuntimeOptions(ctx=2048))
-    yield loaded
-    loaded.close()
-
-
-def pic(images: Path, name: str) -> PreparedImage:
-    return load(str(images / f"{name}.png"))
 
 
 def ask(conv: Conversation, image: PreparedImage | None, grammar: str, **kw: Any) -> str:
