@@ -8,90 +8,50 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
-from .options import (
-    DEFAULT_MAX_IMAGE_BYTES,
-    DEFAULT_MAX_PIXELS,
-    INT32_MAX,
-    LIMITS,
-    RuntimeOptions,
-    SamplingParams,
+from .cli_options import (
+    GEN,
+    OUTPUT,
+    ChatFormatOpt,
+    Command,
+    CtxOpt,
+    GpuLayersOpt,
+    Group,
+    ImageOnCpuOpt,
+    MaxImageBytesOpt,
+    MaxPixelsOpt,
+    MaxTokensOpt,
+    MinPOpt,
+    MmprojOpt,
+    ModelOpt,
+    NoCacheOpt,
+    OfflineOpt,
+    RepeatPenaltyOpt,
+    SeedOpt,
+    StopOpt,
+    SystemOpt,
+    TemperatureOpt,
+    ThinkOpt,
+    ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
+    VerboseOpt,
+    YesOpt,
+    number,
+    runtime_from,
+    sampling_from,
 )
+from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
+from .options import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from .templates import MEDIA_MARKER
-
-_MODEL = "Model"
-_GEN = "Generation"
-_OUTPUT = "Output"
-_HARDWARE = "Hardware"
-_LIMITS = "Input limits"
-_OTHER = "Other options"
-_HEADINGS = (_MODEL, _GEN, _OUTPUT, _HARDWARE, _LIMITS, _OTHER)  # in this order in --help
-
-
-class _Command(TyperCommand):
-    """Help with the options grouped under headings (Model, Generation, Output, Hardware,
-    Input limits), in plain text: no colour, no box drawing, the same in a pipe. Arguments
-    show their metavar as written (``IMAGE... [QUESTION]``), not a Python type."""
-
-    def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name == "argument":
-                pieces.append(param.metavar or (param.name or "").upper())
-        return pieces
-
-    def format_options(self, ctx: Any, formatter: Any) -> None:
-        arguments: list[tuple[str, str]] = []
-        groups: dict[str, list[tuple[str, str]]] = {heading: [] for heading in _HEADINGS}
-        for param in self.get_params(ctx):
-            if param.param_type_name == "argument":
-                arguments.append(
-                    (param.metavar or (param.name or "").upper(), getattr(param, "help", ""))
-                )
-                continue
-            record = param.get_help_record(ctx)
-            if record is not None:
-                heading = getattr(param, "rich_help_panel", None) or _OTHER
-                groups.setdefault(heading, []).append(record)
-        if arguments:
-            with formatter.section("Arguments"):
-                formatter.write_dl(arguments)
-        grouped = any(records for heading, records in groups.items() if heading != _OTHER)
-        for heading, records in groups.items():
-            if records:
-                with formatter.section(heading if grouped else "Options"):
-                    formatter.write_dl(records)
-
-    def format_epilog(self, ctx: Any, formatter: Any) -> None:
-        """The epilog (examples, the chat's commands) as written: headings flush left like
-        the option groups, lines never rewrapped."""
-        if self.epilog:
-            formatter.write("\n" + self.epilog.rstrip() + "\n")
-
-
-class _Group(TyperGroup):
-    """``llava --help`` lists each command with its whole summary, never cut off."""
-
-    def format_commands(self, ctx: Any, formatter: Any) -> None:
-        rows = []
-        for name in self.list_commands(ctx):
-            command = self.get_command(ctx, name)
-            if command is not None and not command.hidden:
-                rows.append((name, command.short_help or command.get_short_help_str(200)))
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
-
 
 app = typer.Typer(
     name="llava",
-    cls=_Group,
+    cls=Group,
     help="Local chat with images: ask a LLaVA-style model about a photo, screenshot or scan, "
     "entirely on this machine.\n\n"
     "\b\n"
@@ -122,244 +82,6 @@ def _root(
     """Local chat with images."""
 
 
-def _number(
-    name: str, help: str = "", *, envvar: str | None = None, panel: str = _GEN
-) -> typer.models.OptionInfo:
-    """A numeric option, checked against its range in the one table of limits
-    (options.LIMITS, which /set and saved chats use too); the range goes in its help."""
-    limit = LIMITS[name]
-    shown = (
-        f"{limit.kind(n):,}" if limit.kind is int else f"{n:g}" for n in (limit.low, limit.high)
-    )
-    low, high = shown
-    span = f"at least {low}" if limit.high == INT32_MAX else f"{low} to {high}"
-
-    def check(value: float | None) -> float | None:
-        if value is not None and not limit.allows(value):
-            shown = f"{value:g}" if isinstance(value, float) else str(value)
-            raise typer.BadParameter(f"must be {span}, not {shown}")
-        return value
-
-    metavar = "N" if limit.kind is int else "NUMBER"
-    text = f"{help}; {span}." if help else f"{span[:1].upper()}{span[1:]}."
-    option: typer.models.OptionInfo = typer.Option(
-        callback=check, metavar=metavar, envvar=envvar, help=text, rich_help_panel=panel
-    )
-    return option
-
-
-# Options shared by `ask` and `chat`: declared once, used by both signatures.
-def _complete_models(incomplete: str) -> list[str]:
-    """Tab completion for --model: the registry's names and aliases, and pulled models."""
-    from . import registry, store
-
-    try:
-        reg = registry.load()
-        names = {*reg.models, *(a for spec in reg.models.values() for a in spec.aliases)}
-        names.update(r.ref for r in store.records())
-    except Exception:  # a broken user registry must not break the shell's completion
-        return []
-    return sorted(n for n in names if n.startswith(incomplete))
-
-
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        envvar="LLAVA_MODEL",
-        metavar="REF",
-        autocompletion=_complete_models,
-        help="NAME[:QUANT] from the registry (llava list -a), OWNER/REPO[:QUANT] on the hub, "
-        "or a GGUF file. Default: config.toml's model, else the registry default. "
-        "Pulled if missing.",
-        rich_help_panel=_MODEL,
-    ),
-]
-MmprojOpt = Annotated[
-    str | None,
-    typer.Option(
-        envvar="LLAVA_MMPROJ",
-        metavar="FILE",
-        help="Projector (mmproj) GGUF file, with a --model file. "
-        "Default: the one *mmproj*.gguf beside the model.",
-        rich_help_panel=_MODEL,
-    ),
-]
-OfflineOpt = Annotated[
-    bool,
-    typer.Option(
-        "--offline",
-        help="Never touch the network: a model that is not pulled is an error (exit 3). "
-        "Also HF_HUB_OFFLINE=1.",
-        rich_help_panel=_MODEL,
-    ),
-]
-YesOpt = Annotated[
-    bool,
-    typer.Option(
-        "--yes",
-        "-y",
-        envvar="LLAVA_YES",
-        help="Pull a missing model without asking, however large (on a terminal llava asks "
-        "before fetching more than 1 GB; in a pipe it never asks).",
-        rich_help_panel=_MODEL,
-    ),
-]
-ChatFormatOpt = Annotated[
-    str,
-    typer.Option(
-        envvar="LLAVA_CHAT_FORMAT",
-        metavar="FORMAT",
-        help="auto (the registry's format, else the model's own template, else llava), gguf "
-        "(the GGUF's template), llava (LLaVA-1.5/Vicuna), or a llama.cpp built-in name "
-        "(vicuna, chatml, mistral-v7, llama2, gemma, …; a typo lists them all).",
-        rich_help_panel=_MODEL,
-    ),
-]
-ThinkOpt = Annotated[
-    bool,
-    typer.Option(
-        "--think",
-        envvar="LLAVA_THINK",
-        help="Let a reasoning model think before it answers (off where its template allows). "
-        "The thinking goes to stderr on a terminal, or to the JSON 'thinking' field.",
-        rich_help_panel=_GEN,
-    ),
-]
-SystemOpt = Annotated[
-    str | None,
-    typer.Option(
-        envvar="LLAVA_SYSTEM", metavar="TEXT", help="System prompt.", rich_help_panel=_GEN
-    ),
-]
-TemperatureOpt = Annotated[
-    float, _number("temperature", "0 = always the likeliest token", envvar="LLAVA_TEMPERATURE")
-]
-TopPOpt = Annotated[float, _number("top-p")]
-TopKOpt = Annotated[int, _number("top-k", "0 = off")]
-MinPOpt = Annotated[float, _number("min-p")]
-RepeatPenaltyOpt = Annotated[float, _number("repeat-penalty", "1 = off")]
-SeedOpt = Annotated[int | None, _number("seed", "Default: random", envvar="LLAVA_SEED")]
-MaxTokensOpt = Annotated[
-    int | None, _number("max-tokens", "Default: until done", envvar="LLAVA_MAX_TOKENS")
-]
-StopOpt = Annotated[
-    list[str] | None,
-    typer.Option(metavar="TEXT", help="Stop at this text (repeatable).", rich_help_panel=_GEN),
-]
-CtxOpt = Annotated[
-    int | None,
-    _number(
-        "ctx",
-        "Context size in tokens, at most the model's training context. "
-        "Default: 4096, or less if the model has less",
-        envvar="LLAVA_CTX",
-    ),
-]
-ThreadsOpt = Annotated[
-    int, _number("threads", "0 = one per CPU", envvar="LLAVA_THREADS", panel=_HARDWARE)
-]
-GpuLayersOpt = Annotated[
-    int,
-    _number(
-        "gpu-layers",
-        "Layers to offload to the GPU; -1 = all (where supported), 0 = none",
-        envvar="LLAVA_GPU_LAYERS",
-        panel=_HARDWARE,
-    ),
-]
-ImageOnCpuOpt = Annotated[
-    bool,
-    typer.Option(
-        "--image-on-cpu",
-        envvar="LLAVA_IMAGE_ON_CPU",
-        help="Keep the image encoder on the CPU.",
-        rich_help_panel=_HARDWARE,
-    ),
-]
-NoCacheOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-cache",
-        envvar="LLAVA_NO_CACHE",
-        help="Do not reuse or keep image prefixes between runs (the prefix cache).",
-        rich_help_panel=_HARDWARE,
-    ),
-]
-MaxPixelsOpt = Annotated[
-    int,
-    _number(
-        "max-pixels",
-        "Refuse images with more pixels than this",
-        envvar="LLAVA_MAX_PIXELS",
-        panel=_LIMITS,
-    ),
-]
-MaxImageBytesOpt = Annotated[
-    int,
-    _number(
-        "max-image-bytes",
-        "Refuse image files (or standard input) larger than this many bytes, "
-        "checked as they arrive (default 256 MiB)",
-        envvar="LLAVA_MAX_IMAGE_BYTES",
-        panel=_LIMITS,
-    ),
-]
-VerboseOpt = Annotated[
-    bool,
-    typer.Option(
-        "--verbose",
-        "-v",
-        envvar="LLAVA_VERBOSE",
-        help="Details and llama.cpp logs on stderr.",
-        rich_help_panel=_OUTPUT,
-    ),
-]
-
-
-def _sampling(
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-    repeat_penalty: float,
-    seed: int | None,
-    max_tokens: int | None,
-    stop: list[str] | None,
-) -> SamplingParams:
-    return SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
-        seed=seed,
-        max_tokens=max_tokens,
-        stop=tuple(stop or ()),
-    )
-
-
-def _runtime(
-    ctx: int | None,
-    threads: int,
-    gpu_layers: int,
-    image_on_cpu: bool,
-    chat_format: str,
-    verbose: bool,
-    no_cache: bool,
-) -> RuntimeOptions:
-    return RuntimeOptions(
-        ctx=ctx,
-        threads=threads,
-        gpu_layers=gpu_layers,
-        image_on_cpu=image_on_cpu,
-        chat_format=chat_format,
-        verbose=verbose,
-        cache=not no_cache,
-    )
-
-
 def _question(arguments: list[str], prompt: str | None, flag: str) -> tuple[list[str], str | None]:
     """``IMAGE... [QUESTION]`` split (commands.ask.split_arguments); a question given both
     as words and with the flag is a usage error."""
@@ -376,7 +98,7 @@ def _question(arguments: list[str], prompt: str | None, flag: str) -> tuple[list
 
 
 @app.command(
-    cls=_Command,
+    cls=Command,
     short_help="Answer a question about each image, once; the answer alone goes to stdout.",
     epilog="Examples:\n"
     "  llava ask photo.jpg 'What is in this picture?'\n"
@@ -399,7 +121,7 @@ def ask(
     ],
     prompt: Annotated[
         str | None,
-        typer.Option("--prompt", "-p", metavar="TEXT", help="The question.", rich_help_panel=_GEN),
+        typer.Option("--prompt", "-p", metavar="TEXT", help="The question.", rich_help_panel=GEN),
     ] = None,
     model: ModelOpt = None,
     mmproj: MmprojOpt = None,
@@ -423,7 +145,7 @@ def ask(
             metavar="SCHEMA",
             help="Constrain the answer to this JSON schema (a file, or inline JSON): it is "
             "valid JSON for the schema, or the command fails (exit 1).",
-            rich_help_panel=_GEN,
+            rich_help_panel=GEN,
         ),
     ] = None,
     grammar: Annotated[
@@ -431,19 +153,19 @@ def ask(
         typer.Option(
             metavar="FILE",
             help="Constrain the answer to this GBNF grammar (llama.cpp's format).",
-            rich_help_panel=_GEN,
+            rich_help_panel=GEN,
         ),
     ] = None,
     together: Annotated[
         bool,
         typer.Option(
-            "--together", help="Send all images in one prompt; one answer.", rich_help_panel=_GEN
+            "--together", help="Send all images in one prompt; one answer.", rich_help_panel=GEN
         ),
     ] = False,
     json_out: Annotated[
         bool,
         typer.Option(
-            "--json", help="One JSON object per image (JSON Lines).", rich_help_panel=_OUTPUT
+            "--json", help="One JSON object per image (JSON Lines).", rich_help_panel=OUTPUT
         ),
     ] = False,
     label: Annotated[
@@ -452,7 +174,7 @@ def ask(
             "--label/--no-label",
             help="Write '==> IMAGE <==' before each answer, as head(1) does. "
             "Default: when there are several images.",
-            rich_help_panel=_OUTPUT,
+            rich_help_panel=OUTPUT,
             show_default=False,
         ),
     ] = None,
@@ -462,7 +184,7 @@ def ask(
             "--show-prompt",
             help="Print the exact prompt the model would read (template applied, "
             f"{MEDIA_MARKER} where each image goes) and exit; nothing is generated.",
-            rich_help_panel=_OUTPUT,
+            rich_help_panel=OUTPUT,
         ),
     ] = False,
     verbose: VerboseOpt = False,
@@ -485,10 +207,10 @@ def ask(
             model=model,
             mmproj=mmproj,
             system=system,
-            sampling=_sampling(
+            sampling=sampling_from(
                 temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
             ),
-            runtime=_runtime(
+            runtime=runtime_from(
                 ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, no_cache
             ),
             max_pixels=max_pixels,
@@ -518,7 +240,7 @@ def _slash_commands() -> str:
 
 
 @app.command(
-    cls=_Command,
+    cls=Command,
     short_help="Talk about images: streamed answers, slash commands, nothing read twice.",
     epilog=_slash_commands() + "\n\nExamples:\n"
     "  llava chat photo.jpg\n"
@@ -539,12 +261,12 @@ def chat(
     continue_last: Annotated[
         bool,
         typer.Option(
-            "--continue", "-c", help="Resume the last chat, as it ended.", rich_help_panel=_GEN
+            "--continue", "-c", help="Resume the last chat, as it ended.", rich_help_panel=GEN
         ),
     ] = False,
     resume: Annotated[
         str | None,
-        typer.Option(metavar="FILE", help="Resume a chat saved with /save.", rich_help_panel=_GEN),
+        typer.Option(metavar="FILE", help="Resume a chat saved with /save.", rich_help_panel=GEN),
     ] = None,
     model: ModelOpt = None,
     mmproj: MmprojOpt = None,
@@ -584,10 +306,10 @@ def chat(
             model=model,
             mmproj=mmproj,
             system=system,
-            sampling=_sampling(
+            sampling=sampling_from(
                 temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
             ),
-            runtime=_runtime(
+            runtime=runtime_from(
                 ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, no_cache
             ),
             max_pixels=max_pixels,
@@ -602,7 +324,7 @@ def chat(
 
 
 @app.command(
-    cls=_Command,
+    cls=Command,
     short_help="Check the installation: versions, backend, paths, an offline self-test.",
     epilog="Examples:\n  llava doctor\n  llava doctor -v      (with llama.cpp's own logs)",
 )
@@ -619,7 +341,7 @@ def doctor(
 
 
 @app.command(
-    cls=_Command,
+    cls=Command,
     short_help="Download models and their projectors: resumable, verified by sha256.",
     epilog="Examples:\n"
     "  llava pull smolvlm-500m\n"
@@ -650,7 +372,7 @@ def pull(
 
 @app.command(
     "list",
-    cls=_Command,
+    cls=Command,
     short_help="Pulled models (or, with -a, the models you can pull).",
     epilog="Examples:\n  llava list\n  llava list -a\n  llava list --json | jq -r '.[].ref'",
 )
@@ -669,7 +391,7 @@ def list_(
 
 
 @app.command(
-    cls=_Command,
+    cls=Command,
     short_help="Everything about one model: files, hashes, license, memory it needs.",
     epilog="Examples:\n"
     "  llava show smolvlm-500m\n"
@@ -685,7 +407,7 @@ def show(
             show_default=False,
         ),
     ],
-    ctx: Annotated[int | None, _number("ctx", "Context size for the memory estimate")] = None,
+    ctx: Annotated[int | None, number("ctx", "Context size for the memory estimate")] = None,
     offline: Annotated[
         bool,
         typer.Option("--offline", help="Do not ask the hub; show what is known here."),
@@ -698,7 +420,7 @@ def show(
 
 
 @app.command(
-    cls=_Command,
+    cls=Command,
     short_help="Remove pulled models' files (asks first on a terminal).",
     epilog="Examples:\n  llava rm smolvlm-500m\n  llava rm -y gemma3 qwen2.5-vl-3b",
 )
@@ -716,7 +438,7 @@ def rm(
 
 
 cache_app = typer.Typer(
-    cls=_Group,
+    cls=Group,
     help="The prefix cache: saved image prefixes, so asking about an image again is fast.",
     short_help="The prefix cache: saved image prefixes (info, clear).",
     no_args_is_help=True,
@@ -724,7 +446,7 @@ cache_app = typer.Typer(
 app.add_typer(cache_app, name="cache")
 
 
-@cache_app.command("info", cls=_Command)
+@cache_app.command("info", cls=Command)
 def cache_info() -> None:
     """Where the cache is, how many entries it holds, its size and its cap."""
     from .commands import models as command
@@ -732,7 +454,7 @@ def cache_info() -> None:
     raise typer.Exit(guarded(command.cache_info))
 
 
-@cache_app.command("clear", cls=_Command)
+@cache_app.command("clear", cls=Command)
 def cache_clear() -> None:
     """Delete every saved prefix."""
     from .commands import models as command
