@@ -96,8 +96,8 @@ IMAGE_SUFFIXES = frozenset((
 
 def looks_like_image_path(arg: str) -> bool:
     """Whether a command-line argument names an image (``-``, an existing path, a name with an
-    image ending, or a word with a slash or a leading ``.``/``~`` and no space) rather than
-    being words of a question."""
+    image ending, or a word with no space and a slash, a leading ``.``/``~`` or a file name's
+    ending) rather than being words of a question."""
     if arg == "-" or os.path.splitext(arg)[1].lower() in IMAGE_SUFFIXES:
         return True
     try:
@@ -106,7 +106,10 @@ def looks_like_image_path(arg: str) -> bool:
     except (ValueError, OSError):  # a NUL byte, a name too long: not a file
         return False
     return not any(c.isspace() for c in arg) and (
-        "/" in arg or os.sep in arg or arg.startswith((".", "~"))
+        "/" in arg
+        or os.sep in arg
+        or arg.startswith((".", "~"))
+        or re.search(r"\.[A-Za-z0-9]{2,5}$", arg) is not None  # scan.pdf, a.pgn: a file's name
     )
 
 

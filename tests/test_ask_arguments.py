@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from llava_cli import synthetic
 from llava_cli.commands.ask import split_arguments
+from llava_cli.errors import UsageError
 from tests.conftest import llava
 from tests.fakehub import FakeHub
 
@@ -34,6 +37,11 @@ def test_split_arguments(tmp_path: Path) -> None:
     assert split_arguments(["a.png", "./notes"]) == (["a.png", "./notes"], None)
     assert split_arguments(["a.png", "my photo.jpeg"]) == (["a.png", "my photo.jpeg"], None)
     assert split_arguments(["What is this?"]) == ([], "What is this?")
+    # A word that looks like a file name is an image, reported missing if it is not there.
+    assert split_arguments(["a.png", "scan.pdf"]) == (["a.png", "scan.pdf"], None)
+    assert split_arguments(["a.png", "blu.pgn"]) == (["a.png", "blu.pgn"], None)
+    with pytest.raises(UsageError, match="the question goes after the images"):
+        split_arguments(["a.png", "describe it", "b.png"])
 
 
 def test_the_question_as_an_argument(oracle: synthetic.ModelPair, images: Path) -> None:
@@ -74,6 +82,7 @@ def test_a_missing_image_costs_no_request_and_no_load(
             [tmp_path / "tpyo.png", tmp_path / "also-gone.jpg", "-m", repo],
             [tmp_path / "tpyo.png", "-m", repo, "--show-prompt"],
             [tmp_path / "tpyo.png", images / "red.png", "-m", repo, "--together"],
+            [images / "red.png", tmp_path / "tpyo.png", "-m", repo],  # one bad image of two
         ):
             result = llava("ask", *args, Q, env=env)
             assert result.returncode == 4, result.stderr
@@ -90,22 +99,33 @@ def test_a_missing_image_costs_no_request_and_no_load(
     ]
 
 
-def test_batch_headers_name_each_answer_and_skip_failures(
+def test_batch_headers_name_each_answer(
+    oracle: synthetic.ModelPair, images: Path, tmp_path: Path
+) -> None:
+    red, blue = images / "red.png", images / "blue.png"
+    result = llava("ask", red, blue, Q, *model_args(oracle))
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout.decode() == f"==> {red} <==\nred\n\n==> {blue} <==\nblue\n"
+    # --label for one image too
+    one = llava("ask", red, Q, "--label", *model_args(oracle))
+    assert one.stdout.decode() == f"==> {red} <==\nred\n"
+
+
+def test_a_batch_with_a_missing_image_asks_nothing(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
     red, gone, blue = images / "red.png", tmp_path / "gone.png", images / "blue.png"
     result = llava("ask", red, gone, blue, Q, *model_args(oracle))
-    assert result.returncode == 4
-    assert result.stdout.decode() == f"==> {red} <==\nred\n\n==> {blue} <==\nblue\n"
-    assert result.stderr.decode() == f"Error: image {gone} does not exist — check the path\n"
-    # --label for one image too; --json records keep the order given, failures in place.
-    one = llava("ask", red, Q, "--label", *model_args(oracle))
-    assert one.stdout.decode() == f"==> {red} <==\nred\n"
+    assert (result.returncode, result.stdout) == (4, b"")
+    assert result.stderr.decode().splitlines() == [
+        f"Error: image {gone} does not exist — check the path",
+        "nothing was asked: 1 image of 3 cannot be read, and the model is loaded only for a "
+        "batch that can be answered",
+    ]
     as_json = llava("ask", red, gone, blue, Q, "--json", *model_args(oracle))
+    assert as_json.returncode == 4
     records = [json.loads(line) for line in as_json.stdout.splitlines()]
-    assert [r["image"] for r in records] == [str(red), str(gone), str(blue)]
-    assert [r.get("answer") for r in records] == ["red", None, "blue"]
-    assert records[1]["exit_code"] == 4
+    assert [(r["image"], r["exit_code"]) for r in records] == [(str(gone), 4)]
 
 
 def test_options_a_grammar_cannot_take_are_refused_first(images: Path, tmp_path: Path) -> None:

@@ -153,23 +153,27 @@ def test_verbose_sends_logs_and_details_to_stderr_only(
     assert "image " + str(images / "red.png") + ": 48x40 PNG RGB, 16 context tokens" in err
 
 
-def test_batch_with_a_bad_image_continues_and_exits_4(
+def test_batch_with_an_image_that_fails_to_decode_continues_and_exits_4(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
-    missing = tmp_path / "missing.png"
-    result = llava("ask", images / "red.png", missing, images / "blue.png", "-p", Q,
-                   *model_args(oracle))  # fmt: skip
-    assert result.returncode == 4
+    """An image whose header reads but whose pixels do not (truncated) fails alone, once the
+    model is loaded; the others are answered."""
+    full = tmp_path / "noise.png"
+    Image.effect_noise((64, 64), 50).convert("RGB").save(full)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     red, blue = images / "red.png", images / "blue.png"
+    result = llava("ask", red, cut, blue, "-p", Q, *model_args(oracle))
+    assert result.returncode == 4
     assert result.stdout.decode() == f"==> {red} <==\nred\n\n==> {blue} <==\nblue\n"
     err = result.stderr.decode().splitlines()
-    assert err == [f"Error: image {missing} does not exist — check the path"]
+    assert len(err) == 1 and err[0].startswith(f"Error: {cut} is truncated or corrupt")
 
-    as_json = llava("ask", images / "red.png", missing, "--json", "-p", Q, *model_args(oracle))
+    as_json = llava("ask", red, cut, "--json", "-p", Q, *model_args(oracle))
     assert as_json.returncode == 4
     records = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert records[0]["answer"] == "red"
-    assert records[1]["image"] == str(missing) and "does not exist" in records[1]["error"]
+    assert records[1]["image"] == str(cut) and "truncated" in records[1]["error"]
 
 
 def _bad_inputs(tmp: Path, oracle: synthetic.ModelPair, images: Path) -> dict[str, list[object]]:

@@ -28,7 +28,7 @@ from ..options import (
     SamplingParams,
 )
 from ..structured import AnswerRejected, Constraint, constraint_from
-from ..units import rate
+from ..units import plural, rate
 
 if TYPE_CHECKING:
     from ..conversation import Conversation
@@ -79,6 +79,12 @@ def split_arguments(args: list[str]) -> tuple[list[str], str | None]:
     while end > 0 and not looks_like_image_path(args[end - 1]):
         end -= 1
     words = args[end:]
+    for arg in args[:end]:  # words before an image: a question in the wrong place
+        if not looks_like_image_path(arg) and any(c.isspace() for c in arg):
+            raise UsageError(
+                f"{arg!r} is not an image, and the question goes after the images",
+                "llava ask IMAGE... 'question'",
+            )
     return args[:end], " ".join(words) if words else None
 
 
@@ -164,24 +170,26 @@ def run(opts: AskOptions) -> int:
     if constraint is not None:
         runner.sampling = replace(opts.sampling, grammar=constraint.grammar)
     checked = _check_images(runner)
-    if all(failure is not None for _, failure in checked):
-        for source, failure in checked:
-            assert failure is not None
+    failed = [(source, failure) for source, failure in checked if failure is not None]
+    if failed:  # nothing is resolved, pulled or loaded for a batch with a bad image in it
+        for source, failure in failed:
             _report_failure(runner, source, failure, said=True)
+        if len(failed) < len(checked):
+            render.info(
+                f"nothing was asked: {plural(len(failed), 'image')} of {len(checked)} cannot be "
+                "read, and the model is loaded only for a batch that can be answered"
+            )
         return _exit_code(runner.failures)
     runner.files = model_files(opts.model, opts.mmproj, offline=opts.offline, yes=opts.yes)
-    sources = [source for source, failure in checked if failure is None]
+    sources = list(opts.images)
     if opts.show_prompt:
         return _show_prompt(opts, runner.files, prompt, sources, runner.stdin_image)
     try:
         if opts.together:
             _answer_together(runner, sources, prompt)
         else:
-            for source, failure in checked:  # answers and failures in the order given
-                if failure is not None:
-                    _report_failure(runner, source, failure, said=True)
-                else:
-                    _answer_one(runner, source, prompt)
+            for source in sources:
+                _answer_one(runner, source, prompt)
     finally:
         runner.close()
     return _exit_code(runner.failures)
@@ -211,9 +219,8 @@ def _exit_code(failures: list[LlavaError]) -> int:
 
 
 def _check_images(runner: _Runner) -> list[tuple[str, ImageError | None]]:
-    """Each image with what is wrong with it (see images.check), said on stderr at once;
-    with --together any failure ends the run. The image on standard input is read (and
-    decoded) here, once."""
+    """Each image with what is wrong with it (see images.check), said on stderr at once.
+    The image on standard input is read (and decoded) here, once."""
     opts, checked = runner.opts, []
     for source in opts.images:
         failure: ImageError | None = None
@@ -223,8 +230,6 @@ def _check_images(runner: _Runner) -> list[tuple[str, ImageError | None]]:
             else:
                 opts.check_image(source)
         except ImageError as exc:
-            if opts.together:
-                raise
             render.error(exc.one_line())
             failure = exc
         checked.append((source, failure))
