@@ -236,15 +236,34 @@ def _json(value: Any, out: TextIO | None, indent: int | None) -> None:
     out.flush()
 
 
+def can_ask() -> bool:
+    """Whether a question can be answered here: standard input is a terminal, or (the
+    question piped in, ``echo … | llava ask``) the controlling terminal can be read."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        return True
+    try:
+        with open("/dev/tty", "rb"):
+            return True
+    except OSError:
+        return False
+
+
 def confirm(question: str) -> bool:
-    """Ask on the terminal (the question on stderr); anything but y/yes is no."""
+    """Ask on the terminal (the question on stderr, the answer from standard input, or from
+    the controlling terminal when standard input is a pipe); anything but y/yes is no."""
     status_clear()
     sys.stderr.write(f"{question} [y/N] ")
     sys.stderr.flush()
     try:
-        answer = sys.stdin.readline()
+        if sys.stdin is not None and sys.stdin.isatty():
+            answer = sys.stdin.readline()
+        else:
+            with open("/dev/tty", encoding="utf-8", errors="replace") as tty:
+                answer = tty.readline()
     except (OSError, ValueError):
-        return False
+        answer = ""
+    if not answer.endswith("\n"):  # Ctrl-D: the next line starts on a line of its own
+        sys.stderr.write("\n")
     return answer.strip().lower() in ("y", "yes")
 
 

@@ -4,12 +4,14 @@ hint name one model; tables fit 80 columns."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import re
 import select
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,18 +82,31 @@ def test_a_partial_download_counts_only_what_is_left(
 
 
 def on_a_terminal(
-    args: list[str | Path], env: dict[str, str], answer: bytes | None
+    args: list[str | Path], env: dict[str, str], answer: bytes | None, piped: bytes | None = None
 ) -> tuple[int, str]:
     """Run the CLI with stdin and stderr on a terminal (stdout a pipe); answer the question
-    with ``answer`` once it shows. Returns the exit code and what the terminal showed."""
+    with ``answer`` once it shows. Returns the exit code and what the terminal showed.
+    ``piped``: standard input is a pipe carrying these bytes instead, and the terminal is the
+    process's controlling terminal (``echo question | llava ask`` in a shell)."""
     primary, secondary = pty.openpty()
+
+    def take_terminal() -> None:  # in the child, after setsid: the pty becomes /dev/tty
+        fcntl.ioctl(secondary, termios.TIOCSCTTY, 0)
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "llava_cli", *map(str, args)],
-        stdin=secondary,
+        stdin=secondary if piped is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=secondary,
         env={**os.environ, **env},
+        start_new_session=True,
+        preexec_fn=take_terminal,  # noqa: PLW1509 (one ioctl; no lock taken)
     )
+    if piped is not None:
+        assert proc.stdin is not None
+        proc.stdin.write(piped)
+        proc.stdin.close()
+        proc.stdin = None  # communicate() below must not flush it again
     os.close(secondary)
     shown = b""
     deadline = time.monotonic() + 60
@@ -135,6 +150,17 @@ def test_a_big_implicit_pull_is_asked_about_on_a_terminal(hub: Hub, images: Path
     code, shown = on_a_terminal(["ask", images / "red.png", "-m", REPO], hub.env, b"y\n")
     assert "Download 2.0 GB now? [y/N] " in shown
     assert hub.hub.gets(MODEL)  # it went ahead (and found the hub's claim false)
+
+
+def test_the_question_is_asked_on_the_terminal_when_stdin_is_piped(hub: Hub, images: Path) -> None:
+    """`echo 'What colour?' | llava ask red.png`: the prompt comes down the pipe, so the
+    answer to the download question is read from the terminal itself."""
+    hub.hub.claim_size(MODEL, 2_000_000_000)
+    code, shown = on_a_terminal(["ask", images / "red.png", "-m", REPO], hub.env, b"n\n",
+                                piped=b"What colour?\n")  # fmt: skip
+    assert code == 3, shown
+    assert "Download 2.0 GB now? [y/N] " in shown
+    assert hub.hub.gets(MODEL) == []
 
 
 @pytest.mark.parametrize("skip", [["-y"], ["--yes"], []])

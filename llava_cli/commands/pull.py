@@ -80,7 +80,7 @@ def _announce(planned: PullPlan, *, yes: bool) -> None:
     target = planned.target
     name = target.ref if target.name == target.repo else f"{target.name} ({target.ref})"
     render.info(f"pulling {name}: {fetch_summary(planned)} into {display_path(planned.cache.root)}")
-    if yes or planned.left <= ASK_ABOVE or not (sys.stdin.isatty() and sys.stderr.isatty()):
+    if yes or planned.left <= ASK_ABOVE or not (sys.stderr.isatty() and render.can_ask()):
         return
     if not render.confirm(f"Download {human_bytes(planned.left)} now?"):
         raise ModelNotAvailable(
