@@ -89,6 +89,46 @@ def test_random_model_answers_valid_json_for_the_schema(
         assert "\ufffd" not in text  # every byte token it chose made whole characters
 
 
+RATED = {
+    "type": "object",
+    "properties": {
+        "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+        "even": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 9, "multipleOf": 2},
+        "type": {"type": "integer", "minimum": -3, "maximum": -1},  # a property called "type"
+    },
+    "required": ["rating", "even", "type"],
+    "additionalProperties": False,
+}
+
+
+def test_bounded_integers_are_held_by_the_grammar(random_model: LoadedModel, images: Path) -> None:
+    """The converter ignores minimum and maximum; a narrow range is written out as an enum,
+    so that even the random model's answers validate (before, 12 of 12 seeds failed)."""
+    constraint = constraint_from(json.dumps(RATED), None)
+    assert constraint is not None and constraint.schema == RATED  # checked as written
+    conv = Conversation(random_model)
+    for seed in range(8):
+        conv.reset()
+        text = ask(conv, pic(images, "red"), constraint.grammar, seed=seed, max_tokens=200,
+                   temperature=1.0)  # fmt: skip
+        value = constraint.check(text, conv.last.finish_reason)
+        jsonschema.validate(value, RATED)
+        assert value["even"] in (2, 4, 6, 8) and value["type"] in (-3, -2, -1)
+
+
+def test_only_narrow_integer_ranges_become_enums() -> None:
+    from llava_cli.engine.grammar import _integer_ranges_as_enums
+
+    wide = {"type": "integer", "minimum": 0, "maximum": 10**6}
+    half_open = {"type": "integer", "minimum": 0}
+    empty = {"type": "integer", "minimum": 5, "maximum": 4}
+    assert _integer_ranges_as_enums([wide, half_open, empty]) == [wide, half_open, empty]
+    number = {"type": "number", "minimum": 1, "maximum": 2}
+    assert _integer_ranges_as_enums(number) == number
+    floats = {"type": "integer", "minimum": 0.5, "maximum": 3.5}
+    assert _integer_ranges_as_enums(floats)["enum"] == [1, 2, 3]
+
+
 def test_every_answer_gets_a_fresh_grammar(random_model: LoadedModel, images: Path) -> None:
     """A second turn, and the same prompt again (a retry): each answer starts the grammar over,
     whatever the cache kept from the one before."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import json
+import math
 import os
 import re
 import sys
@@ -129,6 +130,7 @@ def schema_to_gbnf(schema: dict[str, Any]) -> str:
     """The GBNF grammar of ``schema`` (already checked for depth and repetition counts by
     ``structured``); SchemaError with the converter's reason if it cannot be converted."""
     bounded = _BoundedConverter()
+    schema = _integer_ranges_as_enums(schema)
     try:
         bounded.index_refs(schema)
         bounded.visit(schema, "")
@@ -140,6 +142,53 @@ def schema_to_gbnf(schema: dict[str, Any]) -> str:
     except (AssertionError, LookupError, ValueError, TypeError, AttributeError) as exc:
         reason = " ".join(str(exc).split()) or "an unsupported construct"
         raise SchemaError(escaped(reason[:160] + ("…" if len(reason) > 160 else ""))) from None
+
+
+# An integer between two bounds no wider apart than this is written out as an enum: the
+# converter ignores minimum and maximum (a "rating from 1 to 5" came out as any integer),
+# and a list of a few hundred numbers is a small grammar.
+INTEGER_ENUM_SPAN = 1000
+
+
+def _integer_ranges_as_enums(node: Any) -> Any:
+    """``node`` with every bounded integer schema (``{"type": "integer", "minimum": 1,
+    "maximum": 5}``) given the enum of its values, so that the grammar holds the answer to
+    them; wider or half-open ranges are left to the check after generation."""
+    if isinstance(node, list):
+        return [_integer_ranges_as_enums(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _integer_ranges_as_enums(value) for key, value in node.items()}
+    if out.get("type") != "integer" or "enum" in out or "const" in out:
+        return out
+    low, high = _integer_bounds(out)
+    if low is None or high is None or not 0 <= high - low < INTEGER_ENUM_SPAN:
+        return out
+    step = out.get("multipleOf")
+    if not (isinstance(step, int | float) and _is_number(step) and step > 0):
+        step = 1
+    values = [n for n in range(low, high + 1) if n % step == 0]
+    return {**out, "enum": values} if values else out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The smallest and largest integer a schema's minimum/maximum keywords allow."""
+    lows: list[int] = []
+    highs: list[int] = []
+    for key, bounds, integer in (
+        ("minimum", lows, math.ceil),
+        ("exclusiveMinimum", lows, lambda v: math.floor(v) + 1),
+        ("maximum", highs, math.floor),
+        ("exclusiveMaximum", highs, lambda v: math.ceil(v) - 1),
+    ):
+        value = schema.get(key)
+        if isinstance(value, int | float) and _is_number(value):
+            bounds.append(int(integer(value)))
+    return (max(lows) if lows else None), (min(highs) if highs else None)
 
 
 def _pointed_at(schema: dict[str, Any], ref: str) -> Any:
