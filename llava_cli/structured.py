@@ -32,6 +32,7 @@ SCHEMA_MAX_REPEAT = 1000
 _COUNTS = (("minItems", "maxItems"), ("minLength", "maxLength"))
 _QUANTIFIER = re.compile(r"\{([^}]*)\}")
 _MESSAGE_MAX = 200
+_JSON_HINT = "check the JSON (inline, quote it for the shell: --json-schema '{...}')"
 
 
 class AnswerRejected(LlavaError):
@@ -98,7 +99,13 @@ def constraint_from(
     if json_schema is None:
         return None
     fault: type[LlavaError]
-    if json_schema.lstrip()[:1] in ("{", "["):
+    if not json_schema.strip():
+        raise UsageError(
+            "--json-schema needs a schema", "a file name, or the schema as JSON: '{\"type\": …}'"
+        )
+    # Text from the command line that is not UTF-8 (a narrow locale's argv) is read as UTF-8.
+    json_schema = json_schema.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if json_schema.lstrip()[:1] in ("{", "[") or json_schema.strip() in ("true", "false"):
         what, fault, source = "the inline JSON schema", UsageError, "the inline JSON schema"
         if len(json_schema.encode("utf-8", "surrogatepass")) > SCHEMA_MAX_BYTES:
             raise UsageError(f"{what} is over the limit of {exact_bytes(SCHEMA_MAX_BYTES)}")
@@ -131,7 +138,7 @@ def _text_of(path: Path, noun: str, limit: int, fault: type[LlavaError]) -> str:
     except UnicodeDecodeError as exc:
         raise fault(f"{what} is not UTF-8 text (byte {exc.start:,})") from None
     if not text.strip():
-        raise fault(f"{what} is empty")
+        raise fault(f"{what} is empty", "write the schema or grammar into it")
     return text
 
 
@@ -146,7 +153,12 @@ def _checked_grammar(text: str, what: str, fault: type[LlavaError], verbose: boo
             if what.startswith("grammar")
             else "makes a grammar that cannot be used"
         )
-        raise fault(f"{what} {made}: {exc}") from None
+        raise fault(
+            f"{what} {made}: {exc}",
+            "see llama.cpp's grammars/README.md for GBNF"
+            if what.startswith("grammar")
+            else "simplify the schema (--verbose shows llama.cpp's own words)",
+        ) from None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -158,10 +170,11 @@ def _schema_of(text: str, what: str, fault: type[LlavaError]) -> dict[str, Any]:
         schema = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise fault(
-            f"{what} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+            f"{what} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
+            _JSON_HINT,
         ) from None
     except ValueError as exc:
-        raise fault(f"{what} is not valid JSON: {exc}") from None
+        raise fault(f"{what} is not valid JSON: {exc}", _JSON_HINT) from None
     except RecursionError:
         raise fault(f"{what} nests deeper than {SCHEMA_MAX_DEPTH} levels") from None
     if not isinstance(schema, dict):

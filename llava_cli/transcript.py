@@ -199,7 +199,10 @@ def load(path: Path) -> Transcript:
     try:
         text = read_regular(path, MAX_BYTES, "chat file").decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise BadInput(f"{path} is not a chat saved by llava (not UTF-8 text)") from exc
+        raise BadInput(
+            f"{path} is not a chat saved by llava (not UTF-8 text)",
+            "give a chat saved with /save (Markdown or JSON)",
+        ) from exc
     try:
         start = text.rfind(_MARK)
         if start >= 0:
@@ -236,5 +239,6 @@ def load(path: Path) -> Transcript:
         # Python's own words ("'list' object has no attribute 'get'") would not help.
         why = str(exc) if isinstance(exc, _NotAChat) else "not the JSON /save writes"
         raise BadInput(
-            f"{path} is not a chat saved by llava ({why})", "save one with /save FILE"
+            f"{path} is not a chat saved by llava ({why})",
+            "give a chat saved with /save (Markdown or JSON)",
         ) from exc

@@ -110,6 +110,8 @@ def test_continue_goes_on_with_the_last_chat(oracle: synthetic.ModelPair, images
     code, out, err = chat("-c", *oracle_args(oracle))
     assert (code, out) == (4, ""), err
     assert "changed since the chat was saved" in err and "llava chat ·" not in err
+    assert err.startswith("Error: the last chat cannot be continued: ")
+    assert err.endswith(" — start a new one with llava chat IMAGE (it replaces the last chat)\n")
 
 
 def test_resume_a_saved_chat(oracle: synthetic.ModelPair, images: Path, tmp_path: Path) -> None:

@@ -159,7 +159,9 @@ def run(opts: AskOptions) -> int:
             raise UsageError(f"no image given (read {opts.prompt!r} as the question)", hint)
         raise UsageError("no image given", hint)
     if opts.images.count("-") > 1:
-        raise UsageError("standard input ('-') can be read only once")
+        raise UsageError(
+            "standard input ('-') can be read only once", "pass one image as '-', the rest as files"
+        )
     check_chat_format(opts.runtime.chat_format)
     constraint = constraint_from(opts.json_schema, opts.grammar, verbose=opts.runtime.verbose)
     if constraint is not None:

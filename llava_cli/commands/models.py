@@ -27,6 +27,7 @@ from ..modelref import (
 )
 from ..registry import ModelSpec, Ref, parse_ref
 from ..text import display_path, escaped
+from ..units import plural
 from .listing import empty_hint, list_available, list_pulled
 from .pull import explained
 
@@ -290,5 +291,6 @@ def cache_clear() -> int:
     from ..cache import PrefixCache
 
     gone = PrefixCache.default().clear()
-    render.info(f"removed {gone.entries} saved prefixes ({render.human_bytes(gone.size)})")
+    removed = plural(gone.entries, "saved prefix", "saved prefixes")
+    render.info(f"removed {removed} ({render.human_bytes(gone.size)})")
     return EXIT_OK

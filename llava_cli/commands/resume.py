@@ -62,7 +62,13 @@ def from_command_line(
         path = transcript.last_chat_path()
         if not path.exists():
             raise BadInput("there is no earlier chat to continue", "start one: llava chat IMAGE")
-        return read(path, "the last chat", sampling, load_image)
+        try:
+            return read(path, "the last chat", sampling, load_image)
+        except BadInput as exc:  # say whose file or image it is, and the way out
+            raise BadInput(
+                f"the last chat cannot be continued: {exc.message}",
+                "start a new one with llava chat IMAGE (it replaces the last chat)",
+            ) from None
     if resume is not None:
         return read(Path(resume).expanduser(), resume, sampling, load_image)
     return None
