@@ -256,6 +256,11 @@ def test_ctrl_c_keeps_the_partial_file_for_the_next_run(served: Served) -> None:
     assert b"Traceback" not in err
     assert partial.stat().st_size >= 20_000
     assert not served.blob(served.model).exists()
+    # it says what the next run picks up
+    assert re.search(
+        rf"stopped; [\d.]+ kB of {MODEL} \([\d.]+ kB\) is kept: `llava pull oracle` resumes",
+        err.decode(),
+    ), err
 
 
 def test_sha256_mismatch_deletes_the_download(served: Served) -> None:

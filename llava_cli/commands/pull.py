@@ -121,18 +121,31 @@ def explained(ref: Ref) -> Iterator[None]:
     except (NetworkError, ServerError) as exc:
         exc.hint = "; ".join(p for p in (exc.hint, *_on_disk(ref, exc)) if p)
         raise
+    except KeyboardInterrupt:  # Ctrl-C during a download: say what the next run picks up
+        kept = _kept_note(ref)
+        if kept:
+            render.info(f"stopped; {kept}")
+        raise
+
+
+def _kept_note(ref: Ref) -> str | None:
+    """``1.2 GB of model.gguf (4.1 GB) is kept: `llava pull REF` resumes from there``."""
+    kept = kept_partials(ref)
+    if not kept:
+        return None
+    part = kept[0]
+    what = f"{human_bytes(part.have)} of {part.file or 'a file'}"
+    if part.size:
+        what += f" ({human_bytes(part.size)})"
+    more = f" and {len(kept) - 1} more partial files" if len(kept) > 1 else ""
+    return f"{what}{more} is kept: `llava pull {ref}` resumes from there"
 
 
 def _on_disk(ref: Ref, exc: LlavaError) -> list[str]:
     notes = []
-    kept = kept_partials(ref)
+    kept = _kept_note(ref)
     if kept:
-        part = kept[0]
-        what = f"{human_bytes(part.have)} of {part.file or 'a file'}"
-        if part.size:
-            what += f" ({human_bytes(part.size)})"
-        more = f" and {len(kept) - 1} more partial files" if len(kept) > 1 else ""
-        notes.append(f"{what}{more} is kept: `llava pull {ref}` resumes from there")
+        notes.append(kept)
     elif isinstance(exc, HubUnreachable):
         notes.append("nothing was downloaded")
     if isinstance(exc, HubUnreachable):
