@@ -94,6 +94,7 @@ def list_available(*, json: bool = False) -> int:
         render.json_value([_spec_json(s, reg, pulled) for s in reg.models.values()])
         return EXIT_OK
     sizes = catalogue_sizes(list(reg.models.values()))
+    width = output_width(sys.stdout)  # None in a pipe: every cell whole
     columns = [
         _Column("NAME", [_name(s.spec.key, reg.default) for s in sizes]),
         _Column("ALIASES", [", ".join(s.spec.aliases) or "-" for s in sizes], True, least=20),
@@ -102,9 +103,9 @@ def list_available(*, json: bool = False) -> int:
         _Column("DOWNLOAD", [s.text for s in sizes]),
         _Column("PULLED", ["yes" if f"{s.spec.key}:{s.quant}" in pulled else "" for s in sizes]),
         _Column("LICENSE", [s.spec.license for s in sizes], optional=2),
-        _Column("DESCRIPTION", [_short(s.spec.description) for s in sizes], True, 1, 24),
+        _Column("DESCRIPTION", [_short(s.spec.description, width) for s in sizes], True, 1, 24),
     ]
-    columns = _fitting(columns, output_width(sys.stdout))
+    columns = _fitting(columns, width)
     rows = [[c.header for c in columns], *map(list, zip(*(c.cells for c in columns), strict=True))]
     render.table(rows, shrink=[i for i, c in enumerate(columns) if c.shrink])
     if any(s.text == "?" for s in sizes):
@@ -203,9 +204,13 @@ def _listed_size(entry: EntrySize) -> int | None:
     return sum(found) if all(found) else None
 
 
-def _short(text: str, width: int = 60) -> str:
+def _short(text: str, width: int | None) -> str:
+    """The description's first sentence; on a terminal (``width`` known), at most 60
+    characters of it."""
     first = text.split(". ", maxsplit=1)[0].rstrip(".")
-    return first if len(first) <= width else first[: width - 1].rstrip(" ,;") + "…"
+    if width is None or len(first) <= 60:
+        return first
+    return first[:59].rstrip(" ,;") + "…"
 
 
 def _spec_json(spec: ModelSpec, reg: registry.Registry, pulled: set[str]) -> dict[str, Any]:
