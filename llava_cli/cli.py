@@ -14,6 +14,7 @@ import typer
 
 from . import __version__
 from .cli_options import (
+    CONVERSATION,
     GEN,
     OUTPUT,
     ChatFormatOpt,
@@ -103,7 +104,7 @@ def _question(arguments: list[str], prompt: str | None, flag: str) -> tuple[list
     epilog="Examples:\n"
     "  llava ask photo.jpg 'What is in this picture?'\n"
     "  llava ask scan.png -p 'Transcribe the text.' -m smolvlm-500m\n"
-    "  llava ask a.png b.png 'Which room is this?'     (==> a.png <== before each answer)\n"
+    "  llava ask a.png b.png 'Which room?'   (each answer after its ==> a.png <==)\n"
     "  llava ask receipt.jpg --json-schema receipt.json --json | jq .parsed\n"
     "  echo 'Is there a cat?' | llava ask photo.jpg\n"
     "  curl -s https://example.org/x.png | llava ask - 'Describe it.'",
@@ -231,11 +232,25 @@ def ask(
 
 
 def _slash_commands() -> str:
-    """chat --help's list of slash commands, from the table the chat itself uses."""
+    """chat --help's list of slash commands, from the table the chat itself uses: each with
+    what it takes (``/image PATH...``), its help wrapped within 80 columns."""
+    import re
+    import textwrap
+
     from .commands.slash import COMMANDS
 
-    width = max(len(name) for name in COMMANDS)
-    lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    rows = []
+    for name, text in COMMANDS.items():
+        # what the command takes leads its help: upper-case words, [optional] ones, "..."
+        taken = re.match(r"((?:\[?[A-Z]+\]?(?:\.\.\.)?\s)*)(.*)", text)
+        assert taken is not None
+        rows.append((f"{name} {taken.group(1).strip()}".strip(), taken.group(2)))
+    width = max(len(usage) for usage, _ in rows)
+    lines = []
+    for usage, text in rows:
+        wrapped = textwrap.wrap(text, 80 - width - 4) or [""]
+        lines.append(f"  {usage:<{width}}  {wrapped[0]}")
+        lines += [" " * (width + 4) + more for more in wrapped[1:]]
     return "In the chat (Tab completes them):\n" + "\n".join(lines)
 
 
@@ -244,10 +259,10 @@ def _slash_commands() -> str:
     short_help="Talk about images: streamed answers, slash commands, nothing read twice.",
     epilog=_slash_commands() + "\n\nExamples:\n"
     "  llava chat photo.jpg\n"
-    "  llava chat photo.jpg 'What is unusual here?'   (answers, then waits for more)\n"
-    "  llava chat -c                                 (the last chat, where it ended)\n"
+    "  llava chat photo.jpg 'What is unusual here?'  (answers, then waits for more)\n"
+    "  llava chat -c                                (the last chat, where it ended)\n"
     "  llava chat --resume trip.json\n"
-    "  llava chat -m gemma3 < questions.txt          (one message per line, answers only)",
+    "  llava chat -m gemma3 < questions.txt   (a message per line; answers only)",
 )
 def chat(
     arguments: Annotated[
@@ -261,12 +276,17 @@ def chat(
     continue_last: Annotated[
         bool,
         typer.Option(
-            "--continue", "-c", help="Resume the last chat, as it ended.", rich_help_panel=GEN
+            "--continue",
+            "-c",
+            help="Resume the last chat, as it ended.",
+            rich_help_panel=CONVERSATION,
         ),
     ] = False,
     resume: Annotated[
         str | None,
-        typer.Option(metavar="FILE", help="Resume a chat saved with /save.", rich_help_panel=GEN),
+        typer.Option(
+            metavar="FILE", help="Resume a chat saved with /save.", rich_help_panel=CONVERSATION
+        ),
     ] = None,
     model: ModelOpt = None,
     mmproj: MmprojOpt = None,

@@ -17,7 +17,8 @@ OUTPUT = "Output"
 HARDWARE = "Hardware"
 LIMITS_HEADING = "Input limits"
 OTHER = "Other options"
-HEADINGS = (MODEL, GEN, OUTPUT, HARDWARE, LIMITS_HEADING, OTHER)  # in this order in --help
+CONVERSATION = "Conversation"
+HEADINGS = (CONVERSATION, MODEL, GEN, OUTPUT, HARDWARE, LIMITS_HEADING, OTHER)  # --help's order
 
 
 class Command(TyperCommand):

@@ -112,3 +112,10 @@ def test_the_command_reference_is_generated_and_checked(tmp_path: Path) -> None:
         [*script, "--check", "--output", str(stale)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 1 and "stale" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["", *SUBCOMMANDS])
+def test_help_fits_80_columns(command: str) -> None:
+    result = llava(*([command] if command else []), "--help", env={"COLUMNS": "80"})
+    assert result.returncode == 0
+    assert max(map(len, result.stdout.decode().splitlines())) <= 80
