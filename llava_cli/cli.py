@@ -42,6 +42,7 @@ from .cli_options import (
     TopPOpt,
     VerboseOpt,
     YesOpt,
+    complete_models,
     number,
     runtime_from,
     sampling_from,
@@ -373,6 +374,7 @@ def pull(
     refs: Annotated[
         list[str],
         typer.Argument(
+            autocompletion=complete_models,
             metavar="REF...",
             help="NAME[:QUANT] from the registry (see llava list --available) "
             "or OWNER/REPO[:QUANT] on the hub.",
@@ -422,6 +424,7 @@ def show(
     ref: Annotated[
         str,
         typer.Argument(
+            autocompletion=complete_models,
             metavar="REF",
             help="NAME[:QUANT], OWNER/REPO[:QUANT], or a GGUF file.",
             show_default=False,
@@ -447,7 +450,12 @@ def show(
 def rm(
     refs: Annotated[
         list[str],
-        typer.Argument(metavar="REF...", help="Pulled models to remove.", show_default=False),
+        typer.Argument(
+            metavar="REF...",
+            help="Pulled models to remove.",
+            show_default=False,
+            autocompletion=complete_models,
+        ),
     ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:

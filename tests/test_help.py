@@ -95,6 +95,7 @@ def test_shell_completion_of_commands_options_and_model_names() -> None:
     names = complete("llava ask -m gemma")
     assert "gemma3" in names and "gemma-3-4b" in names  # aliases too
     assert all(n.startswith("gemma") for n in names)
+    assert "smolvlm-500m" in complete("llava pull smol") and "gemma3" in complete("llava show ge")
     # The shell named, not detected from the parent process (make runs tests under sh).
     script = llava(
         "--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}

@@ -190,8 +190,8 @@ def run(opts: AskOptions) -> int:
         if opts.together:
             _answer_together(runner, sources, prompt)
         else:
-            for source in sources:
-                _answer_one(runner, source, prompt)
+            for number, source in enumerate(sources, 1):
+                _answer_one(runner, source, prompt, number)
     finally:
         runner.close()
     return _exit_code(runner.failures)
@@ -317,14 +317,16 @@ def model_files(
     return files_for_run(model, mmproj, offline=offline, yes=yes)
 
 
-def _answer_one(runner: _Runner, source: str, prompt: str) -> None:
+def _answer_one(runner: _Runner, source: str, prompt: str, number: int = 1) -> None:
     opts = runner.opts
     try:
         image = runner.image(source)
         header = None
         if runner.labelled:  # as head(1): a blank line before every header but the first
             header = f"{chr(10) if runner.answers else ''}==> {source} <==\n"
-        parsed = _ask(runner, [image], prompt, header=header)
+        many = len(opts.images) > 1
+        place = f"{number} of {len(opts.images)}: {source}" if many else None
+        parsed = _ask(runner, [image], prompt, header=header, place=place)
         runner.answers += 1
     except (ImageError, ContextOverflow, AnswerRejected) as exc:  # this image's problem
         _report_failure(runner, source, exc)  # go on with the rest
@@ -363,6 +365,7 @@ def _ask(
     prompt: str,
     *,
     header: str | None = None,
+    place: str | None = None,
 ) -> Any:
     """Answer one prompt; the answer streams to stdout (unless --json). Under a constraint
     (--json-schema, --grammar) the answer is held back until it is checked, so that stdout
@@ -373,11 +376,13 @@ def _ask(
     session = conversation.loaded.session
     if not opts.runtime.verbose:  # llama.cpp's log lines would land on the status line
         session.on_progress = render.status
+        if place is not None:  # which image of a batch: "encoding image (2 of 5: b.png)"
+            session.on_progress = lambda what: render.status(f"{what} ({place})")
     try:
         if opts.json or constraint is not None:  # held back: the record, or until checked
             for i, _ in enumerate(conversation.ask(prompt, images, runner.sampling)):
                 if i == 0 and session.on_progress is not None:
-                    render.status("writing the answer")
+                    session.on_progress("writing the answer")
         else:
             echo = render.ThinkingEcho()
             chunks = echo.answer(conversation.ask(prompt, images, runner.sampling, echo))

@@ -593,7 +593,7 @@ class Session:
                 self.counters.image_chunks_encoded += 1
                 if turn:
                     turn.image_encode_s += time.perf_counter() - t0
-            self._progress(f"reading {label}")
+            self._progress(f"adding {label} to the context")
             t0 = time.perf_counter()
             new_pos = llama_cpp.llama_pos(0)
             rc = mtmd.mtmd_helper_decode_image_chunk(
