@@ -570,8 +570,28 @@ def usage_error(exc: Exception, argv: list[str]) -> int:
     format_message = getattr(exc, "format_message", None)
     message = format_message() if callable(format_message) else str(exc)
     message = " ".join(str(message).split()).rstrip(".")
+    message = _source_of_value(message, argv)
     render.error(f"{message[:1].lower()}{message[1:]} — see {command} --help")
     return int(getattr(exc, "exit_code", 2))
+
+
+def _source_of_value(message: str, argv: list[str]) -> str:
+    """A bad value's message in plain words: click names an option's environment variable in
+    every message about its value (``'--ctx' (env var: 'LLAVA_CTX')``), kept only when the
+    value came from it; a type error says what the value must be."""
+    import re
+
+    # The type check's own words (pydantic's) in the words the range check uses
+    message = re.sub(r"Input should be a valid integer\b.*", "must be a whole number", message)
+    message = re.sub(r"Input should be a valid number\b.*", "must be a number", message)
+    found = re.search(r"'(--[\w-]+)' \(env var: '(\w+)'\)", message)
+    if found is None:
+        return message
+    option = found.group(1)
+    typed = any(arg == option or arg.startswith(option + "=") for arg in argv)
+    if typed:
+        return message.replace(f" (env var: '{found.group(2)}')", "", 1)
+    return message.replace(f"'{option}' (env var: '{found.group(2)}')", found.group(2), 1)
 
 
 def _silence_stdout() -> None:

@@ -120,3 +120,15 @@ def test_help_fits_80_columns(command: str) -> None:
     result = llava(*([command] if command else []), "--help", env={"COLUMNS": "80"})
     assert result.returncode == 0
     assert max(map(len, result.stdout.decode().splitlines())) <= 80
+
+
+def test_a_bad_value_is_named_where_it_came_from() -> None:
+    typed = llava("ask", "x.png", "--temperature", "hot")
+    assert typed.stderr.decode() == (
+        "Error: invalid value for '--temperature': must be a number — see llava ask --help\n"
+    )
+    from_env = llava("ask", "x.png", env={"LLAVA_CTX": "5"})
+    assert from_env.stderr.decode() == (
+        "Error: invalid value for LLAVA_CTX: must be at least 64, not 5 — see llava ask --help\n"
+    )
+    assert b"must be a whole number" in llava("ask", "x.png", "--top-k", "1.5").stderr

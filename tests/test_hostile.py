@@ -690,6 +690,15 @@ def test_mutated_images_are_answered_or_refused_cleanly(
             path.write_bytes(data)
             paths.append(path)
     run = bounded("ask", *paths, *pair_args, "--json")
+    refused = [json.loads(line) for line in run.out.decode().splitlines()]
+    if len(refused) < len(paths):  # some failed the check before the model: nothing was asked
+        assert run.code == 4 and all("error" in r for r in refused), run.err
+        assert run.lines[:-1] == [f"Error: {r['error']}" for r in refused], run.err
+        assert run.lines[-1].startswith("nothing was asked: "), run.err
+        assert run.peak_rss < PEAK_RSS
+        # the rest, once more: read, decoded and answered (or refused) with the model loaded
+        paths = [p for p in paths if str(p) not in {r["image"] for r in refused}]
+        run = bounded("ask", *paths, *pair_args, "--json")
     answers = [json.loads(line) for line in run.out.decode().splitlines()]
     assert len(answers) == len(paths)
     errors = [a["error"] for a in answers if "error" in a]
