@@ -32,6 +32,7 @@ SCHEMA_MAX_REPEAT = 1000
 _COUNTS = (("minItems", "maxItems"), ("minLength", "maxLength"))
 _QUANTIFIER = re.compile(r"\{([^}]*)\}")
 _MESSAGE_MAX = 200
+_SIMPLER_HINT = "simplify the schema"
 _JSON_HINT = "check the JSON (inline, quote it for the shell: --json-schema '{...}')"
 
 
@@ -108,7 +109,9 @@ def constraint_from(
     if json_schema.lstrip()[:1] in ("{", "[") or json_schema.strip() in ("true", "false"):
         what, fault, source = "the inline JSON schema", UsageError, "the inline JSON schema"
         if len(json_schema.encode("utf-8", "surrogatepass")) > SCHEMA_MAX_BYTES:
-            raise UsageError(f"{what} is over the limit of {exact_bytes(SCHEMA_MAX_BYTES)}")
+            raise UsageError(
+                f"{what} is over the limit of {exact_bytes(SCHEMA_MAX_BYTES)}", _SIMPLER_HINT
+            )
         text = json_schema
     else:
         path = Path(json_schema)
@@ -120,7 +123,7 @@ def constraint_from(
     try:
         gbnf = schema_to_gbnf(schema)
     except SchemaError as exc:
-        raise fault(f"{what} cannot be turned into a grammar: {exc}") from None
+        raise fault(f"{what} cannot be turned into a grammar: {exc}", _SIMPLER_HINT) from None
     _checked_grammar(gbnf, what, fault, verbose)
     return Constraint(grammar=gbnf, schema=schema, source=source)
 
@@ -136,7 +139,7 @@ def _text_of(path: Path, noun: str, limit: int, fault: type[LlavaError]) -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise fault(f"{what} is not UTF-8 text (byte {exc.start:,})") from None
+        raise fault(f"{what} is not UTF-8 text (byte {exc.start:,})", "save it as UTF-8") from None
     if not text.strip():
         raise fault(f"{what} is empty", "write the schema or grammar into it")
     return text
@@ -176,9 +179,12 @@ def _schema_of(text: str, what: str, fault: type[LlavaError]) -> dict[str, Any]:
     except ValueError as exc:
         raise fault(f"{what} is not valid JSON: {exc}", _JSON_HINT) from None
     except RecursionError:
-        raise fault(f"{what} nests deeper than {SCHEMA_MAX_DEPTH} levels") from None
+        raise fault(f"{what} nests deeper than {SCHEMA_MAX_DEPTH} levels", _SIMPLER_HINT) from None
     if not isinstance(schema, dict):
-        raise fault(f"{what} must be a JSON object (a schema), not {_kind(schema)}")
+        raise fault(
+            f"{what} must be a JSON object (a schema), not {_kind(schema)}",
+            'a schema is an object: {"type": "object", "properties": {…}}',
+        )
     _check_limits(schema, what, fault)
     from jsonschema.exceptions import SchemaError
     from jsonschema.validators import validator_for
@@ -187,9 +193,12 @@ def _schema_of(text: str, what: str, fault: type[LlavaError]) -> dict[str, Any]:
         validator_for(schema).check_schema(schema)
     except SchemaError as exc:
         where = _path(exc.absolute_path)
-        raise fault(f"{what} is not a valid JSON schema: {where}{_cut(exc.message)}") from None
+        raise fault(
+            f"{what} is not a valid JSON schema: {where}{_cut(exc.message)}",
+            "see json-schema.org for what each keyword takes",
+        ) from None
     except RecursionError:  # a pattern's regular expression, compiled to check it
-        raise fault(f"{what} holds a pattern nested too deeply to read") from None
+        raise fault(f"{what} holds a pattern nested too deeply to read", _SIMPLER_HINT) from None
     return schema
 
 
@@ -200,7 +209,7 @@ def _check_limits(schema: dict[str, Any], what: str, fault: type[LlavaError]) ->
     while todo:
         node, depth = todo.pop()
         if depth > SCHEMA_MAX_DEPTH:
-            raise fault(f"{what} nests deeper than {SCHEMA_MAX_DEPTH} levels")
+            raise fault(f"{what} nests deeper than {SCHEMA_MAX_DEPTH} levels", _SIMPLER_HINT)
         if isinstance(node, list):
             todo.extend((item, depth + 1) for item in node)
             continue
@@ -222,7 +231,10 @@ def _check_limits(schema: dict[str, Any], what: str, fault: type[LlavaError]) ->
                         f"drop {key}: the answer is then checked, not constrained, for it",
                     )
             if _is_count(low) and _is_count(high) and low > high:
-                raise fault(f"{what} asks for {low_key} {low} but {high_key} {high}")
+                raise fault(
+                    f"{what} asks for {low_key} {low} but {high_key} {high}",
+                    f"{low_key} must not be more than {high_key}",
+                )
         pattern = node.get("pattern")
         if isinstance(pattern, str):
             for braces in _QUANTIFIER.findall(pattern):
@@ -231,7 +243,8 @@ def _check_limits(schema: dict[str, Any], what: str, fault: type[LlavaError]) ->
                         times = f"{int(number):,}" if len(number) <= 6 else "over 999,999"
                         raise fault(
                             f"{what} has a pattern that repeats {times} times, over the limit "
-                            f"of {SCHEMA_MAX_REPEAT:,}"
+                            f"of {SCHEMA_MAX_REPEAT:,}",
+                            "repeat less in the pattern: the answer is checked against it after",
                         )
         todo.extend((value, depth + 1) for value in node.values())
 
