@@ -603,3 +603,15 @@ def test_cli_reads_the_constraint_before_any_model(
     assert (result.returncode, result.stdout) == (code, b"")
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
+
+
+def test_a_schema_answer_stays_valid_json_under_a_narrow_locale(
+    random_pair: synthetic.ModelPair, images: Path
+) -> None:
+    """An ASCII stdout cannot carry "é": the answer is written with JSON escapes, not "?"."""
+    schema = '{"enum": ["é", "ü"]}'
+    for env in ({"PYTHONIOENCODING": "ascii"}, {"LC_ALL": "C", "PYTHONUTF8": "0"}):
+        result = llava("ask", images / "red.png", "x", *model_args(random_pair),
+                       "--json-schema", schema, env=env)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) in ("é", "ü") and result.stdout.isascii()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from ..options import (
     SamplingParams,
 )
 from ..structured import AnswerRejected, Constraint, constraint_from
+from ..terminal import can_encode
 from ..units import plural, rate
 
 if TYPE_CHECKING:
@@ -401,6 +403,9 @@ def _ask(
     tokens = completion.usage.completion_tokens
     parsed = constraint.check(answer, completion.finish_reason, tokens=tokens)
     if not opts.json:
+        if constraint.schema is not None and not can_encode(sys.stdout, answer):
+            # a narrow locale would turn "é" into "?" and break the JSON: escape it instead
+            answer = json.dumps(parsed)
         render.stream_answer(_headed([answer], header))
     return parsed
 
