@@ -49,6 +49,7 @@ from .cli_options import (
 )
 from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
 from .options import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
+from .slash import SETTINGS
 from .templates import MEDIA_MARKER
 
 app = typer.Typer(
@@ -232,13 +233,24 @@ def ask(
     raise typer.Exit(guarded(run))
 
 
+def _given(context: typer.Context, names: tuple[str, ...]) -> frozenset[str]:
+    """Which of these options were set on the command line or in the environment (not left
+    at their defaults): a resumed chat's saved settings yield to them."""
+    given = set()
+    for name in names:
+        source = context.get_parameter_source(name.replace("-", "_"))
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given.add(name)
+    return frozenset(given)
+
+
 def _slash_commands() -> str:
     """chat --help's list of slash commands, from the table the chat itself uses: each with
     what it takes (``/image PATH...``), its help wrapped within 80 columns."""
     import re
     import textwrap
 
-    from .commands.slash import COMMANDS
+    from .slash import COMMANDS
 
     rows = []
     for name, text in COMMANDS.items():
@@ -266,6 +278,7 @@ def _slash_commands() -> str:
     "  llava chat -m gemma3 < questions.txt   (a message per line; answers only)",
 )
 def chat(
+    context: typer.Context,
     arguments: Annotated[
         list[str] | None,
         typer.Argument(
@@ -338,6 +351,7 @@ def chat(
             offline=offline,
             yes=yes,
             think=think,
+            given=_given(context, SETTINGS),
         )
         return command.run(opts)
 

@@ -3,7 +3,7 @@
 Enter sends; Alt-Enter (or Esc then Enter) starts a new line, and pasted text keeps its
 newlines. Tab completes slash commands, and file paths after the commands that take them
 (images after /image), quoted as the commands split them. Ctrl-C clears the line; Ctrl-D on
-an empty line ends the chat. The slash commands live in ``commands/slash.py`` (the table)
+an empty line ends the chat. The slash commands live in ``slash.py`` (the table)
 and ``commands/chat.py``; this module only reads lines.
 """
 
@@ -22,7 +22,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
-from .commands.slash import FILE_ARGUMENTS, IMAGE_ARGUMENTS, last_word, split_words
+from .slash import FILE_ARGUMENTS, IMAGE_ARGUMENTS, last_word, split_words
 
 
 class ChatCompleter(Completer):

@@ -22,10 +22,10 @@ from prompt_toolkit.output import DummyOutput
 
 from llava_cli import synthetic
 from llava_cli.commands.chat import COMMANDS, Chat, ChatOptions, open_chat
-from llava_cli.commands.slash import split_words
 from llava_cli.engine import Counters
 from llava_cli.options import RuntimeOptions, SamplingParams
 from llava_cli.repl import LineReader
+from llava_cli.slash import split_words
 
 from .conftest import llava
 

@@ -106,6 +106,14 @@ def test_continue_goes_on_with_the_last_chat(oracle: synthetic.ModelPair, images
         "And the colour again?",
     ]
 
+    # settings given now win over the saved ones; the rest come back as they were
+    code, out, err = chat("-c", "--max-tokens", "7", stdin="/set\n",
+                          env={"LLAVA_TEMPERATURE": "0.9"})  # fmt: skip
+    assert code == 0, err
+    settings = err.splitlines()
+    assert "max-tokens 7" in settings and "temperature 0.9" in settings
+    assert "top-k 40" in settings
+
     picture.write_bytes((images / "blue.png").read_bytes())  # changed since: nothing starts
     code, out, err = chat("-c", *oracle_args(oracle))
     assert (code, out) == (4, ""), err

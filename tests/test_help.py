@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_cli.commands.slash import COMMANDS
+from llava_cli.slash import COMMANDS
 from tests.conftest import llava
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,6 +26,7 @@ from ..errors import EXIT_OK, ContextOverflow, LlavaError, UsageError
 from ..images import PreparedImage, thumbnail
 from ..modelref import ModelFiles, looks_like_path
 from ..options import MAX_TOKEN_CHARS, SamplingParams
+from ..slash import COMMANDS, canonical, help_lines, settings_of, split_words, with_setting
 from ..units import plural, rate
 from . import resume
 from .ask import (
@@ -35,7 +36,6 @@ from .ask import (
     note_unanswered,
     warn_if_no_thinking,
 )
-from .slash import COMMANDS, canonical, help_lines, settings_of, split_words, with_setting
 
 if TYPE_CHECKING:
     from ..conversation import Conversation, Exchange
@@ -53,6 +53,7 @@ class ChatOptions(ModelOptions):
     resume: str | None = None  # a chat saved with /save, to go on with (--resume FILE)
     continue_last: bool = False  # go on with the last chat (-c, --continue)
     history: bool = True  # keep the input history, and the last chat for -c
+    given: frozenset[str] = frozenset()  # settings set now (flags, env): a resumed chat's yield
 
 
 def run(opts: ChatOptions) -> int:
@@ -70,6 +71,7 @@ def run(opts: ChatOptions) -> int:
         resume=opts.resume,
         sampling=opts.sampling,
         load_image=opts.load_image,
+        given=opts.given,
     )
     if resumed is not None:
         model, mmproj = resume.model_for(resumed.saved, opts.model, opts.mmproj)
@@ -98,9 +100,12 @@ def open_chat(opts: ChatOptions) -> Chat:
 
     check_chat_format(opts.runtime.chat_format)
     files = model_files(opts.model, opts.mmproj, offline=opts.offline, yes=opts.yes)
-    render.status(f"loading {files.name}")
+    quiet = not opts.runtime.verbose  # llama.cpp's log lines would land on the status line
+    if quiet:
+        render.status(f"loading {files.name}")
     loaded = open_model(files.model, files.mmproj, opts.runtime, known_format=files.chat_format)
-    loaded.session.on_progress = render.status  # encoding an image, reading the prompt
+    if quiet:
+        loaded.session.on_progress = render.status  # encoding an image, reading the prompt
     warn_if_no_thinking(opts, loaded.fmt)
     backend = backend_info()["backend"]
     render.info(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .. import transcript
 from ..errors import BadInput
 from ..modelref import looks_like_path
-from .slash import with_setting
+from ..slash import with_setting
 
 if TYPE_CHECKING:
     from ..conversation import Exchange
@@ -40,11 +40,14 @@ def read(
     source: str,
     sampling: SamplingParams,
     load_image: Callable[[str], PreparedImage],
+    given: frozenset[str] = frozenset(),
 ) -> Resumed:
-    """The chat saved in ``path``, its settings applied over ``sampling``."""
+    """The chat saved in ``path``, its settings applied over ``sampling``, except those
+    ``given`` now (on the command line or in the environment), which win."""
     saved = transcript.load(path)
     for key, value in saved.settings.items():
-        sampling = with_setting(sampling, key, str(value))
+        if key not in given:
+            sampling = with_setting(sampling, key, str(value))
     exchanges = transcript.restored_exchanges(saved, load_image)
     return Resumed(source, saved, exchanges, sampling)
 
@@ -55,6 +58,7 @@ def from_command_line(
     resume: str | None,
     sampling: SamplingParams,
     load_image: Callable[[str], PreparedImage],
+    given: frozenset[str] = frozenset(),
 ) -> Resumed | None:
     """The chat that ``-c`` or ``--resume FILE`` names (None for neither). With no last chat,
     ``-c`` is an error (exit 4), as a missing file is: nothing starts that was not asked for."""
@@ -63,14 +67,14 @@ def from_command_line(
         if not path.exists():
             raise BadInput("there is no earlier chat to continue", "start one: llava chat IMAGE")
         try:
-            return read(path, "the last chat", sampling, load_image)
+            return read(path, "the last chat", sampling, load_image, given)
         except BadInput as exc:  # say whose file or image it is, and the way out
             raise BadInput(
                 f"the last chat cannot be continued: {exc.message}",
                 "start a new one with llava chat IMAGE (it replaces the last chat)",
             ) from None
     if resume is not None:
-        return read(Path(resume).expanduser(), resume, sampling, load_image)
+        return read(Path(resume).expanduser(), resume, sampling, load_image, given)
     return None
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError
+from .errors import UsageError
 
 if TYPE_CHECKING:
-    from ..options import SamplingParams
+    from .options import SamplingParams
 
 COMMANDS: dict[str, str] = {
     "/image": "PATH... attach images to the next message",
@@ -108,7 +108,7 @@ def with_setting(sampling: SamplingParams, key: str, value: str) -> SamplingPara
     it; checked against its range."""
     from dataclasses import replace
 
-    from ..options import parse_number
+    from .options import parse_number
 
     key = key.lower().replace("_", "-")
     if key not in SETTINGS:
