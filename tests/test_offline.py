@@ -205,3 +205,23 @@ def test_a_missing_model_file_says_it_is_missing(
     line = the_error(llava(*run, cwd=workdir), 4)
     named = next(a for a in args if "nope" in a)
     assert line.startswith(f"Error: model file {named} does not exist — ")
+
+
+def test_list_available_waits_a_bounded_time_for_a_silent_hub() -> None:
+    """A hub that takes the connection and never answers: `list -a` waits its deadline for
+    the sizes, not every request's timeouts and retries (66 s before), then says so."""
+    import socket
+    import time
+
+    from llava_cli.commands.listing import LISTING_DEADLINE
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        env = {"HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}", "HF_HUB_OFFLINE": "0"}
+        start = time.monotonic()
+        result = llava("list", "-a", env=env, timeout=60)
+        took = time.monotonic() - start
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.decode() == "?: no size in the registry, and the hub did not answer\n"
+    assert took < LISTING_DEADLINE + 10  # a hang guard, not a speed target

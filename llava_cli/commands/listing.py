@@ -167,6 +167,9 @@ class EntrySize:
         return render.human_bytes(self.size) if self.exact else "~" + render.human_bytes(self.size)
 
 
+LISTING_DEADLINE = 3.0  # seconds `list -a` waits for the hub's sizes, all requests together
+
+
 def catalogue_sizes(specs: list[ModelSpec]) -> list[EntrySize]:
     """Each entry's download size: its pins, else what the hub lists (when online), else the
     entry's approximate ``download`` figure."""
@@ -179,14 +182,33 @@ def catalogue_sizes(specs: list[ModelSpec]) -> list[EntrySize]:
             sizes.append(EntrySize(spec, quant, spec.download, False))
     unknown = [s for s in sizes if s.size is None]
     if unknown and not hub_offline():
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(len(unknown), 8)) as pool:
-            listed = dict(zip(map(id, unknown), pool.map(_listed_size, unknown), strict=True))
+        listed = _listed_sizes(unknown)
         sizes = [
-            replace(s, size=listed[id(s)], exact=True) if id(s) in listed else s for s in sizes
+            replace(s, size=listed[id(s)], exact=True) if listed.get(id(s)) else s for s in sizes
         ]
     return sizes
+
+
+def _listed_sizes(entries: list[EntrySize]) -> dict[int, int | None]:
+    """The hub's sizes for these entries, asked all at once and waited for at most
+    LISTING_DEADLINE seconds in all: a hub that does not answer costs a `list -a` that long,
+    never its timeouts and retries. The askers are daemon threads, so one still waiting
+    neither holds the exit nor Ctrl-C."""
+    import threading
+    import time
+
+    found: dict[int, int | None] = {}
+
+    def ask(entry: EntrySize) -> None:
+        found[id(entry)] = _listed_size(entry)
+
+    threads = [threading.Thread(target=ask, args=(e,), daemon=True) for e in entries]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + LISTING_DEADLINE
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return dict(found)
 
 
 def _listed_size(entry: EntrySize) -> int | None:
