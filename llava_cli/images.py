@@ -105,6 +105,8 @@ def looks_like_image_path(arg: str) -> bool:
             return True
     except (ValueError, OSError):  # a NUL byte, a name too long: not a file
         return False
+    if arg.endswith("?"):  # "yes/no?": a question, whatever else it looks like
+        return False
     return not any(c.isspace() for c in arg) and (
         "/" in arg
         or os.sep in arg

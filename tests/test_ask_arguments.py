@@ -39,6 +39,7 @@ def test_split_arguments(tmp_path: Path) -> None:
     assert split_arguments(["What is this?"]) == ([], "What is this?")
     # A word that looks like a file name is an image, reported missing if it is not there.
     assert split_arguments(["a.png", "scan.pdf"]) == (["a.png", "scan.pdf"], None)
+    assert split_arguments(["a.png", "yes/no?"]) == (["a.png"], "yes/no?")
     assert split_arguments(["a.png", "blu.pgn"]) == (["a.png", "blu.pgn"], None)
     with pytest.raises(UsageError, match="the question goes after the images"):
         split_arguments(["a.png", "describe it", "b.png"])

@@ -85,7 +85,7 @@ def split_arguments(args: list[str]) -> tuple[list[str], str | None]:
         if not looks_like_image_path(arg) and any(c.isspace() for c in arg):
             raise UsageError(
                 f"{arg!r} is not an image, and the question goes after the images",
-                "llava ask IMAGE... 'question'",
+                "put the images first, then the question in quotes",
             )
     return args[:end], " ".join(words) if words else None
 
