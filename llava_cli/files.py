@@ -72,6 +72,16 @@ def read_source(
     return data
 
 
+def open_image_file(source: str, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> BinaryIO:
+    """``source`` opened for reading, refused as ``read_source`` refuses it (not a regular
+    file, over ``max_bytes``, empty), with nothing read yet: for a look at its header."""
+    fd = _open_regular_file(source, max_bytes)
+    if os.fstat(fd).st_size == 0:
+        os.close(fd)
+        raise ImageError(f"image {source} is empty", "pass a complete image file")
+    return os.fdopen(fd, "rb")
+
+
 def _open_regular_file(source: str, max_bytes: int) -> int:
     """A read-only descriptor on ``source``, which must be a regular file (a symbolic link to
     one is fine) of at most ``max_bytes``. Checked before opening, so that opening a device has

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, BinaryIO, TypeVar
 
 from .errors import ImageError
-from .files import read_source
+from .files import open_image_file, read_source
 from .options import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from .text import escaped
 
@@ -223,7 +223,7 @@ def _decode_quietly(
     )
 
 
-def _open_checked(name: str, stream: io.BytesIO, max_pixels: int) -> Image.Image:
+def _open_checked(name: str, stream: BinaryIO, max_pixels: int) -> Image.Image:
     """The image opened lazily (the header read, no pixels decoded), its format, size and
     shape checked against the limits."""
     from PIL import Image, UnidentifiedImageError
@@ -261,11 +261,12 @@ def check(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> None:
-    """What ``load`` checks before it decodes: the file is there, readable, within the byte
-    limit, an image of a supported format, size and shape. No pixels are decoded, so every
-    image of a batch can be checked before a model is pulled or loaded, at a small cost."""
-    stream = io.BytesIO(read_source(source, max_bytes=max_bytes))
-    _quietly(source, lambda _: _open_checked(_shown(source), stream, max_pixels).close())
+    """What ``load`` checks before it decodes: the file is there, a regular file within the
+    byte limit, an image of a supported format, size and shape. Only the header is read and
+    no pixels are decoded, so every image of a batch can be checked before a model is pulled
+    or loaded, at a small cost. Not for ``-``: standard input can be read only once."""
+    with open_image_file(source, max_bytes=max_bytes) as stream:  # the header only is read
+        _quietly(source, lambda _: _open_checked(_shown(source), stream, max_pixels).close())
 
 
 def _check_aspect_ratio(name: str, width: int, height: int) -> None:
