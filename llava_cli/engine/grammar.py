@@ -375,7 +375,6 @@ class TokenPicker:
         self.grammar: Any = None
         if grammar is None:
             return
-        import numpy as np
 
         try:
             check_grammar(grammar)
@@ -385,6 +384,16 @@ class TokenPicker:
             if isinstance(exc, GrammarError):
                 raise BadInput(f"the grammar cannot be used with this model: {exc}") from None
             raise
+        try:
+            self._prepare(engine, shown)
+        except BaseException:  # numpy, the vocabulary scan: the samplers are freed all the same
+            self.close()
+            raise
+
+    def _prepare(self, engine: Engine, shown: frozenset[int]) -> None:
+        """The candidate array and the token masks a grammar-held answer samples with."""
+        import numpy as np
+
         n = engine.n_vocab
         self.engine = engine
         self.ids = np.arange(n, dtype=np.int32)
