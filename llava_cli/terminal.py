@@ -190,8 +190,10 @@ class Status:
             stream.write("\r\x1b[2K" + line)
             stream.flush()
             self._shown = True
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # stderr went away: this status ends, a next may start
             self._text = None
+            self._thread = None
+            self._stop.set()
 
     def _erase(self) -> None:
         if self._shown and self._stream is not None:
