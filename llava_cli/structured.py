@@ -262,12 +262,16 @@ def _parsed_answer(answer: str) -> Any:
     except json.JSONDecodeError as exc:
         raise AnswerRejected(
             f"the answer is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
-            "did a --stop string end it early?",
+            "ask again, or with another --seed",
         ) from None
     except ValueError as exc:
-        raise AnswerRejected(f"the answer is not valid JSON: {exc}") from None
+        raise AnswerRejected(
+            f"the answer is not valid JSON: {exc}", "ask again, or with another --seed"
+        ) from None
     except RecursionError:
-        raise AnswerRejected("the answer's JSON nests too deeply to read") from None
+        raise AnswerRejected(
+            "the answer's JSON nests too deeply to read", "nest less deeply in the schema"
+        ) from None
 
 
 def _first_error(schema: dict[str, Any], value: Any) -> str | None:

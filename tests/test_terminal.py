@@ -288,13 +288,6 @@ def test_table_cannot_shrink_past_a_minimum(monkeypatch: pytest.MonkeyPatch) -> 
     assert lines[1] == "smolvlm-256m  278.8 MB  Smallest …"  # ten columns, the rest whole
 
 
-def test_list_available_fits_80_columns() -> None:
-    result = llava("list", "-a", env={"COLUMNS": "80"})
-    assert result.returncode == 0
-    lines = result.stdout.decode().splitlines()
-    assert len(lines) > 5 and all(text.cell_width(line) <= 80 for line in lines)
-
-
 # -- words and numbers -------------------------------------------------------------------------
 
 

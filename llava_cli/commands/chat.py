@@ -457,7 +457,7 @@ class Chat:
         parts = arg.split()
         if not parts:
             for key, value in settings_of(self.sampling).items():
-                render.info(f"{key} {value}")
+                render.info(f"{key} {'none' if value is None else value}")  # as /set takes it
             return
         if len(parts) != 2:
             raise UsageError("/set takes a key and a value", "e.g. /set temperature 0.7")
