@@ -109,13 +109,18 @@ def saved_turns(exchanges: Sequence[Exchange]) -> list[SavedTurn]:
         SavedTurn(
             ex.prompt,
             [
-                SavedImage(str(Path(i.source).resolve()), i.sha256, i.width, i.height)
+                SavedImage(_saved_path(i.source), i.sha256, i.width, i.height)
                 for i in ex.images
             ],
             ex.answer,
         )
         for ex in exchanges
     ]
+
+
+def _saved_path(source: str) -> str:
+    """An image's path as saved: absolute, or ``-`` for one read from standard input."""
+    return source if source == "-" else str(Path(source).resolve())
 
 
 def restored_exchanges(
@@ -126,6 +131,11 @@ def restored_exchanges(
     from .conversation import Exchange
 
     def reload(image: SavedImage) -> PreparedImage:
+        if image.path == "-":  # never read standard input for it: it holds something else now
+            raise BadInput(
+                "an image of this chat came from standard input, which cannot be read again",
+                "attach images as files to chats you mean to go on with",
+            )
         prepared = load_image(image.path)
         if prepared.sha256 != image.sha256:
             raise BadInput(

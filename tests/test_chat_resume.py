@@ -168,3 +168,16 @@ def test_a_chat_without_a_message_leaves_the_last_chat_alone(
     code, _, err = chat(images / "blue.png", *oracle_args(oracle), stdin=script)
     assert code == 0, err
     assert (home() / "last_chat.json").read_bytes() == before
+
+
+def test_a_chat_with_an_image_from_stdin_is_not_continued_from_stdin(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    result = llava("chat", "-", "What colour is this?", *oracle_args(oracle),
+                   stdin=(images / "red.png").read_bytes())  # fmt: skip
+    assert (result.returncode, result.stdout) == (0, b"red\n"), result.stderr
+    saved = json.loads((home() / "last_chat.json").read_text())
+    assert saved["turns"][0]["images"][0]["path"] == "-"
+    code, out, err = chat("-c", *oracle_args(oracle), stdin="more?\n")
+    assert (code, out) == (4, "")
+    assert "came from standard input, which cannot be read again" in err
