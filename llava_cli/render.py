@@ -30,7 +30,14 @@ from .text import TERMINAL_DROPS, cell_width, cut_to_width, escaped, json_escape
 from .units import human_bytes
 
 # re-exported for the commands, the chat's line reader and the tests
-__all__ = ["color_allowed", "escapes_allowed", "human_bytes"]
+__all__ = [  # re-exported for the commands: the terminal is reached through render
+    "can_encode",
+    "color_allowed",
+    "ellipsis",
+    "escapes_allowed",
+    "human_bytes",
+    "output_width",
+]
 
 _color = color_allowed
 

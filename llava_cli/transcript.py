@@ -108,10 +108,7 @@ def saved_turns(exchanges: Sequence[Exchange]) -> list[SavedTurn]:
     return [
         SavedTurn(
             ex.prompt,
-            [
-                SavedImage(_saved_path(i.source), i.sha256, i.width, i.height)
-                for i in ex.images
-            ],
+            [SavedImage(_saved_path(i.source), i.sha256, i.width, i.height) for i in ex.images],
             ex.answer,
         )
         for ex in exchanges

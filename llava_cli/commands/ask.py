@@ -29,7 +29,6 @@ from ..options import (
     SamplingParams,
 )
 from ..structured import AnswerRejected, Constraint, constraint_from
-from ..terminal import can_encode
 from ..units import plural, rate
 
 if TYPE_CHECKING:
@@ -403,7 +402,7 @@ def _ask(
     tokens = completion.usage.completion_tokens
     parsed = constraint.check(answer, completion.finish_reason, tokens=tokens)
     if not opts.json:
-        if constraint.schema is not None and not can_encode(sys.stdout, answer):
+        if constraint.schema is not None and not render.can_encode(sys.stdout, answer):
             # a narrow locale would turn "é" into "?" and break the JSON: escape it instead
             answer = json.dumps(parsed)
         render.stream_answer(_headed([answer], header))

@@ -15,7 +15,6 @@ from ..config import hub_offline
 from ..errors import EXIT_OK, LlavaError
 from ..modelref import choose_files
 from ..registry import ModelSpec, Ref
-from ..terminal import ellipsis, output_width
 from ..text import cell_width, display_path
 
 
@@ -47,13 +46,13 @@ def empty_hint() -> str:
 
 def _cut_paths(rows: list[list[str]], column: int) -> None:
     """Paths too long for the terminal lose their middle, not the file name at their end."""
-    limit = output_width(sys.stdout)
+    limit = render.output_width(sys.stdout)
     if limit is None:
         return
     others = sum(max(cell_width(row[i]) for row in rows) + 2 for i in range(len(rows[0])))
     others -= max(cell_width(row[column]) for row in rows) + 2
     room = max(limit - others, _MIN_PATH)
-    mark = ellipsis(sys.stdout)
+    mark = render.ellipsis(sys.stdout)
     for row in rows[1:]:
         row[column] = _cut_middle(row[column], room, mark)
 
@@ -94,7 +93,7 @@ def list_available(*, json: bool = False) -> int:
         render.json_value([_spec_json(s, reg, pulled) for s in reg.models.values()])
         return EXIT_OK
     sizes = catalogue_sizes(list(reg.models.values()))
-    width = output_width(sys.stdout)  # None in a pipe: every cell whole
+    width = render.output_width(sys.stdout)  # None in a pipe: every cell whole
     columns = [
         _Column("NAME", [_name(s.spec.key, reg.default) for s in sizes]),
         _Column("ALIASES", [", ".join(s.spec.aliases) or "-" for s in sizes], True, least=20),
