@@ -1,7 +1,7 @@
 """Typed errors. Each carries the exit code the CLI returns and a hint that says what to do.
 
 Third-party exceptions are translated into these where they arise (Pillow in ``images``,
-llama.cpp in ``engine``, huggingface_hub in ``hub``); ``cli.guarded`` is the one place that
+llama.cpp in ``engine``, huggingface_hub in ``hub``); ``guard.guarded`` is the one place that
 prints them.
 """
 
