@@ -42,9 +42,8 @@ from .cli_options import (
     VerboseOpt,
     YesOpt,
     complete_models,
+    model_options,
     number,
-    runtime_from,
-    sampling_from,
 )
 from .errors import EXIT_INTERRUPTED
 from .guard import guarded, usage_error
@@ -112,6 +111,7 @@ def _question(arguments: list[str], prompt: str | None, flag: str) -> tuple[list
     "  curl -s https://example.org/x.png | llava ask - 'Describe it.'",
 )
 def ask(
+    context: typer.Context,
     arguments: Annotated[
         list[str],
         typer.Argument(
@@ -207,23 +207,10 @@ def ask(
         opts = command.AskOptions(
             images=images,
             prompt=question,
-            model=model,
-            mmproj=mmproj,
-            system=system,
-            sampling=sampling_from(
-                temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
-            ),
-            runtime=runtime_from(
-                ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, no_cache
-            ),
-            max_pixels=max_pixels,
-            max_image_bytes=max_image_bytes,
+            **model_options(context.params),  # the options ask and chat share, by name
             together=together,
             json=json_out,
             label=label,
-            offline=offline,
-            yes=yes,
-            think=think,
             show_prompt=show_prompt,
             json_schema=json_schema,
             grammar=grammar,
@@ -337,20 +324,7 @@ def chat(
             prompt=message,
             continue_last=continue_last,
             resume=resume,
-            model=model,
-            mmproj=mmproj,
-            system=system,
-            sampling=sampling_from(
-                temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
-            ),
-            runtime=runtime_from(
-                ctx, threads, gpu_layers, image_on_cpu, chat_format, verbose, no_cache
-            ),
-            max_pixels=max_pixels,
-            max_image_bytes=max_image_bytes,
-            offline=offline,
-            yes=yes,
-            think=think,
+            **model_options(context.params),  # the options ask and chat share, by name
             given=_given(context, SETTINGS),
         )
         return command.run(opts)

@@ -4,6 +4,7 @@ headings, plain text). cli.py wires the commands from them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import typer
@@ -270,43 +271,35 @@ VerboseOpt = Annotated[
 ]
 
 
-def sampling_from(
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-    repeat_penalty: float,
-    seed: int | None,
-    max_tokens: int | None,
-    stop: list[str] | None,
-) -> SamplingParams:
-    return SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
-        seed=seed,
-        max_tokens=max_tokens,
-        stop=tuple(stop or ()),
-    )
-
-
-def runtime_from(
-    ctx: int | None,
-    threads: int,
-    gpu_layers: int,
-    image_on_cpu: bool,
-    chat_format: str,
-    verbose: bool,
-    no_cache: bool,
-) -> RuntimeOptions:
-    return RuntimeOptions(
-        ctx=ctx,
-        threads=threads,
-        gpu_layers=gpu_layers,
-        image_on_cpu=image_on_cpu,
-        chat_format=chat_format,
-        verbose=verbose,
-        cache=not no_cache,
-    )
+def model_options(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields ``ask`` and ``chat`` share (commands.ask.ModelOptions), by keyword, from
+    the command's parsed parameters (``typer.Context.params``): written once for both."""
+    return {
+        "model": params["model"],
+        "mmproj": params["mmproj"],
+        "system": params["system"],
+        "sampling": SamplingParams(
+            temperature=params["temperature"],
+            top_p=params["top_p"],
+            top_k=params["top_k"],
+            min_p=params["min_p"],
+            repeat_penalty=params["repeat_penalty"],
+            seed=params["seed"],
+            max_tokens=params["max_tokens"],
+            stop=tuple(params["stop"] or ()),
+        ),
+        "runtime": RuntimeOptions(
+            ctx=params["ctx"],
+            threads=params["threads"],
+            gpu_layers=params["gpu_layers"],
+            image_on_cpu=params["image_on_cpu"],
+            chat_format=params["chat_format"],
+            verbose=params["verbose"],
+            cache=not params["no_cache"],
+        ),
+        "max_pixels": params["max_pixels"],
+        "max_image_bytes": params["max_image_bytes"],
+        "offline": params["offline"],
+        "yes": params["yes"],
+        "think": params["think"],
+    }
