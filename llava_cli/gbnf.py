@@ -286,6 +286,15 @@ class _Reader:
             parent.items.append(-frame.rule - 1)
             pos = self.space(pos + 1, parent.nested)
 
+    def terminal(self, frame: _Frame, count: int, start: int, close: int) -> int:
+        """A literal or a character class of ``count`` elements read, its closing quote or
+        bracket at ``close``: counted as llama.cpp counts it; the position after it."""
+        frame.last_symbol, frame.prev_rules = len(frame.items), 1
+        if count:
+            self.spend(count, start)
+            frame.items.append(count)
+        return self.space(close + 1, frame.nested)
+
     def sequence(self, pos: int, frame: _Frame) -> tuple[int, _Frame | None]:
         """Read symbols until the sequence ends, or until a group opens (returned, to be read
         before this sequence goes on)."""
@@ -299,11 +308,7 @@ class _Reader:
                 while self.ch(pos) != '"':
                     pos = self.char(pos)
                     count += 1
-                frame.last_symbol, frame.prev_rules = len(items), 1
-                if count:
-                    self.spend(count, start)
-                    items.append(count)
-                pos = self.space(pos + 1, frame.nested)
+                pos = self.terminal(frame, count, start, pos)
             elif c == "[":
                 pos += 1
                 if self.ch(pos) == "^":
@@ -315,11 +320,7 @@ class _Reader:
                     if self.ch(pos) == "-" and self.ch(pos + 1) != "]":
                         pos = self.char(pos + 1)
                         count += 1
-                frame.last_symbol, frame.prev_rules = len(items), 1
-                if count:
-                    self.spend(count, start)
-                    items.append(count)
-                pos = self.space(pos + 1, frame.nested)
+                pos = self.terminal(frame, count, start, pos)
             elif c in "<!":
                 pos = self.token(pos + (c == "!"))
                 frame.last_symbol, frame.prev_rules = len(items), 1
