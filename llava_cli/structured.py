@@ -61,7 +61,9 @@ class Constraint:
                 "allow more with --max-tokens (or a larger --ctx)",
             )
         if finish_reason != "stop":
-            raise AnswerRejected(f"the answer ended ({finish_reason}) before it was complete")
+            raise AnswerRejected(
+                f"the answer ended ({finish_reason}) before it was complete", "ask again"
+            )
         if self.schema is None:
             try:
                 return json.loads(answer)

@@ -99,7 +99,9 @@ def save_last(transcript: Transcript) -> None:
     try:
         private_folder(path.parent)
     except OSError as exc:
-        raise BadInput(f"cannot create {path.parent}: {exc.strerror or exc}") from exc
+        raise BadInput(
+            f"cannot create {path.parent}: {exc.strerror or exc}", "check LLAVA_HOME and its rights"
+        ) from exc
     save(transcript, path)
 
 

@@ -215,7 +215,7 @@ def test_bad_input_is_reported_and_the_chat_goes_on(
     assert errors[1] == "Error: unknown command /frobnicate — /help lists the commands"
     assert errors[2] == "Error: top-p must be between 0 and 1, not 2"
     assert "unknown setting 'colour'" in errors[3]
-    assert errors[4] == "Error: nothing to retry yet"
+    assert errors[4] == "Error: nothing to retry yet — send a message first"
 
 
 def test_a_full_context_drops_the_oldest_turn_first(

@@ -391,7 +391,7 @@ class Chat:
     def cmd_retry(self, _arg: str) -> None:
         exchanges = self.conversation.exchanges()
         if not exchanges:
-            raise UsageError("nothing to retry yet")
+            raise UsageError("nothing to retry yet", "send a message first")
         last = self.conversation.drop(len(exchanges) - 1)
         sent = False
         try:
@@ -405,7 +405,7 @@ class Chat:
     def cmd_undo(self, _arg: str) -> None:
         exchanges = self.conversation.exchanges()
         if not exchanges:
-            raise UsageError("nothing to undo")
+            raise UsageError("nothing to undo", "the conversation is empty")
         gone = self.conversation.drop(len(exchanges) - 1)
         render.info(f"dropped: {_preview(gone.prompt)}")
 

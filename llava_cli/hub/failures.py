@@ -118,7 +118,9 @@ def translate(
             f"repo {repo} not found on {endpoint()}", f"check the name; {token_hint}"
         ) from exc
     except errors.RevisionNotFoundError as exc:
-        raise ModelNotAvailable(f"revision {revision!r} not found in {repo}") from exc
+        raise ModelNotAvailable(
+            f"revision {revision!r} not found in {repo}", "check the branch or commit id"
+        ) from exc
     except errors.RemoteEntryNotFoundError as exc:
         raise ModelNotAvailable(
             f"{file or 'file'} not found in {repo} at {revision}",
