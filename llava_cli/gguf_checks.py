@@ -8,6 +8,9 @@ dereferences the optional projector tensors its type needs (SIGSEGV), and ggml a
 vision graph's shapes, which nobody checks, while the first image is encoded. Each check
 mirrors the vendored llama.cpp of llama-cpp-python 0.3.36 (the source named beside it); what
 llama.cpp refuses with an error of its own is left to it.
+
+Longer than our ~400 lines on purpose: each check mirrors one place in the vendored
+llama.cpp and names it, and kept together they are the one list of what would stop the process.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 llama.cpp answers a truncated file or a mismatched projector with a bare "failed to load";
 reading the header first lets us say which file is wrong and why. The parser walks only the
 header (metadata and tensor table) through ``mmap``, so it is cheap even for multi-GB files.
+
+Longer than our ~400 lines on purpose: one bounded reader of the header format, used by the
+parser and by the model/projector checks alike; split, the offsets and limits would live twice.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Inputs are hostile until decoded: only regular files are opened as paths (a FIFO
 is refused, ``-`` is the way to stream), bytes are counted as they arrive against
 ``max_bytes``, any exception a decoder raises is bad input (exit 4), and what native decoders
 (libtiff) write to file descriptor 2 is captured, never shown.
+
+Longer than our ~400 lines on purpose: it is the only place that decodes, and the bounds on
+reading (bytes, pixels, time, memory) must sit beside the decoder they guard.
 """
 
 from __future__ import annotations

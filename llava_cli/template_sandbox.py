@@ -7,6 +7,10 @@ process gets a turn. So templates run in a persistent child process: a render pa
 killed with the child, which is started again on the next request; on Linux the child's
 address space is capped, and size checks before the operations that build big values in one
 step give a precise message everywhere.
+
+Longer than our ~400 lines on purpose: the parent's side (start, request, kill, restart)
+and the child's renderer speak one private protocol, and the size checks must match the child's
+limits exactly; split, the two halves could drift apart unseen.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ by model name:
 * whether it keeps a system message; if not, the system text goes at the front of the first
   user turn, as llama.cpp does;
 * whether it opens a thinking block and can turn it off (``enable_thinking``).
+
+Longer than our ~400 lines on purpose: the probes and the renderer share what the probes
+found (the image text, each role's content shape), which is this module's one job.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ this module runs them.
 Everything the command line names (images, a chat to resume) is read and checked before any
 model is resolved, pulled or loaded: a typo costs nothing. After every turn the conversation
 is kept as the last chat (``transcript.last_chat_path``) for ``llava chat -c``.
+
+Longer than our ~400 lines on purpose: the turn loop and the slash commands it runs share
+the conversation's state; the pieces that stand alone already live elsewhere (repl.py, slash.py,
+commands/resume.py, transcript.py).
 """
 
 from __future__ import annotations
