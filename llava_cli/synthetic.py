@@ -64,6 +64,33 @@ _DIM_ANSWERED = 5  # carried by the answer words; read by </s>
 
 
 @dataclass(frozen=True)
+class TextShape:
+    """A llama-architecture text model's size, as written to its GGUF metadata."""
+
+    embd: int = EMBD
+    layers: int = LAYERS
+    ffn: int = FFN
+    heads: int = HEADS
+    kv_heads: int = HEADS
+    context: int = CONTEXT
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """A CLIP ViT with a LLaVA-1.5 ``mlp`` projector: its size and image preprocessing."""
+
+    projection_dim: int = EMBD  # the text model's embedding length
+    image_size: int = IMAGE_SIZE
+    patch: int = PATCH
+    embd: int = V_EMBD
+    ffn: int = V_FFN
+    heads: int = V_HEADS
+    blocks: int = V_BLOCKS
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # [-1, 1], as the oracle reads it
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
 class ModelPair:
     model: Path
     mmproj: Path
@@ -118,23 +145,22 @@ def write_text_model(
     weights: dict[str, Array],
     *,
     chat_template: str | None,
-    embd: int = EMBD,
     name: str = "llava-synthetic",
-    context: int = CONTEXT,
+    shape: TextShape = TextShape(),
 ) -> None:
     """Write a llama-architecture GGUF with the given tensors (numpy ``[out, in]`` shapes)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
-    w.add_context_length(context)
-    w.add_embedding_length(embd)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(HEADS)
+    w.add_context_length(shape.context)
+    w.add_embedding_length(shape.embd)
+    w.add_block_count(shape.layers)
+    w.add_feed_forward_length(shape.ffn)
+    w.add_head_count(shape.heads)
+    w.add_head_count_kv(shape.kv_heads)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(embd // HEADS)
+    w.add_rope_dimension_count(shape.embd // shape.heads)
     w.add_rope_freq_base(10000.0)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_tokenizer_model("llama")
@@ -148,8 +174,7 @@ def write_text_model(
     w.add_add_eos_token(False)
     if chat_template is not None:
         w.add_chat_template(chat_template)
-    for tensor_name, value in weights.items():
-        w.add_tensor(tensor_name, _f16(value) if value.ndim > 1 else _f32(value))
+    _add_tensors(w, weights)
     finish_gguf(w)
 
 
@@ -159,6 +184,7 @@ def write_mmproj(
     *,
     projector_type: str | None = "mlp",
     use_gelu: bool = False,
+    shape: VisionShape = VisionShape(),
 ) -> None:
     """Write a CLIP ViT + LLaVA-1.5 ``mlp`` projector GGUF."""
     import gguf
@@ -169,19 +195,24 @@ def write_mmproj(
     if projector_type is not None:
         w.add_string("clip.projector_type", projector_type)
     w.add_bool("clip.use_gelu", use_gelu)
-    w.add_uint32("clip.vision.image_size", IMAGE_SIZE)
-    w.add_uint32("clip.vision.patch_size", PATCH)
-    w.add_uint32("clip.vision.embedding_length", V_EMBD)
-    w.add_uint32("clip.vision.feed_forward_length", V_FFN)
-    w.add_uint32("clip.vision.projection_dim", EMBD)
-    w.add_uint32("clip.vision.attention.head_count", V_HEADS)
+    w.add_uint32("clip.vision.image_size", shape.image_size)
+    w.add_uint32("clip.vision.patch_size", shape.patch)
+    w.add_uint32("clip.vision.embedding_length", shape.embd)
+    w.add_uint32("clip.vision.feed_forward_length", shape.ffn)
+    w.add_uint32("clip.vision.projection_dim", shape.projection_dim)
+    w.add_uint32("clip.vision.attention.head_count", shape.heads)
     w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
-    w.add_uint32("clip.vision.block_count", V_BLOCKS)
-    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    w.add_uint32("clip.vision.block_count", shape.blocks)
+    w.add_array("clip.vision.image_mean", list(shape.image_mean))
+    w.add_array("clip.vision.image_std", list(shape.image_std))
+    _add_tensors(w, weights)
+    finish_gguf(w)
+
+
+def _add_tensors(w: Any, weights: dict[str, Array]) -> None:
+    """Matrices as F16, vectors (norms, biases) as F32."""
     for tensor_name, value in weights.items():
         w.add_tensor(tensor_name, _f16(value) if value.ndim > 1 else _f32(value))
-    finish_gguf(w)
 
 
 def finish_gguf(w: Any) -> None:
@@ -192,59 +223,69 @@ def finish_gguf(w: Any) -> None:
     w.close()
 
 
-def _text_shapes(n_vocab: int, embd: int) -> dict[str, tuple[int, ...]]:
+def text_tensor_shapes(n_vocab: int, shape: TextShape = TextShape()) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a llama text model, in writing order, as numpy ``[out, in]`` shapes."""
+    embd, ffn = shape.embd, shape.ffn
+    kv = embd // shape.heads * shape.kv_heads
     shapes: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (n_vocab, embd),
         "output_norm.weight": (embd,),
         "output.weight": (n_vocab, embd),
     }
-    for i in range(LAYERS):
+    for i in range(shape.layers):
         shapes |= {
             f"blk.{i}.attn_norm.weight": (embd,),
             f"blk.{i}.attn_q.weight": (embd, embd),
-            f"blk.{i}.attn_k.weight": (embd, embd),
-            f"blk.{i}.attn_v.weight": (embd, embd),
+            f"blk.{i}.attn_k.weight": (kv, embd),
+            f"blk.{i}.attn_v.weight": (kv, embd),
             f"blk.{i}.attn_output.weight": (embd, embd),
             f"blk.{i}.ffn_norm.weight": (embd,),
-            f"blk.{i}.ffn_gate.weight": (FFN, embd),
-            f"blk.{i}.ffn_up.weight": (FFN, embd),
-            f"blk.{i}.ffn_down.weight": (embd, FFN),
+            f"blk.{i}.ffn_gate.weight": (ffn, embd),
+            f"blk.{i}.ffn_up.weight": (ffn, embd),
+            f"blk.{i}.ffn_down.weight": (embd, ffn),
         }
     return shapes
 
 
-def _vision_shapes(embd_out: int) -> dict[str, tuple[int, ...]]:
-    n_pos = (IMAGE_SIZE // PATCH) ** 2 + 1
+def vision_tensor_shapes(
+    shape: VisionShape = VisionShape(), *, embd_out: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the vision tower and projector, in writing order. ``embd_out`` (the
+    projector's output width) defaults to the shape's projection_dim; another makes a pair
+    whose widths disagree."""
+    out = shape.projection_dim if embd_out is None else embd_out
+    v_embd, patch = shape.embd, shape.patch
+    n_pos = (shape.image_size // patch) ** 2 + 1
     shapes: dict[str, tuple[int, ...]] = {
-        "v.patch_embd.weight": (V_EMBD, 3, PATCH, PATCH),
-        "v.class_embd": (V_EMBD,),
-        "v.position_embd.weight": (n_pos, V_EMBD),
+        "v.patch_embd.weight": (v_embd, 3, patch, patch),
+        "v.class_embd": (v_embd,),
+        "v.position_embd.weight": (n_pos, v_embd),
     }
-    for i in range(V_BLOCKS):
+    for i in range(shape.blocks):
         p = f"v.blk.{i}"
         for part, (rows, cols) in {
-            "attn_q": (V_EMBD, V_EMBD),
-            "attn_k": (V_EMBD, V_EMBD),
-            "attn_v": (V_EMBD, V_EMBD),
-            "attn_out": (V_EMBD, V_EMBD),
-            "ffn_up": (V_FFN, V_EMBD),
-            "ffn_down": (V_EMBD, V_FFN),
+            "attn_q": (v_embd, v_embd),
+            "attn_k": (v_embd, v_embd),
+            "attn_v": (v_embd, v_embd),
+            "attn_out": (v_embd, v_embd),
+            "ffn_up": (shape.ffn, v_embd),
+            "ffn_down": (v_embd, shape.ffn),
         }.items():
             shapes[f"{p}.{part}.weight"] = (rows, cols)
             shapes[f"{p}.{part}.bias"] = (rows,)
         for norm in ("ln1", "ln2"):
-            shapes[f"{p}.{norm}.weight"] = (V_EMBD,)
-            shapes[f"{p}.{norm}.bias"] = (V_EMBD,)
+            shapes[f"{p}.{norm}.weight"] = (v_embd,)
+            shapes[f"{p}.{norm}.bias"] = (v_embd,)
     shapes |= {
-        "mm.0.weight": (embd_out, V_EMBD),
-        "mm.0.bias": (embd_out,),
-        "mm.2.weight": (embd_out, embd_out),
-        "mm.2.bias": (embd_out,),
+        "mm.0.weight": (out, v_embd),
+        "mm.0.bias": (out,),
+        "mm.2.weight": (out, out),
+        "mm.2.bias": (out,),
     }
     return shapes
 
 
-def _is_norm_weight(name: str) -> bool:
+def is_norm_weight(name: str) -> bool:
     return name.endswith(("norm.weight", "ln1.weight", "ln2.weight"))
 
 
@@ -255,7 +296,7 @@ def _random_weights(shapes: dict[str, tuple[int, ...]], seed: int, scale: float)
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {}
     for name, shape in shapes.items():
-        if _is_norm_weight(name):
+        if is_norm_weight(name):
             out[name] = np.ones(shape, dtype=np.float32)
         else:
             std = 1.0 if name in ("token_embd.weight", "output.weight") else scale
@@ -277,18 +318,23 @@ def build_random(
     directory.mkdir(parents=True, exist_ok=True)
     vocab = build_vocab(extra_control=("<|im_start|>", "<|im_end|>"))
     n_vocab = len(vocab.tokens)
-    text = _random_weights(_text_shapes(n_vocab, EMBD), seed, 0.05)
+    text = _random_weights(text_tensor_shapes(n_vocab), seed, 0.05)
     # Every embedding carries a constant dim that the end-of-generation rows read negatively,
     # so random text runs to max_tokens instead of stopping at an arbitrary point.
     text["token_embd.weight"][:, 0] = 4.0
     for eog in ("</s>", "<|im_end|>", "<|im_start|>", "<s>", "<unk>"):
         text["output.weight"][vocab.index(eog), :] = 0.0
         text["output.weight"][vocab.index(eog), 0] = -40.0
-    vision = _random_weights(_vision_shapes(mmproj_embd), seed + 1, 0.1)
+    vision = _random_weights(vision_tensor_shapes(embd_out=mmproj_embd), seed + 1, 0.1)
     model = directory / "random-model.gguf"
     mmproj = directory / "random-mmproj.gguf"
     write_text_model(
-        model, vocab, text, chat_template=chat_template, name="llava-random", context=context
+        model,
+        vocab,
+        text,
+        chat_template=chat_template,
+        name="llava-random",
+        shape=TextShape(context=context),
     )
     write_mmproj(mmproj, vision, projector_type=projector_type)
     return ModelPair(model, mmproj)
@@ -306,8 +352,8 @@ def build_colour_oracle(
     n_vocab = len(vocab.tokens)
 
     text: dict[str, Any] = {
-        n: (np.ones(s, np.float32) if _is_norm_weight(n) else np.zeros(s, np.float32))
-        for n, s in _text_shapes(n_vocab, EMBD).items()
+        n: (np.ones(s, np.float32) if is_norm_weight(n) else np.zeros(s, np.float32))
+        for n, s in text_tensor_shapes(n_vocab).items()
     }
     emb = text["token_embd.weight"]
     emb[:, _DIM_BIAS] = 1.0
@@ -326,8 +372,8 @@ def build_colour_oracle(
     out[vocab.index("</s>"), _DIM_ANSWERED] = 20.0
 
     vision: dict[str, Any] = {
-        n: (np.ones(s, np.float32) if _is_norm_weight(n) else np.zeros(s, np.float32))
-        for n, s in _vision_shapes(EMBD).items()
+        n: (np.ones(s, np.float32) if is_norm_weight(n) else np.zeros(s, np.float32))
+        for n, s in vision_tensor_shapes().items()
     }
     for c in range(3):
         vision["v.patch_embd.weight"][c, c, :, :] = 1.0 / (PATCH * PATCH)
