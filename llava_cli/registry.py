@@ -13,11 +13,12 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import paths, read_toml
+from .digests import is_sha256
 from .errors import ConfigError, UsageError
 from .text import escaped, unsafe_character
 
@@ -28,7 +29,6 @@ _KEY = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
 _REPO = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
 _QUANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 # Control (Cc), format (Cf: bidi overrides and isolates, marks, zero-width), line and paragraph
 # separators, lone surrogates: never in a name, and never to be printed as they are.
@@ -118,7 +118,6 @@ class Ref:
 class Registry:
     models: Mapping[str, ModelSpec]
     default: str
-    files: tuple[Path, ...] = field(default=())
 
     def find(self, name: str) -> ModelSpec | None:
         wanted = name.lower()
@@ -199,10 +198,8 @@ def load() -> Registry:
     builtin = builtin_file()
     tables, default = _read(builtin)
     sources = dict.fromkeys(tables, builtin)
-    files = [builtin]
     extra = user_file()
     if extra.is_file():
-        files.append(extra)
         user_tables, user_default = _read(extra)
         for key, table in user_tables.items():
             tables[key] = _merge(tables.get(key, {}), table)
@@ -213,7 +210,7 @@ def load() -> Registry:
     if default not in models:
         where = extra if extra.is_file() else builtin
         raise ConfigError(f"{where}: default model {default!r} is not an entry", "fix `default`")
-    return Registry(models, default, tuple(files))
+    return Registry(models, default)
 
 
 def _read(path: Path) -> tuple[dict[str, dict[str, Any]], str | None]:
@@ -385,7 +382,7 @@ def _file(path: Path, key: str, where: str, table: Any) -> FileSpec:
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
         raise _bad(path, key, f"{where}.size", "must be a positive number of bytes")
     sha = table.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or not _SHA256.fullmatch(sha)):
+    if sha is not None and (not isinstance(sha, str) or not is_sha256(sha)):
         raise _bad(
             path, key, f"{where}.sha256", "must be 64 lowercase hex digits", "or leave it out"
         )

@@ -27,17 +27,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .config import hf_hub_cache, paths
+from .digests import is_commit as is_commit  # noqa: PLC0414 (re-exported for modelref, listing)
 from .errors import BadInput, LlavaError
 from .registry import is_repo_id
 from .text import unsafe_character
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 _REF_MAX = 4096  # refs/<branch>: a commit hash
 _RECORD_MAX = 1 << 20  # a pulled model's record: a few hundred bytes of JSON
-
-
-def is_commit(revision: str) -> bool:
-    return bool(_COMMIT.fullmatch(revision))  # fullmatch: `$` would let a newline through
 
 
 @dataclass(frozen=True)
