@@ -2,8 +2,10 @@
 # Prints the CMAKE_ARGS used to build llama-cpp-python on this machine.
 #
 # A user's own CMAKE_ARGS always wins (e.g. -DGGML_CUDA=on). On x86-64 Linux the default
-# -march=native build compiles AMX tile instructions in, which crash with SIGILL on VMs whose
-# kernel does not grant AMX tile data (see shared/BUILD.md), so every instruction set is spelled
+# -march=native build compiles AMX tile instructions in whenever the CPU advertises AMX. Many
+# cloud VMs' kernels do not grant AMX tile data (XTILEDATA) while still answering the permission
+# request with success, so ggml takes AMX as usable and the first quantized (Q4_K) matrix multiply
+# dies with SIGILL (`tilezero` in ggml_backend_amx_mul_mat). So every instruction set is spelled
 # out instead: AVX2, plus each AVX-512 and VNNI extension the CPU has. Elsewhere (macOS: Metal)
 # llama.cpp's defaults are right.
 set -eu
