@@ -32,7 +32,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from .config import paths
+from .config import Environment, environment
 from .errors import ConfigError
 from .store import Bytes, fill, open_own_file, write_atomic
 
@@ -83,10 +83,13 @@ class PrefixCache:
         self.cap = cap
 
     @classmethod
-    def default(cls) -> PrefixCache:
-        cap = os.environ.get("LLAVA_CACHE_SIZE")
+    def default(cls, settings: Environment | None = None) -> PrefixCache:
+        """The cache in its folder, capped at ``LLAVA_CACHE_SIZE`` (checked here, where it
+        is used); ``settings``: the command's, else the environment as it is now."""
+        settings = settings or environment()
+        cap = settings.cache_size
         return cls(
-            paths().cache_dir / "prefix",
+            settings.paths.cache_dir / "prefix",
             parse_size(cap, "LLAVA_CACHE_SIZE") if cap else DEFAULT_CAP,
         )
 

@@ -10,7 +10,15 @@ from .errors import EXIT_INTERRUPTED, EXIT_RUNTIME, LlavaError
 
 
 def guarded(action: Callable[[], int]) -> int:
-    """The one place errors become messages and exit codes; every command runs through it."""
+    """The one place errors become messages and exit codes; every command runs through it,
+    and reads the environment once, as it starts (``config.reading_once``)."""
+    from .config import reading_once
+
+    with reading_once():
+        return _reported(action)
+
+
+def _reported(action: Callable[[], int]) -> int:
     from . import render
     from .config import debug_enabled
 

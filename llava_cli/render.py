@@ -324,6 +324,20 @@ def _pad(cell: str, width: int) -> str:
     return cell + " " * (width - cell_width(cell))
 
 
+def fields(
+    rows: Sequence[tuple[str, object]], out: TextIO | None = None, *, width: int = 0, gap: int = 2
+) -> None:
+    """``label  value`` lines on stdout (``llava show``, ``doctor``), the values in one column:
+    labels padded to ``width`` or to the longest of them, then ``gap`` spaces. Both escaped:
+    they quote GGUF metadata and paths."""
+    out = out or sys.stdout
+    status_clear()
+    width = max([width, *(len(label) for label, _ in rows)])
+    for label, value in rows:
+        out.write(f"{escaped(label):<{width}}{' ' * gap}{escaped(str(value))}\n")
+    out.flush()
+
+
 class PlainTransfer:
     """Progress for a log: a line when a file starts, at each quarter, and when it is done."""
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .config import hf_hub_cache, paths
+from .config import environment, paths
 from .digests import is_commit as is_commit  # noqa: PLC0414 (re-exported for modelref, listing)
 from .errors import BadInput, LlavaError
 from .registry import is_repo_id
@@ -45,7 +45,7 @@ class RepoCache:
 
     @classmethod
     def of(cls, repo: str) -> RepoCache:
-        return cls(repo, hf_hub_cache())
+        return cls(repo, environment().hub_cache)
 
     @property
     def folder(self) -> Path:
@@ -237,7 +237,7 @@ def remove(record: Pulled, others: list[Pulled]) -> int:
     deleted. A file another pulled model uses (a projector shared by two quants) stays, and so
     does a blob that a snapshot of some other revision or tool still links to.
     """
-    folder = RepoCache(record.repo, Path(os.path.realpath(hf_hub_cache()))).folder
+    folder = RepoCache(record.repo, Path(os.path.realpath(environment().hub_cache))).folder
     mine = {
         text: _in_repo_folder(record, which, text, folder)
         for which, text in (("model", record.model.path), ("mmproj", record.mmproj.path))

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import TextIO
 
+from .config import environment
 from .text import cell_width, cut_to_width, escaped
 
 
@@ -22,20 +23,20 @@ def escapes_allowed(stream: TextIO | None = None) -> bool:
     and not one that says it understands none (``TERM=dumb``). Without them, everything is
     written plainly: no colour, no cursor moves, no live views, lines read without an editor."""
     stream = stream or sys.stderr
-    return stream.isatty() and os.environ.get("TERM", "") != "dumb"
+    return stream.isatty() and not environment().dumb_terminal
 
 
 def color_allowed(stream: TextIO | None = None) -> bool:
     """Escape sequences allowed, and ``NO_COLOR`` unset."""
-    return escapes_allowed(stream) and not os.environ.get("NO_COLOR")
+    return escapes_allowed(stream) and not environment().no_color
 
 
 def output_width(out: TextIO) -> int | None:
     """How many columns a line on ``out`` may take: ``COLUMNS`` when it is a positive number,
     else the terminal's width when ``out`` is one, else no limit (a pipe, a file)."""
-    columns = os.environ.get("COLUMNS", "")
-    if columns.isdigit() and int(columns) > 0:
-        return int(columns)
+    columns = environment().columns
+    if columns is not None:
+        return columns
     if not out.isatty():
         return None
     try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .. import render
-from ..config import DEFAULT_PROMPT
+from ..config import DEFAULT_PROMPT, environment
 from ..errors import (
     EXIT_BAD_INPUT,
     EXIT_OK,
@@ -154,6 +154,7 @@ def read_prompt(opts: AskOptions) -> str:
 
 
 def run(opts: AskOptions) -> int:
+    settings = environment()
     if not opts.images:
         hint = "llava ask IMAGE... 'question'"
         if opts.prompt is not None:  # every argument read as words: say which
@@ -183,7 +184,8 @@ def run(opts: AskOptions) -> int:
                 "read, and the model is loaded only for a batch that can be answered"
             )
         return _exit_code(runner.failures)
-    runner.files = model_files(opts.model, opts.mmproj, offline=opts.offline, yes=opts.yes)
+    offline = settings.offline(opts.offline)
+    runner.files = model_files(opts.model, opts.mmproj, offline=offline, yes=opts.yes)
     sources = list(opts.images)
     if opts.show_prompt:
         return _show_prompt(opts, runner.files, prompt, sources, runner.stdin_image)
@@ -312,7 +314,8 @@ def model_files(
     model: str | None, mmproj: str | None, *, offline: bool, yes: bool = False
 ) -> ModelFiles:
     """The model's files; one not on disk is pulled first, announced (and asked about, on a
-    terminal, when large), with progress on stderr; see commands.pull.files_for_run."""
+    terminal, when large), with progress on stderr; see commands.pull.files_for_run.
+    ``offline``: ``--offline`` or ``HF_HUB_OFFLINE`` (``config.Environment.offline``)."""
     from .pull import files_for_run
 
     return files_for_run(model, mmproj, offline=offline, yes=yes)

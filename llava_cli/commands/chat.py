@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import render, transcript
-from ..config import debug_enabled, paths
+from ..config import debug_enabled, environment, paths
 from ..errors import EXIT_OK, ContextOverflow, LlavaError, UsageError
 from ..images import PreparedImage, thumbnail
 from ..modelref import ModelFiles, looks_like_path
@@ -103,7 +103,8 @@ def open_chat(opts: ChatOptions) -> Chat:
     from ..engine import backend_info
 
     check_chat_format(opts.runtime.chat_format)
-    files = model_files(opts.model, opts.mmproj, offline=opts.offline, yes=opts.yes)
+    offline = environment().offline(opts.offline)  # --offline, or HF_HUB_OFFLINE
+    files = model_files(opts.model, opts.mmproj, offline=offline, yes=opts.yes)
     quiet = not opts.runtime.verbose  # llama.cpp's log lines would land on the status line
     if quiet:
         render.status(f"loading {files.name}")

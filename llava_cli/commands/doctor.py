@@ -14,12 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import __version__
-from ..config import hf_hub_cache, hub_offline, paths
+from .. import __version__, render
+from ..config import environment
+
+_LABELS = 18  # the longest label, "models (hub cache)": the values start after it and a space
 
 
 def _line(label: str, value: object) -> None:
-    sys.stdout.write(f"{label:<18} {value}\n")
+    render.fields([(label, value)], width=_LABELS, gap=1)
 
 
 def _free(path: Path) -> str:
@@ -35,8 +37,9 @@ def _free(path: Path) -> str:
 def run(*, verbose: bool = False) -> int:
     from ..engine import backend_info, default_threads
 
+    settings = environment()
     info = backend_info()
-    where = paths()
+    where = settings.paths
     _line("llava", __version__)
     _line("python", f"{platform.python_version()} ({sys.executable})")
     _line("llama-cpp-python", info["llama_cpp_python"])
@@ -47,10 +50,9 @@ def run(*, verbose: bool = False) -> int:
     _line("config dir", where.config_dir)
     _line("data dir", where.data_dir)
     _line("cache dir", where.cache_dir)
-    _line("models (hub cache)", hf_hub_cache())
-    _line("offline", "yes (HF_HUB_OFFLINE)" if hub_offline() else "no")
+    _line("models (hub cache)", settings.hub_cache)
+    _line("offline", "yes (HF_HUB_OFFLINE)" if settings.hub_offline else "no")
     _line("disk", _free(where.data_dir))
-    sys.stdout.flush()
     return 0 if self_test(verbose=verbose) else 1
 
 
@@ -60,7 +62,7 @@ def self_test(*, verbose: bool = False) -> bool:
     try:
         return _self_test(verbose=verbose)
     except LlavaError as exc:
-        sys.stdout.write(f"self-test          FAIL: {exc.one_line()}\n")
+        _line("self-test", f"FAIL: {exc.one_line()}")
         return False
 
 
@@ -90,16 +92,17 @@ def _self_test(*, verbose: bool) -> bool:
                 passed = answer == colour
                 ok &= passed
                 took = (time.perf_counter() - start) * 1000
-                sys.stdout.write(
-                    f"self-test          {colour} image -> {answer!r}: "
-                    f"{'PASS' if passed else 'FAIL'} ({took:.0f} ms)\n"
+                _line(
+                    "self-test",
+                    f"{colour} image -> {answer!r}: {'PASS' if passed else 'FAIL'} ({took:.0f} ms)",
                 )
         finally:
             loaded.close()
         total = time.perf_counter() - t1
-    sys.stdout.write(
-        f"self-test          {'PASS' if ok else 'FAIL'} "
-        f"(model built in {built * 1000:.0f} ms, load + 2 answers in {total * 1000:.0f} ms)\n"
+    _line(
+        "self-test",
+        f"{'PASS' if ok else 'FAIL'} "
+        f"(model built in {built * 1000:.0f} ms, load + 2 answers in {total * 1000:.0f} ms)",
     )
     return ok
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import hub, registry, render, store
-from ..config import hub_offline
+from ..config import environment
 from ..errors import EXIT_OK, LlavaError
 from ..modelref import choose_files
 from ..registry import ModelSpec, Ref
@@ -92,7 +92,8 @@ def list_available(*, json: bool = False) -> int:
     if json:
         render.json_value([_spec_json(s, reg, pulled) for s in reg.models.values()])
         return EXIT_OK
-    sizes = catalogue_sizes(list(reg.models.values()))
+    offline = environment().hub_offline
+    sizes = catalogue_sizes(list(reg.models.values()), offline=offline)
     width = render.output_width(sys.stdout)  # None in a pipe: every cell whole
     columns = [
         _Column("NAME", [_name(s.spec.key, reg.default) for s in sizes]),
@@ -108,11 +109,7 @@ def list_available(*, json: bool = False) -> int:
     rows = [[c.header for c in columns], *map(list, zip(*(c.cells for c in columns), strict=True))]
     render.table(rows, shrink=[i for i, c in enumerate(columns) if c.shrink])
     if any(s.text == "?" for s in sizes):
-        why = (
-            "; the hub is asked for it when online"
-            if hub_offline()
-            else ", and the hub did not answer"
-        )
+        why = "; the hub is asked for it when online" if offline else ", and the hub did not answer"
         render.info(f"?: no size in the registry{why}")
     return EXIT_OK
 
@@ -169,9 +166,9 @@ class EntrySize:
 LISTING_DEADLINE = 3.0  # seconds `list -a` waits for the hub's sizes, all requests together
 
 
-def catalogue_sizes(specs: list[ModelSpec]) -> list[EntrySize]:
-    """Each entry's download size: its pins, else what the hub lists (when online), else the
-    entry's approximate ``download`` figure."""
+def catalogue_sizes(specs: list[ModelSpec], *, offline: bool) -> list[EntrySize]:
+    """Each entry's download size: its pins, else what the hub lists (unless ``offline``),
+    else the entry's approximate ``download`` figure."""
     sizes = []
     for spec in specs:
         quant, file = spec.quant(None)
@@ -180,7 +177,7 @@ def catalogue_sizes(specs: list[ModelSpec]) -> list[EntrySize]:
         else:
             sizes.append(EntrySize(spec, quant, spec.download, False))
     unknown = [s for s in sizes if s.size is None]
-    if unknown and not hub_offline():
+    if unknown and not offline:
         listed = _listed_sizes(unknown)
         sizes = [
             replace(s, size=listed[id(s)], exact=True) if listed.get(id(s)) else s for s in sizes

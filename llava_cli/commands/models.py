@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry, render, store
-from ..config import DEFAULT_CTX, hub_offline
+from ..config import DEFAULT_CTX, environment
 from ..errors import EXIT_OK, LlavaError, ModelFileError, ModelNotAvailable, UsageError
 from ..gguf_checks import projector_type
 from ..hub import RemoteFile
@@ -26,7 +26,7 @@ from ..modelref import (
     registry_target,
 )
 from ..registry import ModelSpec, Ref, parse_ref
-from ..text import display_path, escaped
+from ..text import display_path
 from ..units import plural
 from .listing import empty_hint, list_available, list_pulled
 from .pull import explained
@@ -35,7 +35,7 @@ __all__ = ["cache_clear", "cache_info", "empty_hint", "list_available", "list_pu
 
 
 def show(text: str, *, ctx: int | None = None, offline: bool = False) -> int:
-    offline = offline or hub_offline()
+    offline = environment().offline(offline)
     if looks_like_path(text):
         return show_file(text, ctx=ctx)
     ref = parse_ref(text)
@@ -73,7 +73,7 @@ def show(text: str, *, ctx: int | None = None, offline: bool = False) -> int:
     else:
         lines.append(("pulled", f"no — llava pull {target.ref}"))
     lines.append(("memory", _memory(target, local, ctx, spec)))
-    _write_fields(lines)
+    render.fields(lines)
     return EXIT_OK
 
 
@@ -96,7 +96,7 @@ def show_file(text: str, *, ctx: int | None = None) -> int:
     if arch == "clip":
         lines.append(("projector type", projector_type(info) or "?"))
         lines.append(("use", "this is a projector: pass it as --mmproj, with its model as --model"))
-        _write_fields(lines)
+        render.fields(lines)
         return EXIT_OK
     count = sum(math.prod(t.shape) for t in info.tensors.values())
     lines.append(("parameters", _count(count) if count else "none: a vocabulary-only file"))
@@ -130,7 +130,7 @@ def show_file(text: str, *, ctx: int | None = None) -> int:
             f"for {n_ctx} tokens",
         )
     )
-    _write_fields(lines)
+    render.fields(lines)
     return EXIT_OK
 
 
@@ -140,13 +140,6 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.3g}{unit}"
     return str(n)
-
-
-def _write_fields(lines: list[tuple[str, str]]) -> None:
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        sys.stdout.write(f"{escaped(key):<{width}}  {escaped(value)}\n")
-    sys.stdout.flush()
 
 
 def _target(ref: Ref, *, offline: bool) -> tuple[Target, ModelSpec | None]:
@@ -277,12 +270,17 @@ def _pulled(text: str) -> store.Pulled:
 def cache_info() -> int:
     from ..cache import PrefixCache
 
-    info = PrefixCache.default().info()
-    sys.stdout.write(
-        f"folder   {escaped(str(info.folder))}\n"
-        f"entries  {info.entries}\n"
-        f"size     {render.human_bytes(info.size)} of {render.human_bytes(info.cap)} "
-        "(LLAVA_CACHE_SIZE)\n"
+    info = PrefixCache.default(environment()).info()
+    render.fields(
+        [
+            ("folder", str(info.folder)),
+            ("entries", str(info.entries)),
+            (
+                "size",
+                f"{render.human_bytes(info.size)} of {render.human_bytes(info.cap)} "
+                "(LLAVA_CACHE_SIZE)",
+            ),
+        ]
     )
     return EXIT_OK
 
@@ -290,7 +288,7 @@ def cache_info() -> int:
 def cache_clear() -> int:
     from ..cache import PrefixCache
 
-    gone = PrefixCache.default().clear()
+    gone = PrefixCache.default(environment()).clear()
     removed = plural(gone.entries, "saved prefix", "saved prefixes")
     render.info(f"removed {removed} ({render.human_bytes(gone.size)})")
     return EXIT_OK

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 
 from .. import render, store
-from ..config import hub_offline
+from ..config import environment
 from ..errors import EXIT_OK, LlavaError, ModelNotAvailable
 from ..hub import HubUnreachable, NetworkError, ServerError
 from ..modelref import (
@@ -37,7 +37,7 @@ def run(refs: list[str], *, offline: bool = False) -> int:
     """Pull each model in turn; a failure is reported and the rest still go ahead."""
     failures: list[LlavaError] = []
     done: list[str] = []
-    offline = offline or hub_offline()
+    offline = environment().offline(offline)
     with render.transfer_progress() as progress:
         for text in refs:
             try:
@@ -64,8 +64,9 @@ def run(refs: list[str], *, offline: bool = False) -> int:
 def files_for_run(model: str | None, mmproj: str | None, *, offline: bool, yes: bool) -> ModelFiles:
     """The files ``ask``/``chat`` load. A model that is not on disk is pulled first: stderr
     says what is fetched, how big and where; on a terminal a download over 1 GB is asked about
-    first, unless ``yes``. Progress on stderr."""
-    found = resolve_local(model, mmproj, offline=offline or hub_offline())
+    first, unless ``yes``. Progress on stderr. ``offline``: the flag and ``HF_HUB_OFFLINE``
+    together (``config.Environment.offline``)."""
+    found = resolve_local(model, mmproj, offline=offline)
     if isinstance(found, ModelFiles):
         return found
     with explained(found):

@@ -30,7 +30,7 @@ from typing import Any
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 
-from ..config import debug_enabled
+from ..config import environment
 from ..errors import EXIT_RUNTIME
 from ..text import escaped
 
@@ -40,7 +40,7 @@ _LOG_DEBUG, _LOG_WARN, _LOG_CONT = 1, 3, 5  # ggml_log_level
 class _LogRouter:
     def __init__(self) -> None:
         self.verbose = False
-        self.debug = debug_enabled()  # one reading of LLAVA_DEBUG, as the CLI's
+        self.debug = False  # LLAVA_DEBUG: llama.cpp's debug lines too (set by init)
         self._level = 0
         self.recent: deque[str] = deque(maxlen=64)
         self.callback = llama_cpp.llama_log_callback(self._on_log)
@@ -137,7 +137,8 @@ class _Aborts:
         self.callback = self.callback_type(self._on_abort)
         self.first = threading.Lock()  # several threads can fail at once: one line
         self.installed = False
-        self.users_setting = os.environ.get(self.NO_BACKTRACE)
+        # the user's own, read before llava first sets it (once per process)
+        self.users_setting = environment().ggml_no_backtrace
 
     def configure(self, verbose: bool, debug: bool) -> None:
         if verbose:
@@ -183,6 +184,7 @@ ABORTS = _Aborts()
 def init(verbose: bool) -> None:
     """Route logs (and Ctrl-C); idempotent. Call before any other llama.cpp function."""
     LOGS.verbose = verbose
+    LOGS.debug = environment().debug
     ABORTS.configure(verbose, LOGS.debug)
     INTERRUPTS.install()
     if not LOGS.installed:

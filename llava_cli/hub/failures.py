@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..config import check_hub_environment
+from ..config import environment
 from ..errors import EXIT_MODEL_UNAVAILABLE, DownloadError, LlavaError, ModelNotAvailable
 
 # A full disk, a quota, or a file-size limit (RLIMIT_FSIZE): all "free space, then resume".
@@ -51,14 +51,14 @@ class HubUnreachable(NetworkError):
 
 
 def endpoint() -> str:
-    check_hub_environment()
+    environment().check_hub_timeouts()
     from huggingface_hub import constants
 
     return str(constants.ENDPOINT).rstrip("/")
 
 
 def timeout(kind: str) -> float:
-    check_hub_environment()
+    environment().check_hub_timeouts()
     from huggingface_hub import constants
 
     return float(
@@ -93,13 +93,14 @@ def translate(
     ``kind`` ("metadata" or "download") names the timeout the request ran under."""
     import httpx2
 
-    check_hub_environment()
+    settings = environment()
+    settings.check_hub_timeouts()
     from huggingface_hub import errors
 
     what = f"{file} in {repo}" if file else repo
     token_hint = (
         "HF_TOKEN is set, but that token has no access to it"
-        if os.environ.get("HF_TOKEN")
+        if settings.hf_token_set
         else "if it is private or gated, set HF_TOKEN to a token with access"
     )
     try:

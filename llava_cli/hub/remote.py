@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from ..config import check_hub_environment
+from ..config import environment
 from ..errors import DownloadError
 from ..store import is_commit
 from ..text import escaped, unsafe_character
@@ -76,7 +76,7 @@ def _retrying(call: Callable[[], T], progress: Progress | None, what: str) -> T:
 
 def list_files(repo: str, revision: str, progress: Progress | None = None) -> Listing:
     """Every file in the repo at that revision, with sizes (one API call)."""
-    check_hub_environment()
+    environment().check_hub_timeouts()
     from huggingface_hub import HfApi
 
     def call() -> Any:
@@ -124,7 +124,7 @@ def file_info(repo: str, revision: str, file: str, progress: Progress | None = N
     The download URL names the commit, not the branch: a push during a (resumed) download
     cannot splice two versions of the file together.
     """
-    check_hub_environment()
+    environment().check_hub_timeouts()
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     def call() -> Any:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import check_hub_environment
+from ..config import environment
 from ..errors import DownloadError, LlavaError
 from ..store import RepoCache
 from ..units import human_bytes
@@ -168,7 +168,7 @@ def _transfer(remote: RemoteFile, partial: Path, progress: Progress) -> None:
 
 def _fetch(remote: RemoteFile, state: _Partial, progress: Progress) -> int:
     """One GET from ``state.have`` on, appended to the partial file; returns the bytes added."""
-    check_hub_environment()
+    environment().check_hub_timeouts()
     from huggingface_hub import get_session, hf_raise_for_status
     from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
