@@ -12,8 +12,9 @@ The CDN is a second listener on its own port (`hub.cdn_url`): `huggingface_hub` 
 redirect that stays on the endpoint's origin, and would then miss the resolve headers.
 
 Point `HF_ENDPOINT` at `hub.url` (before `huggingface_hub` is imported: it reads it once) or pass
-`endpoint=hub.url`. Faults (`fail`, `drop_after`, `stall`, `corrupt`, `throttle`, `claim_size`)
-let tests exercise retries, resumes, timeouts and integrity checks. `hub.requests` logs every
+`endpoint=hub.url`. Faults (`fail`, `fail_download`, `fail_api`, `drop_after`, `stall`, `corrupt`,
+`throttle`, `claim_size`) let tests exercise retries, resumes, timeouts, integrity checks and
+answers that are not the JSON they should be. `hub.requests` logs every
 request; header names in the log are lower-cased.
 """
 
@@ -56,10 +57,12 @@ class _Repo:
 
 @dataclass
 class _Fault:
-    kind: str  # fail, drop, stall (used up by `times`); corrupt, throttle, claim, no_range (kept)
+    kind: str  # fail, fail_bytes, api, drop, stall (used up by `times`); corrupt, throttle,
+    # claim, no_range (kept)
     times: int | None
     value: int = 0  # the status, byte count, bytes per second or size
     seconds: float = 0.0
+    body: bytes | None = None  # a failure's body, in place of the hub's JSON error
 
 
 class _Server(ThreadingHTTPServer):
@@ -121,8 +124,25 @@ class FakeHub:
                 names.append(name)
         return commit
 
-    def fail(self, filename: str, status: int, *, times: int | None = None) -> None:
-        self._add(filename, _Fault("fail", times, status))
+    def fail(
+        self, filename: str, status: int, *, times: int | None = None, body: bytes | None = None
+    ) -> None:
+        """The file's next request (its resolve HEAD, or the GET of its bytes) answers `status`;
+        `body` (sent as JSON, e.g. malformed) replaces the hub's `{"error": ...}`."""
+        self._add(filename, _Fault("fail", times, status, body=body))
+
+    def fail_download(
+        self, filename: str, status: int, *, times: int | None = None, body: bytes | None = None
+    ) -> None:
+        """Like `fail`, for the GET of the file's bytes only: its metadata is answered."""
+        self._add(filename, _Fault("fail_bytes", times, status, body=body))
+
+    def fail_api(
+        self, repo_id: str, status: int, *, times: int | None = None, body: bytes | None = None
+    ) -> None:
+        """The repo's model-info call (`/api/models/...`) answers `status`; with `body`, that
+        instead of the hub's JSON error (a 200 with malformed JSON: `status=200, body=...`)."""
+        self._add(repo_id, _Fault("api", times, status, body=body))
 
     def drop_after(self, filename: str, nbytes: int, *, times: int | None = 1) -> None:
         self._add(filename, _Fault("drop", times, nbytes))
@@ -235,6 +255,11 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Error-Code"] = code
         self._reply(status, headers, json.dumps({"error": message}).encode())
 
+    def _injected(self, fault: _Fault) -> None:
+        if fault.body is None:
+            return self._error(fault.value, None, f"Injected {fault.value}")
+        return self._reply(fault.value, {}, fault.body)
+
     def _route(self) -> None:
         parts = [unquote(p) for p in urlsplit(self.path).path.split("/") if p]
         if len(parts) == 2 and parts[0] == "cdn":
@@ -267,6 +292,9 @@ class _Handler(BaseHTTPRequestHandler):
         return repo
 
     def _model_info(self, repo_id: str, rev: str) -> None:
+        fault = self.hub._take([repo_id], "api")
+        if fault is not None:
+            return self._injected(fault)
         repo = self._repo(repo_id, rev, files=False)
         if repo is None:
             return
@@ -286,12 +314,12 @@ class _Handler(BaseHTTPRequestHandler):
             "createdAt": _DATE,
             "siblings": [self.hub._sibling(n, d) for n, d in sorted(repo.files.items())],
         }
-        self._reply(200, {}, json.dumps(info).encode())
+        return self._reply(200, {}, json.dumps(info).encode())
 
     def _resolve(self, repo_id: str, rev: str, filename: str) -> None:
         fault = self.hub._take([filename], "fail")
         if fault is not None:
-            return self._error(fault.value, None, f"Injected {fault.value}")
+            return self._injected(fault)
         repo = self._repo(repo_id, rev, files=True)
         if repo is None:
             return
@@ -312,9 +340,9 @@ class _Handler(BaseHTTPRequestHandler):
         data, names = self.hub._blobs.get(sha, (b"", []))
         if not names:
             return self._error(404, None, "Not Found")
-        fault = self.hub._take(names, "fail")
+        fault = self.hub._take(names, "fail", "fail_bytes")
         if fault is not None:
-            return self._error(fault.value, None, f"Injected {fault.value}")
+            return self._injected(fault)
         if self.hub._take(names, "corrupt") is not None:
             data = data.translate(_INVERT)
         total, status = len(data), 200
