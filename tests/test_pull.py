@@ -53,6 +53,20 @@ class Served:
     def partial(self, data: bytes) -> Path:
         return self.cache / "blobs" / f"{self.sha(data)}.llava-partial"
 
+    @property
+    def model_size(self) -> str:
+        """The model's size as llava prints it (``274.3 kB``), from the built fixture."""
+        return kb(len(self.model))
+
+    @property
+    def pair_size(self) -> str:
+        return kb(len(self.model) + len(self.mmproj))
+
+
+def kb(nbytes: int) -> str:
+    """A size in kB, as llava prints one: one decimal, 1 kB = 1000 bytes."""
+    return f"{nbytes / 1e3:.1f} kB"
+
 
 @pytest.fixture
 def served(oracle: synthetic.ModelPair) -> Iterator[Served]:
@@ -87,8 +101,9 @@ def test_pull_by_registry_name_then_ask(served: Served, images: Path) -> None:
     assert result.stdout == b""
     err = result.stderr.decode()
     # stderr is not a terminal: plain lines, no bar, no escape codes
-    assert err.splitlines()[0] == f"downloading {MODEL} (274.3 kB)"
-    assert f"{MODEL}: 274.3 kB, 274.3 kB fetched in" in err and "sha256 verified" in err
+    size = served.model_size
+    assert err.splitlines()[0] == f"downloading {MODEL} ({size})"
+    assert f"{MODEL}: {size}, {size} fetched in" in err and "sha256 verified" in err
     assert "oracle:F16: pulled" in err
     assert "\x1b" not in err
     # huggingface_hub's cache layout: blobs by sha256, a snapshot linking to them, no leftovers
@@ -238,7 +253,7 @@ def test_resume_after_kill_9(served: Served) -> None:
     served.hub.reset_faults()
     result = llava("pull", "oracle", env=served.env)
     assert result.returncode == 0, result.stderr
-    assert f"resuming at {kept / 1e3:.1f} kB of 274.3 kB" in result.stderr.decode()
+    assert f"resuming at {kb(kept)} of {served.model_size}" in result.stderr.decode()
     resumed = served.hub.gets(MODEL)[-1]
     assert resumed.range_start == kept
     assert resumed.body_bytes == len(served.model) - kept  # only the remaining bytes
@@ -337,7 +352,7 @@ def test_a_stalled_server_times_out_clearly(served: Served) -> None:
         "within 1 s"
     )
     assert err.endswith(
-        f"1.0 kB of {MODEL} (274.3 kB) is kept: `llava pull oracle` resumes from there"
+        f"1.0 kB of {MODEL} ({served.model_size}) is kept: `llava pull oracle` resumes from there"
     )
     assert served.partial(served.model).stat().st_size == 1000  # kept for the next run
 
@@ -395,7 +410,7 @@ def test_list_show_and_rm(served: Served) -> None:
     listed = llava("list")
     lines = listed.stdout.decode().splitlines()
     assert lines[0].split() == ["NAME", "QUANT", "SIZE", "PULLED", "PATH"]
-    assert lines[1].split()[:4] == ["oracle", "F16", "334.8", "kB"]
+    assert lines[1].split()[:4] == ["oracle", "F16", *served.pair_size.split()]
     records = json.loads(llava("list", "--json").stdout)
     assert [r["ref"] for r in records] == ["oracle:F16"]
     assert records[0]["model"]["digest"] == served.sha(served.model)
@@ -471,7 +486,7 @@ def test_rm_asks_on_a_terminal(served: Served) -> None:
         os.close(primary)
         assert proc.returncode == 0, err
         assert out == b""
-        assert err.decode().startswith("Remove oracle:F16 (334.8 kB)? [y/N] ")
+        assert err.decode().startswith(f"Remove oracle:F16 ({served.pair_size})? [y/N] ")
         assert served.blob(served.model).exists() == kept
 
 
