@@ -7,48 +7,23 @@ load llama.cpp, numpy or Pillow.
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from . import __version__
 from .cli_options import (
-    CONVERSATION,
-    GEN,
-    OUTPUT,
-    ChatFormatOpt,
     Command,
-    CtxOpt,
-    GpuLayersOpt,
     Group,
-    ImageOnCpuOpt,
-    MaxImageBytesOpt,
-    MaxPixelsOpt,
-    MaxTokensOpt,
-    MinPOpt,
-    MmprojOpt,
-    ModelOpt,
-    NoCacheOpt,
-    OfflineOpt,
-    RepeatPenaltyOpt,
-    SeedOpt,
-    StopOpt,
-    SystemOpt,
-    TemperatureOpt,
-    ThinkOpt,
-    ThreadsOpt,
-    TopKOpt,
-    TopPOpt,
-    VerboseOpt,
-    YesOpt,
     complete_models,
-    model_options,
+    given_options,
     number,
+    with_shared_options,
 )
 from .errors import EXIT_INTERRUPTED
 from .guard import guarded, usage_error
-from .options import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
-from .slash import SETTINGS
+from .options import CONVERSATION, GEN, OUTPUT, SETTINGS, model_fields
+from .slash import help_epilog
 from .templates import MEDIA_MARKER
 
 app = typer.Typer(
@@ -110,8 +85,8 @@ def _question(arguments: list[str], prompt: str | None, flag: str) -> tuple[list
     "  echo 'Is there a cat?' | llava ask photo.jpg\n"
     "  curl -s https://example.org/x.png | llava ask - 'Describe it.'",
 )
+@with_shared_options(after="prompt")
 def ask(
-    context: typer.Context,
     arguments: Annotated[
         list[str],
         typer.Argument(
@@ -126,22 +101,6 @@ def ask(
         str | None,
         typer.Option("--prompt", "-p", metavar="TEXT", help="The question.", rich_help_panel=GEN),
     ] = None,
-    model: ModelOpt = None,
-    mmproj: MmprojOpt = None,
-    offline: OfflineOpt = False,
-    yes: YesOpt = False,
-    chat_format: ChatFormatOpt = "auto",
-    think: ThinkOpt = False,
-    system: SystemOpt = None,
-    temperature: TemperatureOpt = 0.2,
-    top_p: TopPOpt = 0.95,
-    top_k: TopKOpt = 40,
-    min_p: MinPOpt = 0.05,
-    repeat_penalty: RepeatPenaltyOpt = 1.1,
-    seed: SeedOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    stop: StopOpt = None,
-    ctx: CtxOpt = None,
     json_schema: Annotated[
         str | None,
         typer.Option(
@@ -190,13 +149,7 @@ def ask(
             rich_help_panel=OUTPUT,
         ),
     ] = False,
-    verbose: VerboseOpt = False,
-    threads: ThreadsOpt = 0,
-    gpu_layers: GpuLayersOpt = -1,
-    image_on_cpu: ImageOnCpuOpt = False,
-    no_cache: NoCacheOpt = False,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    max_image_bytes: MaxImageBytesOpt = DEFAULT_MAX_IMAGE_BYTES,
+    **shared: Any,  # the options ask and chat share (options.OPTIONS), by parameter name
 ) -> None:
     """Answer a question about each image, once. The answer alone goes to stdout: with
     several images, each after a '==> IMAGE <==' line (or one JSON line each with --json)."""
@@ -207,7 +160,7 @@ def ask(
         opts = command.AskOptions(
             images=images,
             prompt=question,
-            **model_options(context.params),  # the options ask and chat share, by name
+            **model_fields(shared),
             together=together,
             json=json_out,
             label=label,
@@ -220,50 +173,17 @@ def ask(
     raise typer.Exit(guarded(run))
 
 
-def _given(context: typer.Context, names: tuple[str, ...]) -> frozenset[str]:
-    """Which of these options were set on the command line or in the environment (not left
-    at their defaults): a resumed chat's saved settings yield to them."""
-    given = set()
-    for name in names:
-        source = context.get_parameter_source(name.replace("-", "_"))
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
-            given.add(name)
-    return frozenset(given)
-
-
-def _slash_commands() -> str:
-    """chat --help's list of slash commands, from the table the chat itself uses: each with
-    what it takes (``/image PATH...``), its help wrapped within 80 columns."""
-    import re
-    import textwrap
-
-    from .slash import COMMANDS
-
-    rows = []
-    for name, text in COMMANDS.items():
-        # what the command takes leads its help: upper-case words, [optional] ones, "..."
-        taken = re.match(r"((?:\[?[A-Z]+\]?(?:\.\.\.)?\s)*)(.*)", text)
-        assert taken is not None
-        rows.append((f"{name} {taken.group(1).strip()}".strip(), taken.group(2)))
-    width = max(len(usage) for usage, _ in rows)
-    lines = []
-    for usage, text in rows:
-        wrapped = textwrap.wrap(text, 80 - width - 4) or [""]
-        lines.append(f"  {usage:<{width}}  {wrapped[0]}")
-        lines += [" " * (width + 4) + more for more in wrapped[1:]]
-    return "In the chat (Tab completes them):\n" + "\n".join(lines)
-
-
 @app.command(
     cls=Command,
     short_help="Talk about images: streamed answers, slash commands, nothing read twice.",
-    epilog=_slash_commands() + "\n\nExamples:\n"
+    epilog=help_epilog() + "\n\nExamples:\n"
     "  llava chat photo.jpg\n"
     "  llava chat photo.jpg 'What is unusual here?'  (answers, then waits for more)\n"
     "  llava chat -c                                (the last chat, where it ended)\n"
     "  llava chat --resume trip.json\n"
     "  llava chat -m gemma3 < questions.txt   (a message per line; answers only)",
 )
+@with_shared_options(after="resume")
 def chat(
     context: typer.Context,
     arguments: Annotated[
@@ -289,29 +209,7 @@ def chat(
             metavar="FILE", help="Resume a chat saved with /save.", rich_help_panel=CONVERSATION
         ),
     ] = None,
-    model: ModelOpt = None,
-    mmproj: MmprojOpt = None,
-    offline: OfflineOpt = False,
-    yes: YesOpt = False,
-    chat_format: ChatFormatOpt = "auto",
-    think: ThinkOpt = False,
-    system: SystemOpt = None,
-    temperature: TemperatureOpt = 0.2,
-    top_p: TopPOpt = 0.95,
-    top_k: TopKOpt = 40,
-    min_p: MinPOpt = 0.05,
-    repeat_penalty: RepeatPenaltyOpt = 1.1,
-    seed: SeedOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    stop: StopOpt = None,
-    ctx: CtxOpt = None,
-    verbose: VerboseOpt = False,
-    threads: ThreadsOpt = 0,
-    gpu_layers: GpuLayersOpt = -1,
-    image_on_cpu: ImageOnCpuOpt = False,
-    no_cache: NoCacheOpt = False,
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    max_image_bytes: MaxImageBytesOpt = DEFAULT_MAX_IMAGE_BYTES,
+    **shared: Any,  # the options ask and chat share (options.OPTIONS), by parameter name
 ) -> None:
     """Talk about images: answers stream as they are written; slash commands (/help) attach
     images, retry, undo, save and load. Nothing the model has read is read again."""
@@ -324,8 +222,8 @@ def chat(
             prompt=message,
             continue_last=continue_last,
             resume=resume,
-            **model_options(context.params),  # the options ask and chat share, by name
-            given=_given(context, SETTINGS),
+            **model_fields(shared),
+            given=given_options(context, SETTINGS),
         )
         return command.run(opts)
 

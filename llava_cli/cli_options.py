@@ -1,25 +1,19 @@
-"""The command line's shared pieces: option declarations used by more than one command, the
-numeric options checked against options.LIMITS, and the help layout (options grouped under
-headings, plain text). cli.py wires the commands from them."""
+"""The command line's shared pieces: the Typer options made from options.OPTIONS (the one
+table of the options ``ask`` and ``chat`` share) and added to both commands by
+``with_shared_options``, and the help layout (options grouped under headings, plain text).
+cli.py wires the commands from them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Any
+import inspect
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Annotated, Any, TypeVar
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from .options import INT32_MAX, LIMITS, RuntimeOptions, SamplingParams
-
-MODEL = "Model"
-GEN = "Generation"
-OUTPUT = "Output"
-HARDWARE = "Hardware"
-LIMITS_HEADING = "Input limits"
-OTHER = "Other options"
-CONVERSATION = "Conversation"
-HEADINGS = (CONVERSATION, MODEL, GEN, OUTPUT, HARDWARE, LIMITS_HEADING, OTHER)  # --help's order
+from .options import HEADINGS, OPTIONS, OTHER, Option
 
 
 class Command(TyperCommand):
@@ -77,33 +71,6 @@ class Group(TyperGroup):
                 formatter.write_dl(rows)
 
 
-def number(
-    name: str, help: str = "", *, envvar: str | None = None, panel: str = GEN
-) -> typer.models.OptionInfo:
-    """A numeric option, checked against its range in the one table of limits
-    (options.LIMITS, which /set and saved chats use too); the range goes in its help."""
-    limit = LIMITS[name]
-    shown = (
-        f"{limit.kind(n):,}" if limit.kind is int else f"{n:g}" for n in (limit.low, limit.high)
-    )
-    low, high = shown
-    span = f"at least {low}" if limit.high == INT32_MAX else f"{low} to {high}"
-
-    def check(value: float | None) -> float | None:
-        if value is not None and not limit.allows(value):
-            shown = f"{value:g}" if isinstance(value, float) else str(value)
-            raise typer.BadParameter(f"must be {span}, not {shown}")
-        return value
-
-    metavar = "N" if limit.kind is int else "NUMBER"
-    text = f"{help}; {span}." if help else f"{span[:1].upper()}{span[1:]}."
-    option: typer.models.OptionInfo = typer.Option(
-        callback=check, metavar=metavar, envvar=envvar, help=text, rich_help_panel=panel
-    )
-    return option
-
-
-# Options shared by `ask` and `chat`: declared once, used by both signatures.
 def complete_models(incomplete: str) -> list[str]:
     """Tab completion for --model: the registry's names and aliases, and pulled models."""
     from . import registry, store
@@ -117,189 +84,103 @@ def complete_models(incomplete: str) -> list[str]:
     return sorted(n for n in names if n.startswith(incomplete))
 
 
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        envvar="LLAVA_MODEL",
-        metavar="REF",
-        autocompletion=complete_models,
-        help="NAME[:QUANT] from the registry (llava list -a), OWNER/REPO[:QUANT] on the hub, "
-        "or a GGUF file. Default: config.toml's model, else the registry default. "
-        "Pulled if missing.",
-        rich_help_panel=MODEL,
-    ),
-]
-MmprojOpt = Annotated[
-    str | None,
-    typer.Option(
-        envvar="LLAVA_MMPROJ",
-        metavar="FILE",
-        help="Projector (mmproj) GGUF file, with a --model file. "
-        "Default: the one *mmproj*.gguf beside the model.",
-        rich_help_panel=MODEL,
-    ),
-]
-OfflineOpt = Annotated[
-    bool,
-    typer.Option(
-        "--offline",
-        help="Never touch the network: a model that is not pulled is an error (exit 3). "
-        "Also HF_HUB_OFFLINE=1.",
-        rich_help_panel=MODEL,
-    ),
-]
-YesOpt = Annotated[
-    bool,
-    typer.Option(
-        "--yes",
-        "-y",
-        envvar="LLAVA_YES",
-        help="Pull a missing model without asking, however large (on a terminal llava asks "
-        "before fetching more than 1 GB; in a pipe it never asks).",
-        rich_help_panel=MODEL,
-    ),
-]
-ChatFormatOpt = Annotated[
-    str,
-    typer.Option(
-        envvar="LLAVA_CHAT_FORMAT",
-        metavar="FORMAT",
-        help="auto (the registry's format, else the model's own template, else llava), gguf "
-        "(the GGUF's template), llava (LLaVA-1.5/Vicuna), or a llama.cpp built-in name "
-        "(vicuna, chatml, mistral-v7, llama2, gemma, …; a typo lists them all).",
-        rich_help_panel=MODEL,
-    ),
-]
-ThinkOpt = Annotated[
-    bool,
-    typer.Option(
-        "--think",
-        envvar="LLAVA_THINK",
-        help="Let a reasoning model think before it answers (off where its template allows). "
-        "The thinking goes to stderr on a terminal, or to the JSON 'thinking' field.",
-        rich_help_panel=GEN,
-    ),
-]
-SystemOpt = Annotated[
-    str | None,
-    typer.Option(envvar="LLAVA_SYSTEM", metavar="TEXT", help="System prompt.", rich_help_panel=GEN),
-]
-TemperatureOpt = Annotated[
-    float, number("temperature", "0 = always the likeliest token", envvar="LLAVA_TEMPERATURE")
-]
-TopPOpt = Annotated[float, number("top-p")]
-TopKOpt = Annotated[int, number("top-k", "0 = off")]
-MinPOpt = Annotated[float, number("min-p")]
-RepeatPenaltyOpt = Annotated[float, number("repeat-penalty", "1 = off")]
-SeedOpt = Annotated[int | None, number("seed", "Default: random", envvar="LLAVA_SEED")]
-MaxTokensOpt = Annotated[
-    int | None, number("max-tokens", "Default: until done", envvar="LLAVA_MAX_TOKENS")
-]
-StopOpt = Annotated[
-    list[str] | None,
-    typer.Option(metavar="TEXT", help="Stop at this text (repeatable).", rich_help_panel=GEN),
-]
-CtxOpt = Annotated[
-    int | None,
-    number(
-        "ctx",
-        "Context size in tokens, at most the model's training context. "
-        "Default: 4096, or less if the model has less",
-        envvar="LLAVA_CTX",
-    ),
-]
-ThreadsOpt = Annotated[
-    int, number("threads", "0 = one per CPU", envvar="LLAVA_THREADS", panel=HARDWARE)
-]
-GpuLayersOpt = Annotated[
-    int,
-    number(
-        "gpu-layers",
-        "Layers to offload to the GPU; -1 = all (where supported), 0 = none",
-        envvar="LLAVA_GPU_LAYERS",
-        panel=HARDWARE,
-    ),
-]
-ImageOnCpuOpt = Annotated[
-    bool,
-    typer.Option(
-        "--image-on-cpu",
-        envvar="LLAVA_IMAGE_ON_CPU",
-        help="Keep the image encoder on the CPU.",
-        rich_help_panel=HARDWARE,
-    ),
-]
-NoCacheOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-cache",
-        envvar="LLAVA_NO_CACHE",
-        help="Do not reuse or keep image prefixes between runs (the prefix cache).",
-        rich_help_panel=HARDWARE,
-    ),
-]
-MaxPixelsOpt = Annotated[
-    int,
-    number(
-        "max-pixels",
-        "Refuse images with more pixels than this",
-        envvar="LLAVA_MAX_PIXELS",
-        panel=LIMITS_HEADING,
-    ),
-]
-MaxImageBytesOpt = Annotated[
-    int,
-    number(
-        "max-image-bytes",
-        "Refuse image files (or standard input) larger than this many bytes, "
-        "checked as they arrive (default 256 MiB)",
-        envvar="LLAVA_MAX_IMAGE_BYTES",
-        panel=LIMITS_HEADING,
-    ),
-]
-VerboseOpt = Annotated[
-    bool,
-    typer.Option(
-        "--verbose",
-        "-v",
-        envvar="LLAVA_VERBOSE",
-        help="Details and llama.cpp logs on stderr.",
-        rich_help_panel=OUTPUT,
-    ),
-]
+COMPLETIONS: dict[str, Callable[[str], list[str]]] = {"models": complete_models}
 
 
-def model_options(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields ``ask`` and ``chat`` share (commands.ask.ModelOptions), by keyword, from
-    the command's parsed parameters (``typer.Context.params``): written once for both."""
-    return {
-        "model": params["model"],
-        "mmproj": params["mmproj"],
-        "system": params["system"],
-        "sampling": SamplingParams(
-            temperature=params["temperature"],
-            top_p=params["top_p"],
-            top_k=params["top_k"],
-            min_p=params["min_p"],
-            repeat_penalty=params["repeat_penalty"],
-            seed=params["seed"],
-            max_tokens=params["max_tokens"],
-            stop=tuple(params["stop"] or ()),
-        ),
-        "runtime": RuntimeOptions(
-            ctx=params["ctx"],
-            threads=params["threads"],
-            gpu_layers=params["gpu_layers"],
-            image_on_cpu=params["image_on_cpu"],
-            chat_format=params["chat_format"],
-            verbose=params["verbose"],
-            cache=not params["no_cache"],
-        ),
-        "max_pixels": params["max_pixels"],
-        "max_image_bytes": params["max_image_bytes"],
-        "offline": params["offline"],
-        "yes": params["yes"],
-        "think": params["think"],
-    }
+def help_text(option: Option) -> str:
+    """An option's --help text: its help, its default in words, its range (``Keep only the k
+    likeliest tokens; 0 = off; at least 0.``)."""
+    sentences = [option.help] if option.help else []
+    if option.default_text:
+        sentences.append(f"Default: {option.default_text}")
+    text = ". ".join(sentences)
+    if option.bounded:
+        text = f"{text}; {option.span}" if text else option.span.capitalize()
+    return f"{text}." if text else ""
+
+
+def typer_option(option: Option) -> typer.models.OptionInfo:
+    """The Typer option for an entry of options.OPTIONS: its flags, env var, metavar and
+    help; a number checked against its range there (the message names the range)."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and not option.allows(value):
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise typer.BadParameter(f"must be {option.span}, not {shown}")
+        return value
+
+    metavar = option.metavar
+    if option.kind in (int, float):
+        metavar = "N" if option.kind is int else "NUMBER"
+    flags = [f"--{option.name}", *([option.short] if option.short else [])]
+    info: typer.models.OptionInfo = typer.Option(
+        *flags,
+        callback=check if option.bounded else None,
+        metavar=metavar,
+        envvar=option.env,
+        autocompletion=COMPLETIONS[option.completion] if option.completion else None,
+        help=help_text(option),
+        rich_help_panel=option.panel,
+    )
+    return info
+
+
+def annotation(option: Option) -> Any:
+    """The parameter's annotation, as Typer reads it: the type, then the option."""
+    kind: Any = option.kind
+    if option.repeated:
+        kind = list[kind] | None
+    elif option.optional:
+        kind = kind | None
+    return Annotated[kind, typer_option(option)]
+
+
+def number(name: str, help: str) -> typer.models.OptionInfo:
+    """A numeric option of the table on another command (``llava show --ctx``): its own
+    help, no environment variable, the same range checked the same way."""
+    return typer_option(replace(OPTIONS[name], help=help, env=None, default_text=""))
+
+
+def given_options(context: typer.Context, names: tuple[str, ...]) -> frozenset[str]:
+    """Which of these options (options.OPTIONS's names) were set on the command line or in
+    the environment (not left at their defaults): a resumed chat's saved settings yield to
+    them."""
+    given = set()
+    for name in names:
+        source = context.get_parameter_source(OPTIONS[name].param)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given.add(name)
+    return frozenset(given)
+
+
+CommandFunction = TypeVar("CommandFunction", bound=Callable[..., None])
+
+
+def with_shared_options(after: str) -> Callable[[CommandFunction], CommandFunction]:
+    """Give a command the options of options.OPTIONS, right after its parameter ``after``
+    (--help lists each heading's options in this order). The command takes them as
+    ``**shared``, by parameter name (``top_p``); its signature, which Typer reads for the
+    options, names each one."""
+
+    def add(command: CommandFunction) -> CommandFunction:
+        signature = inspect.signature(command, eval_str=True)
+        *own, shared = signature.parameters.values()
+        assert shared.kind is inspect.Parameter.VAR_KEYWORD, "the command takes **shared"
+        names = [parameter.name for parameter in own]
+        assert not set(names) & {option.param for option in OPTIONS.values()}, names
+        at = names.index(after) + 1
+        added = [
+            inspect.Parameter(
+                option.param,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                # a repeated option given no times is None to Typer, () in the record
+                default=None if option.repeated else option.default,
+                annotation=annotation(option),
+            )
+            for option in OPTIONS.values()
+        ]
+        parameters = [*own[:at], *added, *own[at:]]
+        command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        return command
+
+    return add

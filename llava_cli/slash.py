@@ -7,12 +7,11 @@ Imports nothing heavy: ``llava chat --help`` lists them, the line editor complet
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .options import SamplingParams
+from .options import OPTIONS, SETTINGS, SamplingParams
 
 COMMANDS: dict[str, str] = {
     "/image": "PATH... attach images to the next message",
@@ -23,7 +22,7 @@ COMMANDS: dict[str, str] = {
     "/undo": "drop the last message and its answer",
     "/save": "FILE save the chat (.json for programs, else Markdown)",
     "/load": "FILE resume a saved chat",
-    "/set": "KEY VALUE temperature, top-p, top-k, min-p, repeat-penalty, max-tokens, seed",
+    "/set": "KEY VALUE " + ", ".join(SETTINGS),
     "/stats": "context use, and the last turn's work and speed",
     "/prompt": "[TEXT] the prompt as the model reads it: so far, or with TEXT as the next message",
     "/help": "this list",
@@ -46,9 +45,30 @@ def canonical(name: str) -> str:
 
 
 def help_lines() -> list[str]:
-    """The table as aligned lines, then the keys: for ``/help`` and ``llava chat --help``."""
+    """The table as aligned lines, then the keys: for ``/help``."""
     width = max(len(name) for name in COMMANDS)
     return [f"{name:<{width}}  {text}" for name, text in COMMANDS.items()] + [KEYS]
+
+
+def help_epilog() -> str:
+    """chat --help's list of slash commands, from the table the chat itself uses: each with
+    what it takes (``/image PATH...``), its help wrapped within 80 columns."""
+    import re
+    import textwrap
+
+    rows = []
+    for name, text in COMMANDS.items():
+        # what the command takes leads its help: upper-case words, [optional] ones, "..."
+        taken = re.match(r"((?:\[?[A-Z]+\]?(?:\.\.\.)?\s)*)(.*)", text)
+        assert taken is not None
+        rows.append((f"{name} {taken.group(1).strip()}".strip(), taken.group(2)))
+    width = max(len(usage) for usage, _ in rows)
+    lines = []
+    for usage, text in rows:
+        wrapped = textwrap.wrap(text, 80 - width - 4, break_on_hyphens=False) or [""]
+        lines.append(f"  {usage:<{width}}  {wrapped[0]}")
+        lines += [" " * (width + 4) + more for more in wrapped[1:]]
+    return "In the chat (Tab completes them):\n" + "\n".join(lines)
 
 
 def split_words(text: str) -> list[str]:
@@ -98,29 +118,17 @@ def _scan(text: str) -> tuple[int, str | None, bool]:
     return (start if in_word else len(text)), quote, escaping
 
 
-# The settings /set changes: their names are the command-line options', their ranges
-# options.LIMITS.
-SETTINGS = ("temperature", "top-p", "top-k", "min-p", "repeat-penalty", "max-tokens", "seed")
-
-
 def with_setting(sampling: SamplingParams, key: str, value: str) -> SamplingParams:
     """``sampling`` with one setting changed, as ``/set KEY VALUE`` (and a saved chat) names
-    it; checked against its range."""
-    from dataclasses import replace
-
-    from .options import parse_number
-
+    it: parsed and range-checked as options.OPTIONS says."""
     key = key.lower().replace("_", "-")
     if key not in SETTINGS:
         raise UsageError(f"unknown setting {key!r}", "one of: " + ", ".join(SETTINGS))
-    field_name = key.replace("-", "_")
-    if key in ("max-tokens", "seed") and value.lower() in ("none", "random", "default"):
-        unset: dict[str, Any] = {field_name: None}
-        return replace(sampling, **unset)
-    changes: dict[str, Any] = {field_name: parse_number(key, value)}
+    option = OPTIONS[key]
+    changes: dict[str, Any] = {option.field_name: option.parse(value)}
     return replace(sampling, **changes)
 
 
 def settings_of(sampling: SamplingParams) -> dict[str, Any]:
     """The settings /set changes, by their names: for /set alone, and for a saved chat."""
-    return {key: getattr(sampling, key.replace("-", "_")) for key in SETTINGS}
+    return {key: getattr(sampling, OPTIONS[key].field_name) for key in SETTINGS}
