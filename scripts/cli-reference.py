@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Write docs/cli.md, the command reference, from the help texts themselves.
+"""Write docs/cli.md, the command reference, from the help texts themselves, and the README's
+table of the options `ask` and `chat` share, from the table they are made from.
 
-    scripts/cli-reference.py           rewrite docs/cli.md
-    scripts/cli-reference.py --check   exit 1 if docs/cli.md differs from the help (make lint)
+    scripts/cli-reference.py           rewrite docs/cli.md and the README's option table
+    scripts/cli-reference.py --check   exit 1 if either differs from the program (make lint)
 
 Each page is the real `llava ... --help`, run as a user runs it, at a fixed width of 100
-columns with no colour, so the reference cannot drift from the program.
+columns with no colour, so the reference cannot drift from the program. The README's table
+(between its two `<!-- options` markers) is llava_cli.options.OPTIONS, a row per option.
 """
 
 from __future__ import annotations
@@ -15,10 +17,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the llava_cli of this checkout
+if TYPE_CHECKING:
+    from llava_cli.options import Option
+
 DEFAULT_OUTPUT = ROOT / "docs" / "cli.md"
+DEFAULT_README = ROOT / "README.md"
+TABLE_BEGIN = "<!-- options: generated from llava_cli/options.py by `make docs` -->"
+TABLE_END = "<!-- options: end -->"
 
 
 def commands() -> list[list[str]]:
@@ -68,20 +77,69 @@ def reference() -> str:
     return "".join(parts)
 
 
+def _markdown(text: str) -> str:
+    """Help text in a table cell: literal ``*`` and ``|``."""
+    return text.replace("|", "\\|").replace("*", "\\*")
+
+
+def _default(option: Option) -> str:
+    if option.default_text:
+        return _markdown(option.default_text)
+    if option.kind is bool:
+        return "on" if option.default else "off"
+    if option.default is None or option.default == ():
+        return ""
+    if option.kind is str:
+        return f"`{option.default}`"
+    return option.shown(option.default)
+
+
+def options_table() -> str:
+    """The options `ask` and `chat` share, as a Markdown table, from llava_cli.options."""
+    from llava_cli.options import OPTIONS
+
+    rows = ["| option | env | default | range | |", "|---|---|---|---|---|"]
+    for option in OPTIONS.values():
+        flags = ", ".join([*([option.short] if option.short else []), f"--{option.name}"])
+        cells = [
+            f"`{flags}`",
+            f"`{option.env}`" if option.env else "",
+            _default(option),
+            option.span if option.bounded else "",
+            _markdown(option.help),
+        ]
+        rows.append("|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|")
+    return "\n".join(rows) + "\n"
+
+
+def readme(current: str) -> str:
+    """``current`` (the README) with the table between its markers made anew."""
+    begin, end = current.find(TABLE_BEGIN), current.find(TABLE_END)
+    if begin < 0 or end < begin:
+        sys.exit(f"the README has no {TABLE_BEGIN} ... {TABLE_END} section for the options")
+    return current[: begin + len(TABLE_BEGIN)] + "\n\n" + options_table() + "\n" + current[end:]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if the file is stale")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--check", action="store_true", help="fail if a file is stale")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the reference")
+    parser.add_argument("--readme", type=Path, default=DEFAULT_README, help="the README")
     args = parser.parse_args()
-    text = reference()
+    current_readme = args.readme.read_text(encoding="utf-8")
+    wanted = {args.output: reference(), args.readme: readme(current_readme)}
     if args.check:
-        current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
-        if current != text:
-            sys.stderr.write(f"{args.output} is stale: run `make docs` and commit it\n")
-            return 1
-        return 0
+        stale = [
+            path
+            for path, text in wanted.items()
+            if (path.read_text(encoding="utf-8") if path.exists() else "") != text
+        ]
+        for path in stale:
+            sys.stderr.write(f"{path} is stale: run `make docs` and commit it\n")
+        return 1 if stale else 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
+    for path, text in wanted.items():
+        path.write_text(text, encoding="utf-8")
     return 0
 
 

@@ -52,7 +52,7 @@ def test_ask_options_are_grouped_in_order() -> None:
     assert "Usage: llava ask [OPTIONS] IMAGE... [QUESTION]" in text
     model = text.split("\nModel:\n", 1)[1].split("\n\n", 1)[0]
     assert "--model REF" in model and "--offline" in model and "--yes" in model
-    assert "--top-p NUMBER  " in text and "0 to 1." in text  # the range, from options.LIMITS
+    assert "--top-p NUMBER  " in text and "0 to 1." in text  # the range, from options.OPTIONS
     assert "--seed N " in text
 
 
@@ -109,10 +109,19 @@ def test_the_command_reference_is_generated_and_checked(tmp_path: Path) -> None:
     assert fresh.returncode == 0, fresh.stderr  # docs/cli.md matches the help as it is
     stale = tmp_path / "cli.md"
     stale.write_text((ROOT / "docs" / "cli.md").read_text().replace("IMAGE...", "IMAGES"))
+    # The README's option table (made from llava_cli.options.OPTIONS) is checked as well.
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text().replace("| 0.95 |", "| 0.9 |"))
     result = subprocess.run(
-        [*script, "--check", "--output", str(stale)], capture_output=True, text=True, check=False
+        [*script, "--check", "--output", str(stale), "--readme", str(readme)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    assert result.returncode == 1 and "stale" in result.stderr
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path} is stale: run `make docs` and commit it" for path in (stale, readme)
+    ]
 
 
 @pytest.mark.parametrize("command", ["", *SUBCOMMANDS])
