@@ -96,6 +96,16 @@ def read_environment(env: Mapping[str, str] | None = None) -> Environment:
     )
 
 
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def secrets(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The secret values in the environment (the hub tokens), read only when text is about to
+    be printed so that they can be blotted out of it (``text.redacted``); never kept."""
+    env = os.environ if env is None else env
+    return tuple(value for name in TOKEN_VARIABLES if len(value := env.get(name, "")) >= 4)
+
+
 _OFF = frozenset(("", "0", "false", "no", "off"))
 
 

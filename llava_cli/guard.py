@@ -26,7 +26,7 @@ def _reported(action: Callable[[], int]) -> int:
         return action()
     except LlavaError as exc:
         if debug_enabled():
-            raise
+            render.traceback(exc)
         render.error(exc.one_line())
         return exc.exit_code
     except KeyboardInterrupt:
@@ -53,7 +53,9 @@ def _unexpected(exc: Exception) -> int:
     from .config import debug_enabled
 
     if debug_enabled():
-        raise exc
+        render.traceback(exc)
+        render.error(f"unexpected {type(exc).__name__}: {exc} — please report it with the above")
+        return EXIT_RUNTIME
     render.error(f"unexpected {type(exc).__name__}: {exc} — set LLAVA_DEBUG=1 for a traceback")
     return EXIT_RUNTIME
 

@@ -26,7 +26,7 @@ from .terminal import (
     fit_to_encoding,
     output_width,
 )
-from .text import TERMINAL_DROPS, cell_width, cut_to_width, escaped, json_escaped
+from .text import TERMINAL_DROPS, cell_width, cut_to_width, escaped, json_escaped, redacted
 from .units import human_bytes
 
 # re-exported for the commands, the chat's line reader and the tests
@@ -141,14 +141,31 @@ def error(message: str) -> None:
     """One line on stderr: ``Error: <what> — <fix>`` (whatever came from files, escaped)."""
     status_clear()
     prefix = "\x1b[1;31mError:\x1b[0m " if _color(sys.stderr) else "Error: "
-    sys.stderr.write(prefix + escaped(message) + "\n")
+    sys.stderr.write(prefix + escaped(_without_secrets(message)) + "\n")
     sys.stderr.flush()
+
+
+def traceback(exc: BaseException) -> None:
+    """``LLAVA_DEBUG``'s report: the whole traceback on stderr, plain, with no local variables
+    and no secret in it (a server may have echoed the token into an exception's text)."""
+    import traceback as tb
+
+    status_clear()
+    text = "".join(tb.format_exception(exc))
+    sys.stderr.write(escaped(_without_secrets(text), keep="\n"))
+    sys.stderr.flush()
+
+
+def _without_secrets(text: str) -> str:
+    from .config import secrets
+
+    return redacted(text, secrets())
 
 
 def info(message: str) -> None:
     """A progress or diagnostic line on stderr."""
     status_clear()
-    message = escaped(message)
+    message = escaped(_without_secrets(message))
     line = f"\x1b[2m{message}\x1b[0m" if _color(sys.stderr) else message
     sys.stderr.write(line + "\n")
     sys.stderr.flush()

@@ -9,7 +9,9 @@ are read (``registry``, ``hub``) and escaped wherever text is printed (``render`
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
+from collections.abc import Sequence
 from os import PathLike
 
 # Controls (Cc), format characters (Cf: the bidi embeddings, overrides, isolates and marks,
@@ -25,6 +27,20 @@ def unsafe_character(text: str) -> str | None:
             name = unicodedata.name(char, "") or "control character"
             return f"U+{ord(char):04X} ({name})"
     return None
+
+
+# A Hugging Face access token, wherever it came from (HF_TOKEN, or the token file that
+# huggingface_hub reads): "hf_" and 34 letters and digits today; a shorter run is no token.
+_HUB_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+REDACTED = "<hidden>"
+
+
+def redacted(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` with each of ``secrets``, and anything shaped like a hub token, blotted out:
+    a server may echo a request's Authorization header in its error text."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return _HUB_TOKEN.sub(REDACTED, text)
 
 
 def escaped(text: str, keep: str = "") -> str:

@@ -116,6 +116,7 @@ FAULTS: dict[str, Callable[[FakeHub], None]] = {
 WITHOUT_DEBUG = ("lookup 401", "lookup 200, malformed JSON", "download 500")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "debug"),
     [*((name, True) for name in FAULTS), *((name, False) for name in WITHOUT_DEBUG)],
@@ -144,6 +145,7 @@ def test_a_failing_authenticated_pull_never_shows_the_token(
         assert to_cdn, "the download never reached the CDN"
 
 
+@pytest.mark.slow
 def test_a_partial_download_holds_no_token(hub: Hub) -> None:
     """A connection dropped mid-download leaves a partial blob behind: it holds no token."""
     hub.hub.drop_after(MODEL, 50_000, times=1)
@@ -156,18 +158,67 @@ def test_a_partial_download_holds_no_token(hub: Hub) -> None:
     assert leaks(result.stderr) == []
 
 
-def test_the_token_check_would_see_a_traceback_that_shows_locals(hub: Hub) -> None:
-    """Control: the same failure with Typer told to show locals prints the request headers,
-    token and all. llava's app says ``pretty_exceptions_show_locals=False`` (checked here too),
-    so a later Typer default cannot turn them on."""
+ECHO = b'{"error": "Invalid credentials in Authorization header: Bearer ' + TOKEN.encode() + b'"}'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", [True, False])
+@pytest.mark.parametrize("where", ["lookup", "download"])
+def test_a_hub_that_echoes_the_token_does_not_get_it_printed(
+    hub: Hub, where: str, debug: bool
+) -> None:
+    """A mirror (HF_ENDPOINT) may quote the request's Authorization header in its error text,
+    which huggingface_hub puts in its exception: the one-line error and the LLAVA_DEBUG=1
+    traceback blot it out."""
+    if where == "lookup":
+        hub.hub.fail_api(REPO, 401, body=ECHO)
+    else:
+        hub.hub.fail_download(MODEL, 500, body=ECHO)
+    result = hub.pull(debug=debug)
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode != 0, err
+    assert err.splitlines()[-1].startswith("Error: "), err
+    assert leaks(result.stderr) == [] and leaks(result.stdout) == [], err
+    assert leaks_on_disk(hub.root) == []
+    if debug:
+        assert "Traceback" in err and "Bearer <hidden>" in err, err
+
+
+@pytest.mark.slow
+def test_the_token_check_would_see_an_echoed_token_were_it_not_hidden(hub: Hub) -> None:
+    """Control: the same echo with llava's blotting turned off prints the token, so the checks
+    above can see a leak when there is one. Typer's own traceback is told never to show local
+    variables (where request headers live), so a later Typer default cannot turn them on."""
     from llava_cli.cli import app
 
     assert app.pretty_exceptions_show_locals is False
-    hub.hub.fail_api(REPO, 401)
-    showing_locals = (
-        "import sys; from llava_cli import cli; "
-        "cli.app.pretty_exceptions_show_locals = True; sys.argv[0] = 'llava'; cli.main()"
+    hub.hub.fail_api(REPO, 401, body=ECHO)
+    unblotted = (
+        "import sys; from llava_cli import text; text.redacted = lambda t, s=(): t; "
+        "from llava_cli import cli; sys.argv[0] = 'llava'; cli.main()"
     )
-    result = hub.pull(debug=True, command=[sys.executable, "-c", showing_locals])
+    result = hub.pull(debug=True, command=[sys.executable, "-c", unblotted])
     assert "Traceback" in result.stderr.decode(errors="replace")
     assert TOKEN[:WINDOW] in leaks(result.stderr)
+
+
+@pytest.mark.slow
+def test_a_malformed_hub_answer_is_one_named_error(hub: Hub) -> None:
+    """Not "unexpected JSONDecodeError": the line says the hub's answer was not its JSON."""
+    hub.hub.fail_api(REPO, 200, body=MALFORMED)
+    result = hub.pull(debug=False)
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == 1, err
+    host = hub.hub.url.split("//")[1].rstrip("/")
+    assert err.splitlines() == [
+        f"Error: {host} answered with something other than the hub's JSON for {REPO}"
+        " — check HF_ENDPOINT points at a Hugging Face hub, or try again later"
+    ], err
+
+
+def test_redacted_hides_the_given_secrets_and_anything_shaped_like_a_hub_token() -> None:
+    from llava_cli.text import redacted
+
+    assert redacted(f"a {TOKEN} b") == "a <hidden> b"
+    assert redacted("key s3cr3t-value here", ["s3cr3t-value"]) == "key <hidden> here"
+    assert redacted("hf_short and hf_ alone stay") == "hf_short and hf_ alone stay"

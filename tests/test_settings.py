@@ -24,7 +24,7 @@ OFF = ["", "0", "false", "no", "off", "False", "NO", "Off", " 0 "]
 
 @pytest.mark.parametrize(("value", "on"), [(v, True) for v in ON] + [(v, False) for v in OFF])
 def test_llava_debug_reads_the_same_everywhere(
-    value: str, on: bool, monkeypatch: pytest.MonkeyPatch
+    value: str, on: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The record, the error guard (a traceback, or one line) and llama.cpp's log router
     (its debug lines) agree on every spelling."""
@@ -37,11 +37,10 @@ def test_llava_debug_reads_the_same_everywhere(
     def failing() -> int:
         raise ConfigError("a setting is wrong", "fix it")
 
-    if on:
-        with pytest.raises(ConfigError):
-            guard.guarded(failing)
-    else:
-        assert guard.guarded(failing) == ConfigError.exit_code
+    assert guard.guarded(failing) == ConfigError.exit_code
+    err = capsys.readouterr().err
+    assert ("Traceback (most recent call last)" in err) is on, err
+    assert err.splitlines()[-1] == "Error: a setting is wrong — fix it"
     native.init(False)
     assert native.LOGS.debug is on
 
@@ -166,6 +165,7 @@ def test_every_command_with_offline_has_a_case_here() -> None:
     assert with_offline == {name for name, _ in _offline_commands(Path("."))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["ask", "chat", "pull", "show"])
 def test_hf_hub_offline_acts_as_the_offline_flag(command: str, images: Path) -> None:
     args = dict(_offline_commands(images))[command]
@@ -252,6 +252,7 @@ def test_only_config_reads_the_environment() -> None:
     assert environment_reads((PACKAGE / "config.py").read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_debug_off_spelled_false_prints_one_line_not_a_traceback() -> None:
     """End to end, in a process of its own: ``LLAVA_DEBUG=false`` is off."""
     off = llava("cache", "info", env={"LLAVA_DEBUG": "false", "LLAVA_CACHE_SIZE": "nan"})

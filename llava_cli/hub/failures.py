@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 import ssl
@@ -130,6 +131,11 @@ def translate(
     except errors.HfHubHTTPError as exc:
         raise _http_error(
             exc.response.status_code if exc.response is not None else 0, what
+        ) from exc
+    except json.JSONDecodeError as exc:  # a reply that is not the JSON it should be
+        raise DownloadError(
+            f"{host()} answered with something other than the hub's JSON for {what}",
+            "check HF_ENDPOINT points at a Hugging Face hub, or try again later",
         ) from exc
     except httpx2.ConnectTimeout as exc:
         raise unreachable(f"no answer within {timeout(kind):g} s") from exc
