@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -21,6 +22,19 @@ if TYPE_CHECKING:
     from llava_cli.images import PreparedImage
 
 REPO = Path(__file__).resolve().parents[1]
+
+# System tools that tests drive, each with the Debian package that has it (`make help` names
+# them too). A test marked `@pytest.mark.needs("tmux")` skips, naming the package, without it.
+SYSTEM_TOOLS = {"tmux": "tmux"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before any fixture builds a model for a test that will skip
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs"):
+        for tool in mark.args:
+            if shutil.which(tool) is None:
+                package = SYSTEM_TOOLS[tool]
+                pytest.skip(f"needs {tool}, not on PATH (Debian: apt-get install {package})")
 
 
 @pytest.fixture(autouse=True)

@@ -45,6 +45,7 @@ def test_split_arguments(tmp_path: Path) -> None:
         split_arguments(["a.png", "describe it", "b.png"])
 
 
+@pytest.mark.slow
 def test_the_question_as_an_argument(oracle: synthetic.ModelPair, images: Path) -> None:
     quoted = llava("ask", images / "red.png", Q, *model_args(oracle))
     assert (quoted.returncode, quoted.stdout, quoted.stderr) == (0, b"red\n", b"")
@@ -55,6 +56,7 @@ def test_the_question_as_an_argument(oracle: synthetic.ModelPair, images: Path) 
     assert record["prompt"] == Q and record["answer"] == "red"
 
 
+@pytest.mark.slow
 def test_two_questions_or_none_are_usage_errors(images: Path) -> None:
     both = llava("ask", images / "red.png", "why?", "-p", "what?")
     assert both.returncode == 2 and both.stdout == b""
@@ -69,6 +71,7 @@ def test_two_questions_or_none_are_usage_errors(images: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_missing_image_costs_no_request_and_no_load(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -100,6 +103,7 @@ def test_a_missing_image_costs_no_request_and_no_load(
     ]
 
 
+@pytest.mark.slow
 def test_batch_headers_name_each_answer(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -112,6 +116,7 @@ def test_batch_headers_name_each_answer(
     assert one.stdout.decode() == f"==> {red} <==\nred\n"
 
 
+@pytest.mark.slow
 def test_a_batch_with_a_missing_image_asks_nothing(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -129,6 +134,7 @@ def test_a_batch_with_a_missing_image_asks_nothing(
     assert [(r["image"], r["exit_code"]) for r in records] == [(str(gone), 4)]
 
 
+@pytest.mark.slow
 def test_options_a_grammar_cannot_take_are_refused_first(images: Path, tmp_path: Path) -> None:
     for extra, flag in ((["--stop", "}"], "--stop"), (["--think"], "--think")):
         result = llava("ask", images / "red.png", "x", "--json-schema", '{"type": "object"}',

@@ -16,6 +16,9 @@ from PIL import Image
 from llava_cli import synthetic
 from tests.conftest import llava, png_bytes
 
+# Every test here runs the CLI in a subprocess: `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 Q = "What colour is this?"
 
 

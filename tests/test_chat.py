@@ -70,6 +70,7 @@ def minus(a: Counters, b: Counters) -> tuple[int, int, int]:
     )
 
 
+@pytest.mark.slow
 def test_answers_red_then_clear_and_blue(
     chat: Chat, images: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -87,6 +88,7 @@ def test_answers_red_then_clear_and_blue(
     assert "new conversation" in err
 
 
+@pytest.mark.slow
 def test_a_follow_up_evaluates_only_its_own_tokens(chat: Chat, images: Path) -> None:
     drive(chat, f"/image {images / 'red.png'}", "What colour is this?")
     session = chat.conversation.loaded.session
@@ -113,6 +115,7 @@ def test_retry_evaluates_nothing_before_the_answer(
     ]
 
 
+@pytest.mark.slow
 def test_undo_rewinds_to_the_turn_before(chat: Chat, images: Path) -> None:
     drive(chat, f"/image {images / 'red.png'}", "What colour is this?")
     cells_after_first = chat.conversation.loaded.session.n_cells
@@ -129,6 +132,7 @@ def test_undo_rewinds_to_the_turn_before(chat: Chat, images: Path) -> None:
     assert keys == [chat.conversation.images[0].key]  # the undone image left the cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["chat.md", "chat.json"])
 def test_save_then_load_restores_the_conversation(
     chat: Chat,
@@ -172,6 +176,7 @@ def test_save_then_load_restores_the_conversation(
         other.close()
 
 
+@pytest.mark.slow
 def test_load_refuses_a_changed_image(chat: Chat, images: Path, tmp_path: Path) -> None:
     picture = tmp_path / "pic.png"
     picture.write_bytes((images / "red.png").read_bytes())
@@ -181,6 +186,7 @@ def test_load_refuses_a_changed_image(chat: Chat, images: Path, tmp_path: Path) 
     assert chat.conversation.exchanges() == []  # nothing half-loaded
 
 
+@pytest.mark.slow
 def test_set_takes_effect(random_pair: synthetic.ModelPair, images: Path) -> None:
     chat = open_test_chat(random_pair)
     try:
@@ -218,6 +224,7 @@ def test_bad_input_is_reported_and_the_chat_goes_on(
     assert errors[4] == "Error: nothing to retry yet — send a message first"
 
 
+@pytest.mark.slow
 def test_a_full_context_drops_the_oldest_turn_first(
     oracle: synthetic.ModelPair, images: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -240,6 +247,7 @@ def test_a_full_context_drops_the_oldest_turn_first(
         chat.close()
 
 
+@pytest.mark.slow
 def test_a_piped_script_keeps_stdout_for_answers(oracle: synthetic.ModelPair, images: Path) -> None:
     script = f"What colour is this?\n/clear\n/image {images / 'blue.png'}\nAnd now?\n/stats\n"
     result = llava(
@@ -258,6 +266,7 @@ def test_a_piped_script_keeps_stdout_for_answers(oracle: synthetic.ModelPair, im
     assert "images encoded: 1" in err  # /stats: the last turn encoded only the new image
 
 
+@pytest.mark.slow
 def test_retry_on_a_longer_answer_gives_the_same_text(
     random_pair: synthetic.ModelPair, images: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -350,6 +359,8 @@ def long_random_pair(tmp_path_factory: pytest.TempPathFactory) -> synthetic.Mode
     return synthetic.build_random(tmp_path_factory.mktemp("long"), seed=1, context=32768)
 
 
+@pytest.mark.slow
+@pytest.mark.needs("tmux")
 def test_a_real_terminal_ctrl_c_stops_the_answer_and_exit_ends_the_chat(
     long_random_pair: synthetic.ModelPair,
     images: Path,
@@ -380,6 +391,8 @@ def test_a_real_terminal_ctrl_c_stops_the_answer_and_exit_ends_the_chat(
     assert stat.S_IMODE(history.stat().st_mode) == 0o600
 
 
+@pytest.mark.slow
+@pytest.mark.needs("tmux")
 def test_ctrl_c_prints_the_partial_answer_once(
     long_random_pair: synthetic.ModelPair,
     images: Path,
@@ -418,6 +431,8 @@ def test_ctrl_c_prints_the_partial_answer_once(
     assert b"^C" not in t.raw()
 
 
+@pytest.mark.slow
+@pytest.mark.needs("tmux")
 def test_status_shows_while_it_works_and_goes_when_the_answer_starts(
     oracle: synthetic.ModelPair, images: Path, terminal: Callable[..., Tmux]
 ) -> None:
@@ -435,6 +450,8 @@ def test_status_shows_while_it_works_and_goes_when_the_answer_starts(
     assert t.exit_code() == "0"
 
 
+@pytest.mark.slow
+@pytest.mark.needs("tmux")
 def test_tab_completes_a_spaced_path_that_enter_attaches(
     oracle: synthetic.ModelPair, images: Path, terminal: Callable[..., Tmux], tmp_path: Path
 ) -> None:
@@ -463,6 +480,7 @@ def test_tab_completes_a_spaced_path_that_enter_attaches(
     assert t.exit_code() == "0"
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_the_prompt_clears_the_line(
     chat: Chat, images: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -526,6 +544,7 @@ def test_answers_are_markdown_never_rich_markup(capsys: pytest.CaptureFixture[st
     assert "• one" in out
 
 
+@pytest.mark.slow
 def test_failed_save_and_load_leave_the_chat_as_it_was(
     chat: Chat, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -548,6 +567,7 @@ def test_failed_save_and_load_leave_the_chat_as_it_was(
     assert out == "red\n"
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_renderer_still_keeps_the_partial_answer(
     random_pair: synthetic.ModelPair,
     images: Path,
@@ -578,6 +598,7 @@ def test_ctrl_c_in_the_renderer_still_keeps_the_partial_answer(
         chat.close()
 
 
+@pytest.mark.slow
 def test_thinking_streams_to_stderr_above_a_live_markdown_answer() -> None:
     """stdout and stderr each a terminal of their own: the thinking (dimmed) reaches only
     stderr, the Markdown answer only stdout, even while Rich's live view is up."""
@@ -624,6 +645,7 @@ def test_thinking_streams_to_stderr_above_a_live_markdown_answer() -> None:
     assert "red" in stdout and "red" not in stderr
 
 
+@pytest.mark.slow
 def test_term_dumb_reads_plain_lines_without_escape_sequences(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:

@@ -9,6 +9,7 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
@@ -35,6 +36,7 @@ def oracle_args(oracle: synthetic.ModelPair) -> list[str | Path]:
     return ["--model", oracle.model, "--temperature", "0"]
 
 
+@pytest.mark.slow
 def test_the_first_message_as_an_argument_then_the_piped_lines(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:
@@ -47,6 +49,7 @@ def test_the_first_message_as_an_argument_then_the_piped_lines(
     assert "Error" not in err
 
 
+@pytest.mark.slow
 def test_a_missing_image_costs_no_model(images: Path) -> None:
     """No request to the hub and nothing loaded: the image is read before the model is
     resolved, and a missing one ends the chat before it starts (exit 4)."""
@@ -62,6 +65,7 @@ def test_a_missing_image_costs_no_model(images: Path) -> None:
     assert "llava chat ·" not in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bye_ends_the_chat_and_system_dash_says_reset(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:
@@ -75,6 +79,7 @@ def test_bye_ends_the_chat_and_system_dash_says_reset(
     assert "system prompt: (the format default)" in lines
 
 
+@pytest.mark.slow
 def test_plurals_in_chat_messages(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -87,6 +92,7 @@ def test_plurals_in_chat_messages(
     assert "0.0 tokens/s" not in err
 
 
+@pytest.mark.slow
 def test_continue_goes_on_with_the_last_chat(oracle: synthetic.ModelPair, images: Path) -> None:
     picture = home().parent / "red picture.png"
     picture.write_bytes((images / "red.png").read_bytes())
@@ -122,6 +128,7 @@ def test_continue_goes_on_with_the_last_chat(oracle: synthetic.ModelPair, images
     assert err.endswith(" — start a new one with llava chat IMAGE (it replaces the last chat)\n")
 
 
+@pytest.mark.slow
 def test_resume_a_saved_chat(oracle: synthetic.ModelPair, images: Path, tmp_path: Path) -> None:
     saved = tmp_path / "trip.md"
     script = f"/set seed 7\nWhat colour is this?\n/save {saved}\n"
@@ -132,6 +139,7 @@ def test_resume_a_saved_chat(oracle: synthetic.ModelPair, images: Path, tmp_path
     assert f"loaded 1 turn from {saved}" in err and "seed 7" in err.splitlines()
 
 
+@pytest.mark.slow
 def test_continue_without_a_last_chat_and_both_at_once(tmp_path: Path) -> None:
     code, out, err = chat("-c")
     assert (code, out) == (4, "")
@@ -158,6 +166,7 @@ def test_the_input_history_is_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
+@pytest.mark.slow
 def test_a_chat_without_a_message_leaves_the_last_chat_alone(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:
@@ -170,6 +179,7 @@ def test_a_chat_without_a_message_leaves_the_last_chat_alone(
     assert (home() / "last_chat.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_chat_with_an_image_from_stdin_is_not_continued_from_stdin(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:

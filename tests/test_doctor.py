@@ -3,6 +3,7 @@ import pytest
 from tests.conftest import llava
 
 
+@pytest.mark.slow
 def test_doctor_reports_and_passes_its_self_test() -> None:
     result = llava("doctor")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -15,6 +16,7 @@ def test_doctor_reports_and_passes_its_self_test() -> None:
     assert result.stderr == b""
 
 
+@pytest.mark.slow
 def test_self_test_fails_when_the_answers_are_wrong(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -20,6 +20,7 @@ def answer(conv: Conversation, prompt: str, imgs: list[PreparedImage], **kw: obj
     return "".join(conv.ask(prompt, imgs, SamplingParams(**kw)))  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_random_model_is_deterministic_with_a_seed(random_model: LoadedModel, images: Path) -> None:
     conv = Conversation(random_model)
     red = pic(images, "red")
@@ -38,6 +39,7 @@ def test_random_model_is_deterministic_with_a_seed(random_model: LoadedModel, im
     assert len(greedy) == 1
 
 
+@pytest.mark.slow
 def test_streamed_text_equals_final_text(random_model: LoadedModel, images: Path) -> None:
     conv = Conversation(random_model)
     chunks = list(
@@ -48,6 +50,7 @@ def test_streamed_text_equals_final_text(random_model: LoadedModel, images: Path
     assert conv.last.usage.completion_tokens == 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 5, 33])
 def test_max_tokens_is_exact(random_model: LoadedModel, images: Path, n: int) -> None:
     conv = Conversation(random_model)
@@ -65,6 +68,7 @@ def test_byte_tokens_assemble_into_characters(random_model: LoadedModel) -> None
     assert text == "日é"
 
 
+@pytest.mark.slow
 def test_colour_oracle_sees_the_image(oracle_model: LoadedModel, images: Path) -> None:
     conv = Conversation(oracle_model)
     for colour, expected in [
@@ -99,6 +103,7 @@ def test_follow_up_evaluates_only_the_new_turn(oracle_model: LoadedModel, images
     assert conv.last.usage.prompt_tokens > first.prompt_tokens
 
 
+@pytest.mark.slow
 def test_batch_reuses_the_shared_prefix_and_never_reencodes(
     oracle_model: LoadedModel, images: Path
 ) -> None:
@@ -141,6 +146,7 @@ def test_prompt_too_long_for_context(oracle: synthetic.ModelPair, images: Path) 
         loaded.close()
 
 
+@pytest.mark.slow
 def test_changed_history_reevaluates_from_the_first_difference(
     oracle_model: LoadedModel, images: Path
 ) -> None:
@@ -157,6 +163,7 @@ def test_changed_history_reevaluates_from_the_first_difference(
     assert session.counters.image_chunks_encoded == encoded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chat_format", ["llava", "gguf"])
 @pytest.mark.parametrize("max_tokens", [3, 7])
 def test_incremental_cache_equals_a_fresh_evaluation(
@@ -190,6 +197,7 @@ def test_incremental_cache_equals_a_fresh_evaluation(
         loaded.close()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_native_work_is_raised_not_swallowed(oracle: synthetic.ModelPair) -> None:
     """A SIGINT that lands inside llama.cpp (and so inside a log callback) still interrupts."""
     import subprocess

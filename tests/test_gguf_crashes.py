@@ -184,6 +184,7 @@ def test_the_unedited_copy_loads(oracle: synthetic.ModelPair, tmp_path: Path) ->
     check_pair(read_gguf(model), read_gguf(mmproj, "mmproj"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
@@ -200,6 +201,7 @@ def test_the_cli_refuses_what_llama_cpp_aborts_on(
     assert_refused(result, reason, str(model))
 
 
+@pytest.mark.slow
 def test_duplicate_tokens_are_refused(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -217,6 +219,7 @@ def test_duplicate_tokens_are_refused(
     assert_refused(result, "twice")
 
 
+@pytest.mark.slow
 def test_duplicate_tokens_are_refused_for_show_prompt(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -261,6 +264,7 @@ def test_token_clashes_are_found_as_llama_cpp_reads_tokens(
             gguf_checks.check_tokenizer(info)
 
 
+@pytest.mark.slow
 def test_a_byte_no_token_spells_is_refused(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -324,6 +328,7 @@ def test_special_tokens_a_tokenizer_adds_must_exist(
             gguf_checks.check_tokenizer(info)
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_bos_the_vocabulary_lacks(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -349,6 +354,7 @@ def test_a_vocabulary_without_tokenizer_is_not_searched(
     gguf_checks.check_tokenizer(read_gguf(model))
 
 
+@pytest.mark.slow
 def test_byte_tokens_in_a_bert_vocabulary_are_refused(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -427,6 +433,7 @@ def test_projectors_libmtmd_crashes_on_are_refused(
     assert err.value.exit_code == 4 and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
@@ -458,6 +465,7 @@ def test_a_projector_of_another_type_needs_its_own_tensors(
 # -- the last line of defence: an abort nothing foresaw ---------------------------------------
 
 
+@pytest.mark.slow
 def test_a_ggml_abort_is_one_line_and_exit_1() -> None:
     """What the checks miss still ends in one line (not a backtrace on stdout) and exit 1."""
     code = (
@@ -530,6 +538,7 @@ def fuzz_child(kind: str, model: str, mmproj: str, workdir: str, cases: int, see
             print("ran", flush=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["model", "mmproj"])
 def test_seeded_damage_never_crashes_llama_cpp(
     kind: str, oracle: synthetic.ModelPair, tmp_path: Path

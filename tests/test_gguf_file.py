@@ -261,6 +261,7 @@ def damaged(data: bytes, header: int, rng: random.Random) -> bytes:
     return bytes(out)
 
 
+@pytest.mark.slow
 def test_random_damage_gives_an_info_or_a_model_file_error(
     oracle: synthetic.ModelPair, tmp_path: Path
 ) -> None:
@@ -300,6 +301,7 @@ def test_a_real_vocab_only_gguf_is_read(oracle: synthetic.ModelPair) -> None:
         check_pair(info, read_gguf(oracle.mmproj, "mmproj"))
 
 
+@pytest.mark.slow
 def test_asking_a_vocab_only_model_says_it_has_no_weights(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:

@@ -23,6 +23,7 @@ def help_of(*command: str) -> str:
     return result.stdout.decode()
 
 
+@pytest.mark.slow
 def test_top_level_help_lists_every_command_with_its_whole_summary() -> None:
     text = help_of()
     commands = text.split("Commands:\n", 1)[1]
@@ -32,6 +33,7 @@ def test_top_level_help_lists_every_command_with_its_whole_summary() -> None:
     assert "--install-completion" in text and "--show-completion" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_every_command_has_examples_and_plain_metavars(command: str) -> None:
     text = help_of(command)
@@ -42,6 +44,7 @@ def test_every_command_has_examples_and_plain_metavars(command: str) -> None:
     assert not re.search(r"<(list|str|int|float|bool)|range>|<=x<=|\{[A-Z]", text), text
 
 
+@pytest.mark.slow
 def test_ask_options_are_grouped_in_order() -> None:
     text = help_of("ask")
     headings = re.findall(r"^([A-Z][a-z ]+):$", text, re.M)
@@ -56,6 +59,7 @@ def test_ask_options_are_grouped_in_order() -> None:
     assert "--seed N " in text
 
 
+@pytest.mark.slow
 def test_chat_help_lists_every_slash_command() -> None:
     text = help_of("chat")
     listed = text.split("In the chat", 1)[1]
@@ -64,6 +68,7 @@ def test_chat_help_lists_every_slash_command() -> None:
     assert "[IMAGE]... [MESSAGE]" in text and "--continue" in text and "--resume FILE" in text
 
 
+@pytest.mark.slow
 def test_a_range_error_names_the_range_from_the_same_table() -> None:
     result = llava("ask", "x.png", "--top-p", "3")
     assert result.returncode == 2
@@ -89,6 +94,7 @@ def complete(words: str) -> list[str]:
     return result.stdout.split()
 
 
+@pytest.mark.slow
 def test_shell_completion_of_commands_options_and_model_names() -> None:
     assert complete("llava as") == ["ask"]
     assert complete("llava ask --mo") == ["--model"]
@@ -103,6 +109,7 @@ def test_shell_completion_of_commands_options_and_model_names() -> None:
     assert script.returncode == 0 and b"_llava_completion" in script.stdout
 
 
+@pytest.mark.slow
 def test_the_command_reference_is_generated_and_checked(tmp_path: Path) -> None:
     script = [sys.executable, str(ROOT / "scripts" / "cli-reference.py")]
     fresh = subprocess.run([*script, "--check"], capture_output=True, text=True, check=False)
@@ -124,6 +131,7 @@ def test_the_command_reference_is_generated_and_checked(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["", *SUBCOMMANDS])
 def test_help_fits_80_columns(command: str) -> None:
     result = llava(*([command] if command else []), "--help", env={"COLUMNS": "80"})
@@ -131,6 +139,7 @@ def test_help_fits_80_columns(command: str) -> None:
     assert max(map(len, result.stdout.decode().splitlines())) <= 80
 
 
+@pytest.mark.slow
 def test_a_bad_value_is_named_where_it_came_from() -> None:
     typed = llava("ask", "x.png", "--temperature", "hot")
     assert typed.stderr.decode() == (

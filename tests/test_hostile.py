@@ -118,6 +118,7 @@ def pair_args(oracle: synthetic.ModelPair) -> list[str]:
 PILLOW = Path(__file__).parent / "pillow_images"  # Pillow 13.0.0's own test images (README)
 
 
+@pytest.mark.slow
 def test_a_thin_strip_within_the_pixel_limit_is_refused_from_its_header(
     tmp_path: Path, pair_args: list[str]
 ) -> None:
@@ -128,6 +129,7 @@ def test_a_thin_strip_within_the_pixel_limit_is_refused_from_its_header(
     assert_refused(bounded("ask", strip, *pair_args), 4, "one side is over 1024 times")
 
 
+@pytest.mark.slow
 def test_a_big_image_is_scaled_to_what_a_model_reads(tmp_path: Path, pair_args: list[str]) -> None:
     big = tmp_path / "big.png"
     Image.new("RGB", (6000, 4000), (230, 30, 30)).save(big, compress_level=1)
@@ -137,6 +139,7 @@ def test_a_big_image_is_scaled_to_what_a_model_reads(tmp_path: Path, pair_args: 
     assert run.peak_rss < PEAK_RSS
 
 
+@pytest.mark.slow
 def test_an_endless_stdin_is_cut_at_the_byte_limit(pair_args: list[str]) -> None:
     """`head -c 8G /dev/zero | llava ask -`: refused as the bytes arrive, not read to the end."""
     with subprocess.Popen(["head", "-c", "8G", "/dev/zero"], stdout=subprocess.PIPE) as head:
@@ -146,11 +149,13 @@ def test_an_endless_stdin_is_cut_at_the_byte_limit(pair_args: list[str]) -> None
     assert_refused(run, 4, "standard input is more than 10,000,000 bytes", "--max-image-bytes")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
 def test_a_device_is_refused_without_reading_it(device: str, pair_args: list[str]) -> None:
     assert_refused(bounded("ask", device, *pair_args), 4, device, "character device")
 
 
+@pytest.mark.slow
 def test_a_fifo_without_a_writer_is_refused_at_once(tmp_path: Path, pair_args: list[str]) -> None:
     fifo = tmp_path / "photo.png"
     os.mkfifo(fifo)
@@ -158,6 +163,7 @@ def test_a_fifo_without_a_writer_is_refused_at_once(tmp_path: Path, pair_args: l
     assert_refused(run, 4, "FIFO", "-")
 
 
+@pytest.mark.slow
 def test_a_sparse_4_gb_png_is_refused_by_its_size(tmp_path: Path, pair_args: list[str]) -> None:
     huge = tmp_path / "huge.png"
     with huge.open("wb") as f:
@@ -165,6 +171,7 @@ def test_a_sparse_4_gb_png_is_refused_by_its_size(tmp_path: Path, pair_args: lis
     assert_refused(bounded("ask", huge, *pair_args), 4, "over the limit", "--max-image-bytes")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "why"),
     [
@@ -181,6 +188,7 @@ def test_pillow_failures_are_bad_input_and_libtiff_stays_quiet(
 # -- model files, the prefix cache and its setting ------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["model", "mmproj"])
 def test_deeply_nested_gguf_metadata_is_bad_input(
     which: str, oracle: synthetic.ModelPair, images: Path, tmp_path: Path
@@ -192,6 +200,7 @@ def test_deeply_nested_gguf_metadata_is_bad_input(
     assert_refused(run, 4, str(crafted))
 
 
+@pytest.mark.slow
 def test_a_chat_template_too_long_to_read_is_an_error_unless_another_format_is_chosen(
     tmp_path_factory: pytest.TempPathFactory, images: Path
 ) -> None:
@@ -205,11 +214,13 @@ def test_a_chat_template_too_long_to_read_is_an_error_unless_another_format_is_c
     assert (run.code, run.out) == (0, b"red\n"), run.err
 
 
+@pytest.mark.slow
 def test_a_vocab_only_gguf_as_the_model_says_it_has_no_weights(images: Path) -> None:
     vocab = Path(__file__).parent / "gguf" / "ggml-vocab-llama-spm.gguf"  # llama.cpp's (README)
     assert_refused(bounded("ask", images / "red.png", "-m", vocab), 4, "vocab-only", "no weights")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["cache info", "ask"])
 @pytest.mark.parametrize("value", ["1" * 400, "nan", "-1", "2PiB"])
 def test_a_bad_cache_size_is_a_usage_error(
@@ -221,6 +232,7 @@ def test_a_bad_cache_size_is_a_usage_error(
     assert run.out == b""
 
 
+@pytest.mark.slow
 def test_a_fifo_in_place_of_a_cache_entry_does_not_hang(images: Path, pair_args: list[str]) -> None:
     assert bounded("ask", images / "red.png", *pair_args).out == b"red\n"
     (entry,) = (Path(os.environ["LLAVA_HOME"]) / "cache" / "prefix").glob("*.kv")
@@ -230,6 +242,7 @@ def test_a_fifo_in_place_of_a_cache_entry_does_not_hang(images: Path, pair_args:
     assert (run.code, run.out) == (0, b"red\n"), run.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("template", "says"),
     [
@@ -258,6 +271,7 @@ def test_a_hostile_chat_template_is_stopped(
 # -- options and settings ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("option", "value"),
     [
@@ -282,6 +296,7 @@ def test_a_bad_option_value_is_one_line_before_anything_loads(
     assert "see llava ask --help" in run.err or "--chat-format" in option
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("variable", "value"),
     [("LLAVA_CTX", "nan"), ("LLAVA_CTX", "1e99"), ("LLAVA_TEMPERATURE", "-1")],
@@ -293,6 +308,7 @@ def test_a_bad_numeric_environment_value_is_a_usage_error(
     assert_refused(run, 2, variable)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variable", ["HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_ETAG_TIMEOUT"])
 @pytest.mark.parametrize("value", ["abc", "-5", "1e9"])
 def test_a_bad_hub_timeout_is_a_usage_error_not_a_crash_in_huggingface_hub(
@@ -302,10 +318,12 @@ def test_a_bad_hub_timeout_is_a_usage_error_not_a_crash_in_huggingface_hub(
     assert_refused(run, 2, f"{variable}={value!r}", "seconds")
 
 
+@pytest.mark.slow
 def test_an_option_without_its_value_names_the_command_help(images: Path) -> None:
     assert_refused(bounded("ask", images / "red.png", "-p"), 2, "see llava ask --help")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [[], ["cache"]])
 def test_a_command_group_alone_prints_its_help_on_stdout(args: list[str]) -> None:
     run = bounded(*args)
@@ -313,11 +331,13 @@ def test_a_command_group_alone_prints_its_help_on_stdout(args: list[str]) -> Non
     assert run.out.startswith(b"Usage: llava")
 
 
+@pytest.mark.slow
 def test_an_unknown_option_is_one_line_naming_the_help() -> None:
     run = bounded("ask", "--bogus")
     assert_refused(run, 2, "no such option: --bogus", "see llava ask --help")
 
 
+@pytest.mark.slow
 def test_a_context_above_the_training_context_is_clamped_with_a_notice(
     oracle: synthetic.ModelPair, images: Path, pair_args: list[str]
 ) -> None:
@@ -328,6 +348,7 @@ def test_a_context_above_the_training_context_is_clamped_with_a_notice(
     assert run.peak_rss < PEAK_RSS
 
 
+@pytest.mark.slow
 def test_a_context_that_cannot_fit_in_memory_is_refused_with_the_numbers(
     tmp_path_factory: pytest.TempPathFactory, images: Path
 ) -> None:
@@ -344,6 +365,7 @@ def test_a_context_that_cannot_fit_in_memory_is_refused_with_the_numbers(
 # -- prompts: bounded before they are read whole or tokenized -------------------------------
 
 
+@pytest.mark.slow
 def test_an_endless_prompt_on_stdin_is_cut_at_16_mib(images: Path, pair_args: list[str]) -> None:
     with subprocess.Popen(["head", "-c", "8G", "/dev/zero"], stdout=subprocess.PIPE) as head:
         run = bounded("ask", images / "red.png", *pair_args, stdin=head.stdout)
@@ -351,6 +373,7 @@ def test_an_endless_prompt_on_stdin_is_cut_at_16_mib(images: Path, pair_args: li
     assert_refused(run, 4, "the prompt on standard input is more than 16 MiB")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", [b"\0" * (1 << 20), b"a" * (10 << 20), b"a " * (1 << 20)])
 def test_a_prompt_longer_than_the_context_is_refused_without_tokenizing_it_whole(
     text: bytes, images: Path, pair_args: list[str]
@@ -362,6 +385,7 @@ def test_a_prompt_longer_than_the_context_is_refused_without_tokenizing_it_whole
     assert run.seconds < 20
 
 
+@pytest.mark.slow
 def test_a_chat_line_over_16_mib_is_skipped_and_the_chat_goes_on(
     images: Path, pair_args: list[str]
 ) -> None:
@@ -373,12 +397,14 @@ def test_a_chat_line_over_16_mib_is_skipped_and_the_chat_goes_on(
     assert run.peak_rss < PEAK_RSS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [256, 5000])
 def test_a_model_reference_too_long_for_a_path_is_a_usage_error(length: int, images: Path) -> None:
     run = bounded("ask", images / "red.png", "-m", "a" * length)
     assert_refused(run, 2, f"a model reference of {length:,} characters")
 
 
+@pytest.mark.slow
 def test_json_output_escapes_what_would_act_on_a_terminal(
     tmp_path: Path, pair_args: list[str]
 ) -> None:
@@ -395,6 +421,7 @@ def test_json_output_escapes_what_would_act_on_a_terminal(
 # -- where the answer goes -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_on_stdout_is_one_line_and_exit_1(images: Path, pair_args: list[str]) -> None:
     with open("/dev/full", "wb") as full:
         proc = subprocess.run(
@@ -412,6 +439,7 @@ def test_a_full_disk_on_stdout_is_one_line_and_exit_1(images: Path, pair_args: l
     )
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_is_an_error_and_no_file_takes_its_place(
     images: Path, pair_args: list[str]
 ) -> None:
@@ -430,6 +458,7 @@ def test_a_closed_stdout_is_an_error_and_no_file_takes_its_place(
     assert Path(pair_args[1]).read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [">/dev/full", ">&-"])
 def test_chat_ends_with_one_line_when_stdout_cannot_take_answers(
     target: str, images: Path, pair_args: list[str]
@@ -451,6 +480,7 @@ def test_chat_ends_with_one_line_when_stdout_cannot_take_answers(
     assert "unexpected" not in err
 
 
+@pytest.mark.slow
 def test_a_closed_stderr_keeps_the_exit_code(images: Path, pair_args: list[str]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "llava_cli", "ask", str(images / "missing.png"), *pair_args],
@@ -506,6 +536,7 @@ def _special_targets(tmp_path: Path) -> dict[str, Path]:
     return {"link": link, "fifo": fifo, "folder": folder, "device": Path("/dev/null")}
 
 
+@pytest.mark.slow
 def test_save_refuses_links_fifos_folders_and_devices(
     chat: Chat, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -620,6 +651,7 @@ def test_a_nul_byte_in_a_path_is_bad_input_not_a_crash(tmp_path: Path) -> None:
         read_gguf(tmp_path / "model\0.gguf")
 
 
+@pytest.mark.slow
 def test_a_long_transcript_fits_the_context_in_a_few_renders(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -673,6 +705,7 @@ def _mutants(data: bytes, seed: int, count: int) -> Iterator[tuple[str, bytes]]:
             yield "bytes flipped", bytes(flipped)
 
 
+@pytest.mark.slow
 def test_mutated_images_are_answered_or_refused_cleanly(
     tmp_path: Path, pair_args: list[str]
 ) -> None:
@@ -708,6 +741,7 @@ def test_mutated_images_are_answered_or_refused_cleanly(
     assert run.peak_rss < PEAK_RSS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["model", "mmproj"])
 def test_mutated_gguf_files_are_answered_or_refused_cleanly(
     which: str, oracle: synthetic.ModelPair, images: Path, tmp_path: Path

@@ -325,6 +325,7 @@ def test_conversions_are_the_same_in_bands(mode: str, monkeypatch: pytest.Monkey
     assert prepare("banded", data).rgb == whole.rgb
 
 
+@pytest.mark.slow
 def test_decoding_holds_few_copies_of_the_pixels(tmp_path: Path) -> None:
     # Peak memory of one 9-megapixel RGBA decode, in a fresh process: the picture as Pillow
     # holds it (4 bytes a pixel) and the RGB result (3) are unavoidable; a whole-image chain
@@ -379,6 +380,7 @@ def test_strips_within_the_ratio_keep_every_pixel(width: int, height: int) -> No
     assert image.describe() == f"{width}x{height} PNG RGB"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("width", "height", "scaled"),
     [(8192, 8, (4096, 4)), (8, 8192, (4, 4096)), (10_000, 3_001, (4096, 1229))],
@@ -440,6 +442,7 @@ def test_scaling_in_bands_matches_pillows_two_passes(
     assert image.rgb == expected.tobytes()
 
 
+@pytest.mark.slow
 def test_scaling_a_tall_picture_holds_few_copies_of_it() -> None:
     # 100 x 100,000 (10 megapixels, 1000:1): Pillow holds it at 4 bytes a pixel; the RGB
     # conversion and the scaling add bands and a narrow picture, not whole copies.
@@ -483,6 +486,7 @@ for source, stdin in ((sys.argv[1], None), ('-', Zeros())):
 """
 
 
+@pytest.mark.slow
 def test_a_byte_limit_above_the_memory_there_is_is_bad_input(tmp_path: Path) -> None:
     # --max-image-bytes raised past what the process may allocate: a 1 GiB sparse file and an
     # endless stdin under a 256 MiB allowance end in ImageError, not MemoryError.
@@ -505,6 +509,7 @@ def test_a_byte_limit_above_the_memory_there_is_is_bad_input(tmp_path: Path) -> 
     ]
 
 
+@pytest.mark.slow
 def test_a_scaled_picture_still_answers(oracle: synthetic.ModelPair, tmp_path: Path) -> None:
     path = tmp_path / "big.png"
     path.write_bytes(png_bytes(4400, 3300, 8, 2, _rows(4400, 3300, (230, 20, 20))))

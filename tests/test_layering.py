@@ -330,6 +330,7 @@ def test_an_import_up_the_layers_is_named() -> None:
     assert layering_problems([Import("llava_cli.store", 1, "llava_cli.registry")]) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--help"], ["ask", "--help"], ["chat", "--help"]])
 def test_help_imports_no_heavy_module(args: list[str]) -> None:
     """`llava --help` and `llava ask --help` stay fast: no llama_cpp, numpy, Pillow or hub."""

@@ -98,6 +98,7 @@ def the_error(result: subprocess.CompletedProcess[bytes], code: int) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("hub", "reason"),
     [
@@ -119,6 +120,7 @@ def test_pull_without_a_hub_says_so_plainly(
     assert not setup.cache.exists()  # nothing written for a pull that never started
 
 
+@pytest.mark.slow
 def test_a_partial_file_is_named_with_how_much_is_kept(stopped: Offline) -> None:
     stopped.partial.parent.mkdir(parents=True)
     stopped.partial.write_bytes(stopped.model[:100_000])
@@ -128,6 +130,7 @@ def test_a_partial_file_is_named_with_how_much_is_kept(stopped: Offline) -> None
     assert stopped.partial.stat().st_size == 100_000  # kept, untouched
 
 
+@pytest.mark.slow
 def test_models_on_disk_are_offered_for_offline_use(
     refused: Offline, oracle: synthetic.ModelPair, images: Path
 ) -> None:
@@ -145,6 +148,7 @@ def test_models_on_disk_are_offered_for_offline_use(
     assert (offline.returncode, offline.stdout) == (0, b"red\n"), offline.stderr
 
 
+@pytest.mark.slow
 def test_show_a_hub_repo_without_a_hub(refused: Offline) -> None:
     line = the_error(llava("show", "someone/Some-GGUF", env=refused.env), 3)
     assert line.startswith(f"Error: cannot reach the hub at {refused.host}: ")
@@ -156,6 +160,7 @@ def test_show_a_hub_repo_without_a_hub(refused: Offline) -> None:
     )
 
 
+@pytest.mark.slow
 def test_show_a_registry_entry_offline_asks_nothing(refused: Offline) -> None:
     """`--offline`: what the registry knows, and no request (none could be answered here)."""
     result = llava("show", "smolvlm2-500m-video", "--offline", env=refused.env)
@@ -171,6 +176,7 @@ def test_show_a_registry_entry_offline_asks_nothing(refused: Offline) -> None:
     assert not CLASS_NAME.search(err)
 
 
+@pytest.mark.slow
 def test_show_a_local_gguf(oracle: synthetic.ModelPair) -> None:
     result = llava("show", oracle.model, "--ctx", "512")
     assert result.returncode == 0, result.stderr
@@ -189,6 +195,7 @@ def test_show_a_local_gguf(oracle: synthetic.ModelPair) -> None:
     assert re.search(r"^projector type +mlp$", projector.stdout.decode(), re.M)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
@@ -207,6 +214,7 @@ def test_a_missing_model_file_says_it_is_missing(
     assert line.startswith(f"Error: model file {named} does not exist — ")
 
 
+@pytest.mark.slow
 def test_list_available_waits_a_bounded_time_for_a_silent_hub() -> None:
     """A hub that takes the connection and never answers: `list -a` waits its deadline for
     the sizes, not every request's timeouts and retries (66 s before), then says so."""

@@ -69,6 +69,7 @@ def failures(outcomes: dict[str, dict[str, Any]], files: list[Path]) -> list[str
     return bad
 
 
+@pytest.mark.slow
 def test_kept_selection() -> None:
     files = sorted(p for p in KEPT.rglob("*") if p.is_file() and p.name != "README.md")
     assert len(files) > 200
@@ -89,6 +90,7 @@ def test_kept_selection() -> None:
     assert elapsed < 60
 
 
+@pytest.mark.slow
 def test_whole_pillow_sdist_corpus() -> None:
     images = pillow_sdist_images()
     files = sorted(p for p in images.rglob("*") if p.is_file())
@@ -113,6 +115,7 @@ MUTATED = [  # kept files, one per decoder path worth damaging
 ]
 
 
+@pytest.mark.slow
 def test_damaged_images(tmp_path: Path) -> None:
     """Seeded truncations and byte flips of the kept images: damaged LZW strips make libtiff
     print a line per strip; none of it may reach stderr, and nothing but ImageError escapes."""

@@ -123,6 +123,7 @@ def test_bad_cache_sizes_name_the_setting_and_the_range(text: str, problem: str)
     assert "\x1b" not in message and len(message) < 200
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_bad_cache_size_in_one_line(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:
@@ -136,6 +137,7 @@ def test_the_cli_refuses_a_bad_cache_size_in_one_line(
     assert info.returncode == 0 and "of 111.1 GB" in info.stdout.decode()
 
 
+@pytest.mark.slow
 def test_a_restored_prefix_answers_the_same_without_encoding(
     oracle: synthetic.ModelPair, random_pair: synthetic.ModelPair, images: Path
 ) -> None:
@@ -171,6 +173,7 @@ def test_a_restored_prefix_answers_the_same_without_encoding(
     assert answers[0] != "red"  # (the random model's answer, not the oracle's)
 
 
+@pytest.mark.slow
 def test_the_second_ask_reuses_the_first(oracle: synthetic.ModelPair, images: Path) -> None:
     first = ask_json(oracle, images / "red.png")
     second = ask_json(oracle, images / "red.png")
@@ -182,6 +185,7 @@ def test_the_second_ask_reuses_the_first(oracle: synthetic.ModelPair, images: Pa
     assert encoded(uncached) and cached(uncached) == 0
 
 
+@pytest.mark.slow
 def test_anything_the_prefix_depends_on_misses(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -200,6 +204,7 @@ def test_anything_the_prefix_depends_on_misses(
         assert not encoded(ask_json(pair, images / "red.png"))
 
 
+@pytest.mark.slow
 def test_every_image_of_a_batch_is_restored(oracle: synthetic.ModelPair, images: Path) -> None:
     args = ["ask", images / "red.png", images / "blue.png", "--model", oracle.model, "--json"]
     first = [json.loads(line) for line in llava(*args).stdout.splitlines()]
@@ -210,6 +215,7 @@ def test_every_image_of_a_batch_is_restored(oracle: synthetic.ModelPair, images:
     assert len(prefix_files()) == 2
 
 
+@pytest.mark.slow
 def test_a_chat_turn_after_an_answer_is_not_saved(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:
@@ -229,6 +235,7 @@ def test_leftovers_of_a_killed_write_are_counted_and_cleared(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_truncated_entry_is_ignored_and_replaced(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:
@@ -242,6 +249,7 @@ def test_a_truncated_entry_is_ignored_and_replaced(
     assert entry.stat().st_size == full
 
 
+@pytest.mark.slow
 def test_the_cli_cache_keeps_to_its_cap_and_clears(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:
@@ -271,6 +279,7 @@ def answer(pair: synthetic.ModelPair, image: Path, *, cache: bool = True) -> tup
         loaded.close()
 
 
+@pytest.mark.slow
 def test_an_entry_copied_under_another_key_is_not_restored(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -325,6 +334,7 @@ def test_only_a_regular_entry_within_the_cap_is_read(kind: str, tmp_path: Path) 
     assert cache.info().entries == 1
 
 
+@pytest.mark.slow
 def test_a_fifo_in_place_of_an_entry_does_not_hang_the_next_ask(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:
@@ -384,6 +394,7 @@ def test_a_folder_in_place_of_an_entry_is_a_miss(tmp_path: Path) -> None:
     assert (full / "theirs").read_bytes() == b"kept"
 
 
+@pytest.mark.slow
 def test_a_folder_in_place_of_an_entry_does_not_break_ask(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:

@@ -27,6 +27,9 @@ from llava_cli import synthetic
 from .conftest import llava
 from .fakehub import FakeHub, write_user_entry
 
+# Every test here runs the CLI in a subprocess: `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 REPO = "test/colour-oracle-GGUF"
 MODEL = "oracle-F16.gguf"
 MMPROJ = "mmproj-oracle-F16.gguf"

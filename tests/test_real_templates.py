@@ -97,6 +97,7 @@ def oracle_for(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return lambda family: _oracle(family, root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_ask_answers_through_the_real_template(family: str, oracle_for: Any, images: Path) -> None:
     pair = oracle_for(family)
@@ -112,6 +113,7 @@ def test_ask_answers_through_the_real_template(family: str, oracle_for: Any, ima
     assert shown.stdout.decode() == golden(family, "system", bos="<s>")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_two_turn_chat_through_the_real_template(
     family: str, oracle_for: Any, images: Path
@@ -137,6 +139,7 @@ def test_two_turn_chat_through_the_real_template(
     assert result.stdout.decode() == "red\n" + prompt + "red\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("gguf_template", "chat_format", "expected"),
     [

@@ -69,6 +69,7 @@ def refusal(json_schema: str | None, grammar: str | None = None) -> LlavaError:
 # -- the random model under a schema ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_random_model_answers_valid_json_for_the_schema(
     random_model: LoadedModel, images: Path, temperature: float
@@ -101,6 +102,7 @@ RATED = {
 }
 
 
+@pytest.mark.slow
 def test_bounded_integers_are_held_by_the_grammar(random_model: LoadedModel, images: Path) -> None:
     """The converter ignores minimum and maximum; a narrow range is written out as an enum,
     so that even the random model's answers validate (before, 12 of 12 seeds failed)."""
@@ -129,6 +131,7 @@ def test_only_narrow_integer_ranges_become_enums() -> None:
     assert _integer_ranges_as_enums(floats)["enum"] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_every_answer_gets_a_fresh_grammar(random_model: LoadedModel, images: Path) -> None:
     """A second turn, and the same prompt again (a retry): each answer starts the grammar over,
     whatever the cache kept from the one before."""
@@ -151,6 +154,7 @@ def test_every_answer_gets_a_fresh_grammar(random_model: LoadedModel, images: Pa
         json.loads(plain)
 
 
+@pytest.mark.slow
 def test_an_answer_cut_at_max_tokens_is_rejected_with_the_count(
     random_model: LoadedModel, images: Path
 ) -> None:
@@ -174,6 +178,7 @@ def test_an_answer_cut_at_max_tokens_is_rejected_with_the_count(
 # -- the colour oracle: the image still decides the answer under a grammar ----------------------
 
 
+@pytest.mark.slow
 def test_colour_oracle_under_a_schema(oracle_model: LoadedModel, images: Path) -> None:
     # The oracle answers with SentencePiece words, which begin with a space: " red".
     schema = {"enum": [" red", " green", " blue", " none"]}
@@ -259,6 +264,7 @@ def test_a_schema_file_and_inline_text_give_the_same_grammar(tmp_path: Path) -> 
     assert constraint_from(None, None) is None
 
 
+@pytest.mark.slow
 def test_references_inside_the_schema_are_followed(random_model: LoadedModel) -> None:
     schema = {
         "$defs": {
@@ -467,6 +473,7 @@ for name, value in [*schemas.items(), *grammars.items()]:
 """
 
 
+@pytest.mark.slow
 def test_hostile_constraints_are_refused_within_bounds(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", _HOSTILE, str(tmp_path)],
@@ -508,6 +515,7 @@ def test_hostile_constraints_are_refused_within_bounds(tmp_path: Path) -> None:
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1 << 20  # KiB: under 1 GiB
 
 
+@pytest.mark.slow
 def test_the_limits_are_what_llama_cpp_can_take() -> None:
     """A schema at every limit converts, and llama.cpp accepts its grammar."""
     at_limit = {
@@ -531,6 +539,7 @@ def model_args(pair: synthetic.ModelPair) -> list[str]:
     return ["--model", str(pair.model), "--mmproj", str(pair.mmproj)]
 
 
+@pytest.mark.slow
 def test_cli_prints_only_an_answer_that_validates(
     oracle: synthetic.ModelPair, random_pair: synthetic.ModelPair, images: Path
 ) -> None:
@@ -549,6 +558,7 @@ def test_cli_prints_only_an_answer_that_validates(
         jsonschema.validate(json.loads(result.stdout), RECORD)
 
 
+@pytest.mark.slow
 def test_cli_fails_with_one_line_and_no_answer(
     random_pair: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -573,6 +583,7 @@ def test_cli_fails_with_one_line_and_no_answer(
     assert "is less than the minimum of 100000" in lines[0]
 
 
+@pytest.mark.slow
 def test_cli_grammar_file(random_pair: synthetic.ModelPair, images: Path, tmp_path: Path) -> None:
     path = tmp_path / "yes-no.gbnf"
     path.write_text('root ::= "yes" | "no"\n')
@@ -581,6 +592,7 @@ def test_cli_grammar_file(random_pair: synthetic.ModelPair, images: Path, tmp_pa
     assert result.stdout in (b"yes\n", b"no\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
@@ -605,6 +617,7 @@ def test_cli_reads_the_constraint_before_any_model(
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
 
 
+@pytest.mark.slow
 def test_a_schema_answer_stays_valid_json_under_a_narrow_locale(
     random_pair: synthetic.ModelPair, images: Path
 ) -> None:

@@ -135,6 +135,7 @@ def hostile_render(template: str) -> ModelFileError:
     return err.value
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("template", "says"), CATALOGUE.values(), ids=CATALOGUE.keys())
 def test_a_hostile_template_is_stopped_in_time_with_one_clear_line(
     template: str, says: str
@@ -179,6 +180,7 @@ print(json.dumps(outcome))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LINUX, reason="the renderer's address space is capped on Linux only")
 @pytest.mark.parametrize(
     "case",
@@ -205,6 +207,7 @@ def test_memory_stays_bounded_and_out_of_the_cli(case: str) -> None:
     assert outcome["own_peak"] < 128 << 20  # python, llava_cli.templates, a conversation
 
 
+@pytest.mark.slow
 def test_ten_slow_probes_share_one_budget() -> None:
     """Each rendering takes 0.45 s, well inside its own limit; the probes at start (eight
     here, with a thinking block) would take 3.6 s, but all of them get PREPARE_SECONDS."""
@@ -222,6 +225,7 @@ def test_ten_slow_probes_share_one_budget() -> None:
     assert PREPARE_SECONDS - 0.1 < time.monotonic() - start < PREPARE_SECONDS + 2
 
 
+@pytest.mark.slow
 def test_after_a_stop_the_next_template_renders() -> None:
     hostile_render(SPIN)
     assert (
@@ -231,6 +235,7 @@ def test_after_a_stop_the_next_template_renders() -> None:
     )
 
 
+@pytest.mark.slow
 def test_an_interrupt_while_rendering_stops_the_renderer_and_the_next_render_works() -> None:
     fmt = JinjaFormat(
         "{{ messages[-1].content }}{% if messages[-1].content == 'spin' %}" + SPIN + "{% endif %}"
@@ -254,6 +259,7 @@ def test_an_interrupt_while_rendering_stops_the_renderer_and_the_next_render_wor
     assert fmt.render([Message("user", "again")]).text == "again"
 
 
+@pytest.mark.slow
 def test_a_renderer_left_alone_ends_itself() -> None:
     """Should the CLI die while a template spins in C, the renderer does not spin on."""
     renderer = template_sandbox._Renderer()
@@ -272,6 +278,7 @@ def test_a_long_conversation_may_write_more_than_the_output_limit() -> None:
     assert len(out.text) > OUTPUT_CHARS + 10
 
 
+@pytest.mark.slow
 def test_a_long_conversation_gets_more_time() -> None:
     """Google's Gemma 4 template scans ahead from every message (quadratic): 800 messages
     take over a second here, within what a conversation that long is allowed."""

@@ -9,7 +9,6 @@ import json
 import os
 import pty
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -86,6 +85,7 @@ def test_status_shows_on_a_terminal_and_goes_when_the_answer_starts() -> None:
     assert shown.rsplit(b"\x1b[2K", 1)[1] == b"The answer is red.\r\n"
 
 
+@pytest.mark.slow
 def test_no_status_where_stderr_is_a_pipe_or_a_dumb_terminal() -> None:
     code, shown, err = on_pty(
         [sys.executable, "-c", STATUS_SCRIPT], {"TERM": "xterm"}, stderr_pipe=True
@@ -136,7 +136,8 @@ def tmux_screen(command: str, tmp_path: Path) -> tuple[str, bytes]:
         subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+@pytest.mark.slow
+@pytest.mark.needs("tmux")
 def test_ask_on_a_terminal_shows_a_status_that_the_answer_replaces(
     oracle: synthetic.ModelPair, images: Path, tmp_path: Path
 ) -> None:
@@ -154,6 +155,7 @@ def test_ask_on_a_terminal_shows_a_status_that_the_answer_replaces(
 DUMB = {"TERM": "dumb", "COLUMNS": "80"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [("--help",), ("list", "-a"), ("ask", "--help")])
 def test_dumb_terminal_gets_no_escape_sequence(args: tuple[str, ...]) -> None:
     env = dict(DUMB)
@@ -161,6 +163,7 @@ def test_dumb_terminal_gets_no_escape_sequence(args: tuple[str, ...]) -> None:
     assert code == 0 and shown and ESC not in shown
 
 
+@pytest.mark.slow
 def test_dumb_terminal_ask_with_an_image_gets_no_escape_sequence(
     oracle: synthetic.ModelPair, images: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,6 +201,7 @@ LOCALES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", LOCALES, ids=lambda e: " ".join(f"{k}={v}" for k, v in e.items()))
 def test_list_available_under_a_narrow_locale(env: dict[str, str]) -> None:
     result = llava("list", "-a", env=env)
@@ -220,6 +224,7 @@ def test_json_under_a_narrow_encoding_is_escaped_not_replaced() -> None:
     assert written.isascii() and json.loads(written) == {"answer": "wait… 中"}
 
 
+@pytest.mark.slow
 def test_errors_and_answers_under_an_ascii_locale(
     oracle: synthetic.ModelPair, images: Path
 ) -> None:
