@@ -1,16 +1,20 @@
 """The only importer of llama_cpp: model loading, a KV-owning Session, sampling, log routing.
 
-``Engine`` (model.py) holds the weights; ``Session`` (session.py) owns a llama context and its
-KV cache and evaluates only what is new; native.py routes logs and Ctrl-C. We drive libmtmd
-directly (``mtmd_tokenize``, ``mtmd_encode_chunk``, ``mtmd_helper_decode_image_chunk``) rather
-than llama-cpp-python's chat handlers, which clear the KV cache and re-encode every image on
-every call.
+``Engine`` (model.py) holds the weights; ``Session(engine, n_ctx)`` (session.py) owns a llama
+context and its KV cache and evaluates only what is new. Beside it: prefix_match.py (where the
+cache stops matching a prompt, pure Python), prefix_states.py (states kept between runs),
+decoding.py (tokens and images into a context), sampling.py (picking tokens, under a grammar
+from grammar.py), records.py (what a Session reports); native.py routes logs and Ctrl-C. We
+drive libmtmd directly (``mtmd_tokenize``, ``mtmd_encode_chunk``,
+``mtmd_helper_decode_image_chunk``) rather than llama-cpp-python's chat handlers, which clear
+the KV cache and re-encode every image on every call.
 """
 
 from ..options import SamplingParams
 from .model import Engine, LoadOptions
 from .native import backend_info, default_threads
-from .session import Bitmap, Completion, Counters, Session, Timings, Usage
+from .records import Bitmap, Completion, Counters, Timings, Usage
+from .session import Session
 
 __all__ = [
     "Bitmap",
