@@ -8,6 +8,7 @@ import pytest
 
 from llava_cli import synthetic
 from llava_cli.conversation import Conversation, LoadedModel, open_model
+from llava_cli.engine import Session
 from llava_cli.errors import ContextOverflow
 from llava_cli.images import PreparedImage
 from llava_cli.options import RuntimeOptions, SamplingParams
@@ -185,7 +186,7 @@ def test_incremental_cache_equals_a_fresh_evaluation(
         "".join(conv.ask("Four?", [pic(images, "green")], sampling))
         head = [Message("system", "Be helpful.")]
         # What the cache would hold after evaluating the conversation so far from scratch:
-        fresh = loaded.engine.new_session(2048)
+        fresh = Session(loaded.engine, 2048)
         try:
             prompt = loaded.fmt.render([*head, *conv.messages[:-1]])
             fresh.evaluate(prompt.text, conv.images, add_special=prompt.add_bos)

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
@@ -21,9 +21,6 @@ from ..gguf_file import GGUFInfo, LongString, check_pair, read_gguf
 from ..templates import MEDIA_MARKER
 from ..units import human_bytes
 from .native import INTERRUPTS, LOGS, default_threads, init
-
-if TYPE_CHECKING:
-    from .session import Session
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,8 @@ def file_identity(path: Path) -> str:
 
 
 class Engine:
-    """The weights: a text model and its projector. Make sessions from it; close it when done."""
+    """The weights: a text model and its projector. ``Session(engine, n_ctx)`` makes a KV cache
+    over them; close the engine when done."""
 
     def __init__(self, opts: LoadOptions, model_info: GGUFInfo) -> None:
         self.opts = opts
@@ -247,12 +245,6 @@ class Engine:
             arr = (llama_cpp.llama_token * cap)()
             n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), arr, cap, add_special, True)
         return list(arr[:n])
-
-    def new_session(self, n_ctx: int) -> Session:
-        from .session import Session
-
-        self.check_context_fits(n_ctx)
-        return Session(self, n_ctx)
 
     def check_context_fits(self, n_ctx: int) -> None:
         """Refuse a context whose KV cache cannot fit in the memory left, before llama.cpp

@@ -60,6 +60,7 @@ class Session:
     """One conversation's KV cache. ``evaluate`` a prompt, then ``generate`` the answer."""
 
     def __init__(self, engine: Engine, n_ctx: int) -> None:
+        engine.check_context_fits(n_ctx)  # before llama.cpp allocates the cache
         self.engine = engine
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
