@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Environment, environment
+from .digests import is_sha256
 from .errors import ConfigError
 from .store import Bytes, fill, open_own_file, write_atomic
 
@@ -94,7 +95,7 @@ class PrefixCache:
         )
 
     def _path(self, key: str) -> Path:
-        if not re.fullmatch(r"[0-9a-f]{64}", key):
+        if not is_sha256(key):
             raise ValueError(f"bad cache key {key!r}")
         return self.folder / f"{key}.kv"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import hub, registry, store
 from .config import paths
+from .digests import is_commit
 from .errors import ConfigError, DownloadError, ModelFileError, ModelNotAvailable, UsageError
 from .gguf_file import check_model, read_gguf
 from .registry import FileSpec, Ref
@@ -64,7 +65,6 @@ class Target:
 @dataclass(frozen=True)
 class PullResult:
     files: ModelFiles
-    target: Target
     fetched: int  # bytes downloaded by this pull (0: everything was already here)
 
 
@@ -177,7 +177,7 @@ def _matches(record: store.Pulled, target: Target) -> bool:
     return (
         record.repo == target.repo
         and all(r.file == (t.file or r.file) and t.sha256 in (None, r.digest) for r, t in pairs)
-        and (not store.is_commit(target.revision) or record.commit == target.revision)
+        and (not is_commit(target.revision) or record.commit == target.revision)
     )
 
 
@@ -351,7 +351,7 @@ def pull(ref: Ref, progress: hub.Progress, *, offline: bool = False) -> PullResu
             if target.from_listing:
                 target = target.with_files(found.model.name, found.mmproj.name)
             _remember(target, found)
-            return PullResult(found, target, 0)
+            return PullResult(found, 0)
     if offline:
         raise ModelNotAvailable(
             f"{ref} is not on this machine and offline mode is on",
@@ -416,7 +416,7 @@ def fetch(planned: PullPlan, progress: hub.Progress) -> PullResult:
             cache.set_ref(target.revision, remotes[0].commit)
     files = ModelFiles(target.ref, linked[0], linked[1], target.chat_format)
     _remember(target, files, [r.digest for r in remotes])
-    return PullResult(files, target, needed)
+    return PullResult(files, needed)
 
 
 def _partial_size(cache: RepoCache, remote: hub.RemoteFile) -> int:
@@ -462,7 +462,7 @@ def _remember(target: Target, files: ModelFiles, digests: list[str] | None = Non
     for i, (spec, path) in enumerate(pairs):
         digest = digests[i] if digests else path.resolve().name
         stored.append(store.StoredFile(spec.file, digest, path.stat().st_size, str(path)))
-    commit = files.model.parent.name if store.is_commit(files.model.parent.name) else ""
+    commit = files.model.parent.name if is_commit(files.model.parent.name) else ""
     record = store.Pulled(
         ref=target.ref,
         name=target.name,

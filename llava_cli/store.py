@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .config import environment, paths
-from .digests import is_commit as is_commit  # noqa: PLC0414 (re-exported for modelref, listing)
+from .digests import is_commit
 from .errors import BadInput, LlavaError
 from .registry import is_repo_id
 from .text import unsafe_character

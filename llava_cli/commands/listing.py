@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import hub, registry, render, store
 from ..config import environment
+from ..digests import is_commit
 from ..errors import EXIT_OK, LlavaError
 from ..modelref import choose_files
 from ..registry import ModelSpec, Ref
@@ -65,7 +66,7 @@ def _cut_middle(text: str, width: int, mark: str) -> str:
     if cell_width(text) <= width or not text.isascii():
         return text  # render.table cuts what is left over (at the end)
     parts = text.split("/")
-    text = "/".join(mark if store.is_commit(p) else p for p in parts)
+    text = "/".join(mark if is_commit(p) else p for p in parts)
     if len(text) <= width:
         return text
     room = width - len(mark)

@@ -7,22 +7,20 @@ hub sends that becomes a path on disk (file names in a listing, commit ids) is c
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from ..config import environment
+from ..digests import is_commit, is_sha256
 from ..errors import DownloadError
-from ..store import is_commit
 from ..text import escaped, unsafe_character
 from .failures import HubUnreachable, NetworkError, ServerError, endpoint, timeout, translate
 
 T = TypeVar("T")
 ATTEMPTS = 3  # tries in a row without progress before giving up; each retry resumes
 UNREACHABLE_RETRIES = 1  # no such host, connection refused: asking again rarely helps
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class Progress(Protocol):
@@ -45,7 +43,7 @@ class RemoteFile:
 
     @property
     def is_sha256(self) -> bool:
-        return bool(_SHA256.fullmatch(self.digest))
+        return is_sha256(self.digest)
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ def file_info(repo: str, revision: str, file: str, progress: Progress | None = N
     commit = _commit(repo, meta.commit_hash, revision)
     url = hf_hub_url(repo, file, revision=commit, endpoint=endpoint())
     digest = (meta.etag or "").lower()
-    if meta.size is None or meta.size < 0 or not (_SHA256.fullmatch(digest) or is_commit(digest)):
+    if meta.size is None or meta.size < 0 or not (is_sha256(digest) or is_commit(digest)):
         raise DownloadError(
             f"the hub gave no size or content hash for {file} in {repo}",
             "cannot verify it, so it is not downloaded; check HF_ENDPOINT",
