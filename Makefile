@@ -15,7 +15,7 @@ BUILD_PACKAGES := cmake build-essential python3-venv
 help:
 	@echo "make install   create $(VENV), build llama-cpp-python (flags: scripts/llama-cmake-args.sh), install llava editable"
 	@echo "make test      install if needed, then run the test suite (what CI runs)"
-	@echo "make test-fast the tests not marked slow (no CLI subprocesses, no terminals): the edit loop"
+	@echo "make test-fast the tests not marked slow (no CLI subprocess, no tmux): the edit loop"
 	@echo "make lint      ruff, mypy --strict, and docs/cli.md up to date"
 	@echo "make fmt       format with ruff"
 	@echo "make docs      regenerate docs/cli.md from the commands' --help (make lint checks it)"

@@ -67,6 +67,7 @@ def test_every_option_of_the_table_is_an_option_of_both_commands(name: str) -> N
             assert option.span in help and param.metavar in ("N", "NUMBER")
 
 
+@pytest.mark.slow
 def test_the_defaults_are_the_records_own() -> None:
     """An option that sets a record's field has the record's default, and the records built
     from every option at its default are the records' defaults."""

@@ -239,6 +239,7 @@ def test_the_environment_reader_finds_every_kind_of_read() -> None:
         assert environment_reads(f"import os\n{line}\n") == [], line
 
 
+@pytest.mark.slow
 def test_only_config_reads_the_environment() -> None:
     modules = sorted(PACKAGE.rglob("*.py"))
     assert PACKAGE / "engine" / "native.py" in modules  # it writes GGML_NO_BACKTRACE: allowed
