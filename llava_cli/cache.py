@@ -35,7 +35,7 @@ from typing import Any
 from .config import Environment, environment
 from .digests import is_sha256
 from .errors import ConfigError
-from .store import Bytes, fill, open_own_file, write_atomic
+from .files import Bytes, fill, open_own_file, write_atomic
 
 DEFAULT_CAP = 2 << 30
 MAX_CAP = 1 << 50  # 1 PiB: far beyond any disk a cache lives on, and still exact as a float

@@ -48,7 +48,7 @@ def open_model(
     )
     try:
         fmt = chat_format(engine, opts.chat_format, known_format)
-        session = engine.new_session(context_size(engine, opts.ctx))
+        session = Session(engine, context_size(engine, opts.ctx))
         if fmt.thinking is not None:
             session.shown_tokens = engine.special_tokens_in([fmt.thinking.open, fmt.thinking.close])
         if opts.cache:

@@ -1,5 +1,5 @@
-"""Reading and writing the files a user names (images, chats, settings), bounded and only when
-they are regular files.
+"""Reading and writing files, bounded and only when they are regular files: those a user names
+(images, chats, settings) and llava's own (pull records, refs, prefix-cache entries).
 
 A path can name a FIFO (the read waits forever for a writer), a device (``/dev/zero`` never
 ends), or a symbolic link whose target is somewhere else. Reads open without blocking, check
@@ -8,10 +8,12 @@ what they opened and stop at a byte limit; writes refuse to replace anything but
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -216,3 +218,76 @@ def check_write_target(path: Path, what: str) -> None:
         )
     if not stat.S_ISREG(info.st_mode):
         raise BadInput(f"{path} is {kind_of(info.st_mode)}, not a file", "give a file name")
+
+
+# -- llava's own files: prefix-cache entries, records, refs, saved chats ------------------
+
+Bytes = bytes | bytearray | memoryview
+_OPEN_OWN = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)  # a FIFO put in a file's place must not hang the open
+    | getattr(os, "O_NOFOLLOW", 0)  # nor a link lead the read elsewhere
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+def open_own_file(path: Path) -> io.FileIO | None:
+    """A file llava keeps in its own folders (a prefix-cache entry, a record, a ref), opened
+    for reading; None when it is missing, unreadable or not a regular file (a folder, a FIFO,
+    a device, a symbolic link): such a file is as good as absent. Never blocks."""
+    try:
+        fd = os.open(path, _OPEN_OWN)
+    except (OSError, ValueError):  # missing, a link (ELOOP), a permission, a NUL in the name
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return io.FileIO(fd, "rb", closefd=True)
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def fill(f: io.FileIO, view: memoryview) -> bool:
+    """Fill ``view`` from ``f``; False if the file ends first (it shrank while we read it).
+    In pieces: one read() returns at most ~2 GiB on Linux."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
+
+
+def read_own_file(path: Path, max_bytes: int) -> bytearray | None:
+    """The bytes of a file llava keeps in its own folders, or None when ``open_own_file``
+    refuses it, or it is larger than ``max_bytes``. Never blocks, and never allocates more
+    than ``max_bytes``."""
+    f = open_own_file(path)
+    if f is None:
+        return None
+    with f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                return None
+            data = bytearray(size)
+            return data if fill(f, memoryview(data)) else None
+        except (OSError, MemoryError):
+            return None
+
+
+def write_atomic(path: Path, *parts: Bytes) -> None:
+    """Write ``parts`` one after another to a temporary file beside ``path``, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                out.write(part)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -5,6 +5,10 @@ A model is named three ways: local files (``--model PATH --mmproj PATH``), a reg
 ``LLAVA_MODEL`` (read by the CLI), then ``config.toml``'s ``model``, then the registry default.
 Whatever is already on disk, in llava's records or the shared hub cache, is used without a
 network request.
+
+Longer than our ~400 lines on purpose: naming a model and pulling it share the same
+targets and records (what is on disk decides whether and what to fetch); split, each half
+would have to re-derive the other's view of the cache.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Model text is written as-is, never through Rich markup (an answer containing ``[
 literally). Colour only when stderr is a terminal, ``TERM`` is not ``dumb`` and ``NO_COLOR``
 is unset; under ``TERM=dumb`` no escape sequence at all (``escapes_allowed``). Characters the
 locale's encoding cannot carry are written as ASCII or a mark (``terminal.fit_to_encoding``).
+
+Longer than our ~400 lines on purpose: it is the one module that writes to the terminal and
+the only importer of rich, so every output rule (escaping, colour, width, encoding, stdout
+vs stderr) is kept and checked in one place.
 """
 
 from __future__ import annotations

@@ -13,14 +13,12 @@ quant and projector a name stood for, for ``llava list`` and ``llava rm``.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
 import re
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -29,6 +27,7 @@ from pathlib import Path
 from .config import environment, paths
 from .digests import is_commit
 from .errors import BadInput, LlavaError
+from .files import read_own_file, write_atomic
 from .registry import is_repo_id
 from .text import unsafe_character
 
@@ -123,77 +122,6 @@ def _digest_ok(path: Path, digest: str | None) -> bool:
     if digest is None or not path.is_symlink():
         return True
     return path.resolve().name == digest
-
-
-Bytes = bytes | bytearray | memoryview
-_OPEN_OWN = (
-    os.O_RDONLY
-    | getattr(os, "O_NONBLOCK", 0)  # a FIFO put in a file's place must not hang the open
-    | getattr(os, "O_NOFOLLOW", 0)  # nor a link lead the read elsewhere
-    | getattr(os, "O_CLOEXEC", 0)
-)
-
-
-def open_own_file(path: Path) -> io.FileIO | None:
-    """A file llava keeps in its own folders (a prefix-cache entry, a record, a ref), opened
-    for reading; None when it is missing, unreadable or not a regular file (a folder, a FIFO,
-    a device, a symbolic link): such a file is as good as absent. Never blocks."""
-    try:
-        fd = os.open(path, _OPEN_OWN)
-    except (OSError, ValueError):  # missing, a link (ELOOP), a permission, a NUL in the name
-        return None
-    try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            return io.FileIO(fd, "rb", closefd=True)
-    except OSError:
-        pass
-    os.close(fd)
-    return None
-
-
-def fill(f: io.FileIO, view: memoryview) -> bool:
-    """Fill ``view`` from ``f``; False if the file ends first (it shrank while we read it).
-    In pieces: one read() returns at most ~2 GiB on Linux."""
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            return False
-        got += n
-    return True
-
-
-def read_own_file(path: Path, max_bytes: int) -> bytearray | None:
-    """The bytes of a file llava keeps in its own folders, or None when ``open_own_file``
-    refuses it, or it is larger than ``max_bytes``. Never blocks, and never allocates more
-    than ``max_bytes``."""
-    f = open_own_file(path)
-    if f is None:
-        return None
-    with f:
-        try:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_bytes:
-                return None
-            data = bytearray(size)
-            return data if fill(f, memoryview(data)) else None
-        except (OSError, MemoryError):
-            return None
-
-
-def write_atomic(path: Path, *parts: Bytes) -> None:
-    """Write ``parts`` one after another to a temporary file beside ``path``, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                out.write(part)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass(frozen=True)

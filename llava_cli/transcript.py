@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import paths
 from .errors import BadInput
-from .files import check_write_target, read_regular
-from .store import write_atomic
+from .files import check_write_target, read_regular, write_atomic
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

@@ -63,11 +63,9 @@ def work(chat: Chat) -> Counters:
 
 
 def minus(a: Counters, b: Counters) -> tuple[int, int, int]:
-    return (
-        a.text_tokens_evaluated - b.text_tokens_evaluated,
-        a.image_tokens_evaluated - b.image_tokens_evaluated,
-        a.image_chunks_encoded - b.image_chunks_encoded,
-    )
+    """What was evaluated between two snapshots: text tokens, image tokens, image chunks."""
+    work = a - b
+    return (work.text_tokens_evaluated, work.image_tokens_evaluated, work.image_chunks_encoded)
 
 
 @pytest.mark.slow

@@ -503,7 +503,7 @@ class _Image:
 def fuzz_child(kind: str, model: str, mmproj: str, workdir: str, cases: int, seed: int) -> None:
     """In a child process: load each damaged copy and answer about one image; print one line
     per case ("index outcome") so the parent can name the case a crash stopped at."""
-    from llava_cli.engine import Engine, LoadOptions, SamplingParams
+    from llava_cli.engine import Engine, LoadOptions, SamplingParams, Session
     from llava_cli.errors import LlavaError
     from llava_cli.templates import MEDIA_MARKER
 
@@ -523,7 +523,7 @@ def fuzz_child(kind: str, model: str, mmproj: str, workdir: str, cases: int, see
         try:
             engine = Engine.load(opts)
             try:
-                session = engine.new_session(512)
+                session = Session(engine, 512)
                 prompt = f"USER: {MEDIA_MARKER}\nWhat colour?\nASSISTANT:"
                 session.evaluate(prompt, [_Image()], add_special=True)
                 for _ in session.generate(SamplingParams(max_tokens=2, seed=1)):

@@ -1,4 +1,9 @@
-"""``llava ask``: one answer per image (or one for all with ``--together``), for pipelines."""
+"""``llava ask``: one answer per image (or one for all with ``--together``), for pipelines.
+
+Longer than our ~400 lines on purpose: the checks made before anything loads (images,
+constraint, format), the batch loop and the output forms (labels, JSON lines, held-back
+constrained answers) are one command's contract, read together when it changes.
+"""
 
 from __future__ import annotations
 

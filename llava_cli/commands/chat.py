@@ -261,7 +261,7 @@ class Chat:
         finally:
             stream.close()  # Ctrl-C may land outside the generator: finish it, keep the answer
             render.status_clear()  # a status of the evaluation, if it ended before the answer
-            self.last_work = _delta(session.counters, counters)
+            self.last_work = session.counters - counters
             self.last_completion = session.last
         sent = len(self.conversation.messages) > before
         if sent and not interrupted:
@@ -512,11 +512,3 @@ _CHANGES_THE_CHAT = frozenset({"/retry", "/undo", "/load", "/system", "/set"})
 def _preview(text: str, width: int = 60) -> str:
     line = " ".join(text.split())
     return line if len(line) <= width else line[: width - 1] + "…"
-
-
-def _delta(now: Counters, before: Counters) -> Counters:
-    from dataclasses import fields
-
-    return type(now)(
-        **{f.name: getattr(now, f.name) - getattr(before, f.name) for f in fields(now)}
-    )
