@@ -21,6 +21,7 @@ import pytest
 
 from llava_cli import registry, synthetic
 from llava_cli.text import cell_width
+from llava_cli.units import human_bytes
 
 from .conftest import REPO as CHECKOUT
 from .conftest import llava
@@ -55,13 +56,22 @@ def hub(oracle: synthetic.ModelPair, tmp_path: Path) -> Iterator[Hub]:
         yield Hub(fake, env)
 
 
-def test_an_implicit_pull_says_what_it_fetches(hub: Hub, images: Path) -> None:
+def sizes(oracle: synthetic.ModelPair) -> tuple[int, int]:
+    """The served model's and projector's sizes in bytes, from the built fixture."""
+    return oracle.model.stat().st_size, oracle.mmproj.stat().st_size
+
+
+def test_an_implicit_pull_says_what_it_fetches(
+    hub: Hub, images: Path, oracle: synthetic.ModelPair
+) -> None:
     """No terminal: the notice, then the pull goes ahead as before, whatever the size."""
+    model, mmproj = sizes(oracle)
     result = llava("ask", images / "red.png", "-m", REPO, "--temperature", "0", env=hub.env)
     assert (result.returncode, result.stdout) == (0, b"red\n"), result.stderr
     first = result.stderr.decode().splitlines()[0]
     assert first == (
-        f"pulling {REPO}:F16: model 274.3 kB + projector 60.5 kB = 334.8 kB into ~/hf-home/hub"
+        f"pulling {REPO}:F16: model {human_bytes(model)} + projector {human_bytes(mmproj)} "
+        f"= {human_bytes(model + mmproj)} into ~/hf-home/hub"
     )
     again = llava("ask", images / "red.png", "-m", REPO, env={**hub.env, "HF_HUB_OFFLINE": "1"})
     assert again.returncode == 0 and b"pulling" not in again.stderr  # on disk: nothing to say
@@ -73,14 +83,15 @@ def test_a_partial_download_counts_only_what_is_left(
     import hashlib
 
     model = oracle.model.read_bytes()
+    left, mmproj = len(model) - 74_300, oracle.mmproj.stat().st_size
     blobs = tmp_path / "hf-home" / "hub" / "models--test--colour-oracle-GGUF" / "blobs"
     blobs.mkdir(parents=True)
     (blobs / f"{hashlib.sha256(model).hexdigest()}.llava-partial").write_bytes(model[:74_300])
     result = llava("ask", images / "red.png", "-m", REPO, env=hub.env)
     assert result.returncode == 0, result.stderr
     assert result.stderr.decode().startswith(
-        f"pulling {REPO}:F16: model 200.0 kB (the rest of 274.3 kB) + projector 60.5 kB "
-        "= 260.5 kB into ~/hf-home/hub\n"
+        f"pulling {REPO}:F16: model {human_bytes(left)} (the rest of {human_bytes(len(model))}) "
+        f"+ projector {human_bytes(mmproj)} = {human_bytes(left + mmproj)} into ~/hf-home/hub\n"
     )
 
 
@@ -239,7 +250,9 @@ def test_list_fits_80_columns_with_home_as_tilde(hub: Hub) -> None:
     assert whole.stdout.decode().splitlines()[1].split()[-1].count("/") > 5
 
 
-def test_list_available_asks_the_hub_for_sizes_nothing_else_gives(hub: Hub) -> None:
+def test_list_available_asks_the_hub_for_sizes_nothing_else_gives(
+    hub: Hub, oracle: synthetic.ModelPair
+) -> None:
     write_user_entry("listed", REPO)
 
     def row(env: dict[str, str]) -> tuple[list[str], str]:
@@ -249,7 +262,8 @@ def test_list_available_asks_the_hub_for_sizes_nothing_else_gives(hub: Hub) -> N
         return line.split(), result.stderr.decode()
 
     online, err = row(hub.env)
-    assert online[-2:] == ["334.8", "kB"]  # the model and its projector, as the hub lists them
+    pair = human_bytes(sum(sizes(oracle))).split()
+    assert online[-2:] == pair  # the model and its projector, as the hub lists them
     offline, err = row({**hub.env, "HF_HUB_OFFLINE": "1"})
     assert offline[-1] == "?"
     assert err == "?: no size in the registry; the hub is asked for it when online\n"
