@@ -138,6 +138,25 @@ def test_same_prompt_again_evaluates_nothing(oracle_model: LoadedModel, images: 
     assert after.image_tokens_evaluated == before.image_tokens_evaluated
 
 
+def test_a_prompt_inside_the_cache_has_its_last_token_redone_once(
+    oracle_model: LoadedModel, images: Path
+) -> None:
+    """A new conversation whose prompt the cache already holds, with more after it (the old
+    chat's follow-up): its last token is decoded again for its logits, once; asked again, the
+    logits kept from that decode serve, and nothing is decoded."""
+    red = pic(images, "red")
+    old = Conversation(oracle_model)
+    answer(old, "What colour is this?", [red], temperature=0)
+    answer(old, "And now?", [], temperature=0)  # the cache runs on past the first prompt
+    counters = oracle_model.session.counters
+    evaluated = []
+    for _ in range(2):
+        before = counters.snapshot()
+        assert answer(Conversation(oracle_model), "What colour is this?", [red], temperature=0)
+        evaluated.append((counters - before).text_tokens_evaluated)
+    assert evaluated == [1, 0]
+
+
 def test_prompt_too_long_for_context(oracle: synthetic.ModelPair, images: Path) -> None:
     loaded = open_model(oracle.model, oracle.mmproj, RuntimeOptions(ctx=128))
     try:

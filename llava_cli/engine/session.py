@@ -177,6 +177,7 @@ class Session:
         if not rest and not self._restore_logits():
             self._refresh_logits()
             turn.cached_tokens -= 1
+            self._save_logits()  # the same prompt again (/retry) then decodes nothing
         self._eval_items(rest, saved_prefix_key)
         turn.prompt_tokens = self.n_cells
         turn.image_tokens = sum(s.cells for s in self.spans if s.kind == "image")
