@@ -3,9 +3,9 @@
 Precedence for every setting: command-line flag > ``LLAVA_*`` environment variable > config
 file > default. Typer reads the environment for each option; everything else llava takes from
 the environment is read here, and only here, into one ``Environment`` record: once per command
-(``guard.guarded`` opens ``reading_once``), passed down from there, and reached by the few
-low-level helpers that need a value (the terminal's width, a hub timeout) through
-``environment()``.
+(``guard.guarded`` opens ``reading_once``). Commands and the modules below them reach that
+record through ``environment()`` (or take it as an argument, as ``PrefixCache.default``
+does), so a command sees one environment from start to end, and nothing else reads it.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import BadInput, ConfigError
 
@@ -40,8 +40,10 @@ class Environment:
     (``LLAVA_CACHE_SIZE``, the hub's timeouts) are kept as written and checked where they
     are used: a bad cache size must not stop ``llava list``."""
 
-    paths: Paths  # LLAVA_HOME, else the platform's folders (XDG_*, LOCALAPPDATA)
-    hub_cache: Path  # where pulled models live: HF_HUB_CACHE, HF_HOME, … as huggingface_hub
+    # Where llava's files and the pulled models live; None when that depends on a home folder
+    # that cannot be found (no HOME, no passwd entry): an error only for what needs them.
+    found_paths: Paths | None  # LLAVA_HOME, else the platform's folders (XDG_*, LOCALAPPDATA)
+    found_hub_cache: Path | None  # HF_HUB_CACHE, HF_HOME, …, as huggingface_hub finds it
     debug: bool  # LLAVA_DEBUG: tracebacks instead of one line, llama.cpp's debug logs
     hub_offline: bool  # HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE): as --offline
     hf_token_set: bool  # HF_TOKEN is set (its value is never kept: it must not leak)
@@ -51,6 +53,18 @@ class Environment:
     no_color: bool  # NO_COLOR set and not empty
     columns: int | None  # COLUMNS, when a positive number
     ggml_no_backtrace: str | None  # the user's own GGML_NO_BACKTRACE, before llava sets it
+
+    @property
+    def paths(self) -> Paths:
+        if self.found_paths is None:
+            raise _no_home("llava's files")
+        return self.found_paths
+
+    @property
+    def hub_cache(self) -> Path:
+        if self.found_hub_cache is None:
+            raise _no_home("the hub cache")
+        return self.found_hub_cache
 
     @property
     def config_file(self) -> Path:
@@ -82,8 +96,8 @@ def read_environment(env: Mapping[str, str] | None = None) -> Environment:
     env = os.environ if env is None else env
     columns = env.get("COLUMNS", "")
     return Environment(
-        paths=_paths(env),
-        hub_cache=_hub_cache(env),
+        found_paths=_unless_homeless(lambda: _paths(env)),
+        found_hub_cache=_unless_homeless(lambda: _hub_cache(env)),
         debug=switched_on(env.get("LLAVA_DEBUG")),
         hub_offline=_hub_true(env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE")),
         hf_token_set=bool(env.get("HF_TOKEN")),
@@ -103,7 +117,24 @@ def secrets(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """The secret values in the environment (the hub tokens), read only when text is about to
     be printed so that they can be blotted out of it (``text.redacted``); never kept."""
     env = os.environ if env is None else env
-    return tuple(value for name in TOKEN_VARIABLES if len(value := env.get(name, "")) >= 4)
+    return tuple(value for name in TOKEN_VARIABLES if len(value := env.get(name, "")) >= 8)
+
+
+Folder = TypeVar("Folder", Paths, Path)
+
+
+def _unless_homeless(where: Callable[[], Folder]) -> Folder | None:
+    try:
+        return where()
+    except RuntimeError:  # pathlib: "Could not determine home directory"
+        return None
+
+
+def _no_home(what: str) -> ConfigError:
+    return ConfigError(
+        f"cannot find your home folder, where {what} live by default",
+        "set HOME, or LLAVA_HOME (and HF_HOME) to a folder of your choice",
+    )
 
 
 _OFF = frozenset(("", "0", "false", "no", "off"))

@@ -94,11 +94,13 @@ class Option:
 
     def __post_init__(self) -> None:
         if self.record:
-            assert self.default is None, f"{self.name}: the default is {self.record}'s"
             declared = {f.name: f.default for f in fields(RECORDS[self.record])}
             default = declared[self.field_name]
             assert default is not MISSING, f"{self.record}.{self.field_name} has no default"
-            object.__setattr__(self, "default", not default if self.negated else default)
+            default = not default if self.negated else default
+            # None in the table, or the record's own (a copy made with dataclasses.replace)
+            assert self.default in (None, default), f"{self.name}: the default is {self.record}'s"
+            object.__setattr__(self, "default", default)
         assert (self.low is None) == (self.high is None), f"{self.name}: both bounds or neither"
         assert not self.settable or self.bounded, f"{self.name}: /set parses numbers only"
 
@@ -234,6 +236,7 @@ OPTIONS: dict[str, Option] = _table(
         env="LLAVA_SYSTEM",
         metavar="TEXT",
         help="System prompt (folded into the first message where the template has no system role)",
+        default_text="the chat format's own",
     ),
     Option(
         name="temperature",
@@ -297,7 +300,7 @@ OPTIONS: dict[str, Option] = _table(
         high=2**32 - 2,  # llama.cpp's seed is a uint32; 2^32-1 means "random"
         env="LLAVA_SEED",
         settable=True,
-        help="Same seed, same answer",
+        help="Same seed, same answer (--json reports the seed used)",
         default_text="random",
     ),
     Option(
@@ -332,7 +335,7 @@ OPTIONS: dict[str, Option] = _table(
         high=INT32_MAX,  # and at most the model's training context
         env="LLAVA_CTX",
         help="Context size in tokens, at most the model's training context (more is lowered, "
-        "with a notice)",
+        "with a notice); refused, with the numbers, when its KV cache cannot fit in memory",
         default_text="4096, or less if the model has less",  # config.DEFAULT_CTX
     ),
     Option(

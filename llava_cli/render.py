@@ -431,10 +431,11 @@ class RichTransfer:
         self._progress.update(self._task, advance=nbytes)
 
     def finish(self, message: str) -> None:
-        self._console.print(message, markup=False, style="dim")
+        self.note(message)
 
     def note(self, message: str) -> None:
-        self._console.print(message, markup=False, style="dim")
+        """A line above the bars, as ``info`` writes one: escaped, without secrets."""
+        self._console.print(escaped(_without_secrets(message)), markup=False, style="dim")
 
 
 def transfer_progress() -> PlainTransfer | RichTransfer:

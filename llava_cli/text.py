@@ -30,8 +30,9 @@ def unsafe_character(text: str) -> str | None:
 
 
 # A Hugging Face access token, wherever it came from (HF_TOKEN, or the token file that
-# huggingface_hub reads): "hf_" and 34 letters and digits today; a shorter run is no token.
-_HUB_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+# huggingface_hub reads): "hf_" and 34 letters and digits today, a word of its own. A name like
+# "hf_vision_model" is none.
+_HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 REDACTED = "<hidden>"
 
 

@@ -3,46 +3,63 @@ llama.cpp (so they can be tested without it), and records that need no model."""
 
 from __future__ import annotations
 
-import ast
 import graphlib
+import subprocess
+import sys
 from dataclasses import fields
-from pathlib import Path
 
 from llava_cli import engine
 from llava_cli.engine import Counters
 
-ENGINE = Path(engine.__file__).parent
+from .test_layering import MODULES, imports_of
+
 PURE = ("prefix_match", "records")
 
 
-def imports_of(path: Path) -> list[tuple[int, str]]:
-    """(level, name) of every import in a module, lazy and TYPE_CHECKING ones included."""
-    found: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found += [(0, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module] if node.module else [alias.name for alias in node.names]
-            found += [(node.level, name) for name in names]
-    return found
+def engine_modules_imported_by(stem: str) -> set[str]:
+    """The engine modules one imports (lazy and TYPE_CHECKING imports included)."""
+    prefix = "llava_cli.engine."
+    return {
+        imp.name.removeprefix(prefix).partition(".")[0]
+        for imp in imports_of(prefix + stem)
+        if imp.name.startswith(prefix)
+    }
 
 
 def test_the_engine_modules_import_each_other_without_a_cycle() -> None:
-    graph = {
-        path.stem: {name.split(".")[0] for level, name in imports_of(path) if level == 1}
-        for path in ENGINE.glob("*.py")
-    }
+    stems = [
+        m.removeprefix("llava_cli.engine.") for m in MODULES if m.startswith("llava_cli.engine.")
+    ]
+    graph = {stem: engine_modules_imported_by(stem) for stem in stems}
     assert graph["session"] >= {"model", "prefix_match"}  # the walk sees what it should
     graphlib.TopologicalSorter(graph).prepare()  # CycleError names the modules of a cycle
 
 
-def test_the_pure_modules_import_no_llama_cpp() -> None:
-    for stem in PURE:
-        top = {name.split(".")[0] for level, name in imports_of(ENGINE / f"{stem}.py") if not level}
-        assert "llama_cpp" not in top, stem
-        assert all(
-            name in PURE for level, name in imports_of(ENGINE / f"{stem}.py") if level == 1
-        ), stem
+def test_the_pure_modules_work_without_llama_cpp() -> None:
+    """Imported, and used, in a process where llama_cpp cannot be imported at all."""
+    script = (
+        "import sys; sys.modules['llama_cpp'] = None\n"
+        "from llava_cli.engine.prefix_match import Span, first_difference\n"
+        "from llava_cli.engine.records import Counters\n"
+        "cached = [Span('text', 0, 3, [1, 2, 3])]\n"
+        "print(first_difference(cached, [[1, 2, 9]]), Counters(2) - Counters(1))\n"
+        "print(sorted(m for m, v in sys.modules.items() if m.startswith('llama_cpp') and v))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    kept, rest = result.stdout.split("\n", 1)
+    assert kept.startswith(
+        "FirstDifference(keep_spans=0, keep_tokens=2, rest=[[9]]) Counters(text_tokens_evaluated=1"
+    )
+    assert rest.strip() == "[]"
+
+
+def test_the_package_names_load_on_first_use() -> None:
+    assert sorted(engine.__all__) == sorted(engine._HOMES)
+    for name in engine.__all__:
+        assert getattr(engine, name) is not None
 
 
 def test_counters_subtract_field_by_field() -> None:

@@ -151,3 +151,47 @@ def test_the_readme_table_is_the_table() -> None:
     for row, option in zip(rows, OPTIONS.values(), strict=True):
         assert f"--{option.name}`" in row and (option.env is None or f"`{option.env}`" in row)
         assert not option.bounded or f"| {option.span} |" in row
+
+
+# What users rely on, written out once more on purpose: a default or an environment variable
+# that changes is a change in behaviour (scripts and shell profiles set these), never a
+# side effect of editing the table. (Values as llava 0.1.0 shipped them.)
+PUBLISHED = {
+    "model": (None, "LLAVA_MODEL"),
+    "mmproj": (None, "LLAVA_MMPROJ"),
+    "offline": (False, None),
+    "yes": (False, "LLAVA_YES"),
+    "chat-format": ("auto", "LLAVA_CHAT_FORMAT"),
+    "think": (False, "LLAVA_THINK"),
+    "system": (None, "LLAVA_SYSTEM"),
+    "temperature": (0.2, "LLAVA_TEMPERATURE"),
+    "top-p": (0.95, None),
+    "top-k": (40, None),
+    "min-p": (0.05, None),
+    "repeat-penalty": (1.1, None),
+    "seed": (None, "LLAVA_SEED"),
+    "max-tokens": (None, "LLAVA_MAX_TOKENS"),
+    "stop": ((), None),
+    "ctx": (None, "LLAVA_CTX"),
+    "verbose": (False, "LLAVA_VERBOSE"),
+    "threads": (0, "LLAVA_THREADS"),
+    "gpu-layers": (-1, "LLAVA_GPU_LAYERS"),
+    "image-on-cpu": (False, "LLAVA_IMAGE_ON_CPU"),
+    "no-cache": (False, "LLAVA_NO_CACHE"),
+    "max-pixels": (100_000_000, "LLAVA_MAX_PIXELS"),
+    "max-image-bytes": (256 * 1024 * 1024, "LLAVA_MAX_IMAGE_BYTES"),
+}
+
+
+def test_the_published_defaults_and_environment_variables_hold() -> None:
+    assert {name: (o.default, o.env) for name, o in OPTIONS.items()} == PUBLISHED
+
+
+def test_another_command_can_take_any_number_of_the_table() -> None:
+    """``number`` (``llava show --ctx``): any numeric entry, its range kept, no env var."""
+    from llava_cli.cli_options import number
+
+    for option in (o for o in OPTIONS.values() if o.bounded):
+        info = number(option.name, "Its own help")
+        assert info.envvar is None and info.help is not None
+        assert info.help.startswith("Its own help") and option.span in info.help

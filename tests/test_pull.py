@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from llava_cli import synthetic
+from llava_cli.units import human_bytes
 
 from .conftest import llava
 from .fakehub import FakeHub, write_user_entry
@@ -59,16 +60,11 @@ class Served:
     @property
     def model_size(self) -> str:
         """The model's size as llava prints it (``274.3 kB``), from the built fixture."""
-        return kb(len(self.model))
+        return human_bytes(len(self.model))
 
     @property
     def pair_size(self) -> str:
-        return kb(len(self.model) + len(self.mmproj))
-
-
-def kb(nbytes: int) -> str:
-    """A size in kB, as llava prints one: one decimal, 1 kB = 1000 bytes."""
-    return f"{nbytes / 1e3:.1f} kB"
+        return human_bytes(len(self.model) + len(self.mmproj))
 
 
 @pytest.fixture
@@ -256,7 +252,7 @@ def test_resume_after_kill_9(served: Served) -> None:
     served.hub.reset_faults()
     result = llava("pull", "oracle", env=served.env)
     assert result.returncode == 0, result.stderr
-    assert f"resuming at {kb(kept)} of {served.model_size}" in result.stderr.decode()
+    assert f"resuming at {human_bytes(kept)} of {served.model_size}" in result.stderr.decode()
     resumed = served.hub.gets(MODEL)[-1]
     assert resumed.range_start == kept
     assert resumed.body_bytes == len(served.model) - kept  # only the remaining bytes

@@ -5,6 +5,9 @@ bad value is an error only where it is used."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,3 +263,43 @@ def test_debug_off_spelled_false_prints_one_line_not_a_traceback() -> None:
     on = llava("cache", "info", env={"LLAVA_DEBUG": "yes", "LLAVA_CACHE_SIZE": "nan"})
     assert off.returncode == 2 and len(off.stderr.decode().splitlines()) == 1, off.stderr
     assert on.returncode != 0 and b"Traceback" in on.stderr and b"ConfigError" in on.stderr
+
+
+HOMELESS = (
+    "import os, pwd, sys\n"
+    "os.environ.pop('HOME', None)\n"
+    "def no_entry(uid): raise KeyError(uid)\n"
+    "pwd.getpwuid = no_entry  # no passwd entry either: a container's or systemd's user\n"
+    "sys.argv[0] = 'llava'\n"
+    "from llava_cli import cli\n"
+    "cli.main()\n"
+)
+
+
+def homeless(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("LLAVA_HOME", "HF_HOME", "HOME")}
+    return subprocess.run(
+        [sys.executable, "-c", HOMELESS, *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_no_home_folder_fails_only_what_needs_one(tmp_path: Path) -> None:
+    """No HOME and no passwd entry: --version and a named file still work; what needs
+    llava's folders says how to name one (exit 2), and naming them is enough."""
+    assert homeless("--version").stdout == "llava 0.1.0\n"
+    missing = homeless("show", str(tmp_path / "none.gguf"))
+    assert missing.returncode == 4 and "does not exist" in missing.stderr, missing.stderr
+    listed = homeless("list")
+    assert listed.returncode == 2, listed.stderr
+    assert listed.stderr == (
+        "Error: cannot find your home folder, where llava's files live by default — "
+        "set HOME, or LLAVA_HOME (and HF_HOME) to a folder of your choice\n"
+    )
+    named = homeless("list", LLAVA_HOME=str(tmp_path / "l"), HF_HOME=str(tmp_path / "h"))
+    assert named.returncode == 0, named.stderr

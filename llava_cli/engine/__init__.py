@@ -10,11 +10,43 @@ drive libmtmd directly (``mtmd_tokenize``, ``mtmd_encode_chunk``,
 the KV cache and re-encode every image on every call.
 """
 
-from ..options import SamplingParams
-from .model import Engine, LoadOptions
-from .native import backend_info, default_threads
-from .records import Bitmap, Completion, Counters, Timings, Usage
-from .session import Session
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for readers and mypy; at run time the names load on first use, below
+    from ..options import SamplingParams
+    from .model import Engine, LoadOptions
+    from .native import backend_info, default_threads
+    from .records import Bitmap, Completion, Counters, Timings, Usage
+    from .session import Session
+
+# Where each public name lives. Importing the package loads none of them, so the pure modules
+# (prefix_match, records) can be imported, and tested, without loading llama.cpp.
+_HOMES = {
+    "SamplingParams": "..options",
+    "Engine": ".model",
+    "LoadOptions": ".model",
+    "backend_info": ".native",
+    "default_threads": ".native",
+    "Bitmap": ".records",
+    "Completion": ".records",
+    "Counters": ".records",
+    "Timings": ".records",
+    "Usage": ".records",
+    "Session": ".session",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Bitmap",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from typing import Any
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 
+from ..digests import is_sha256
 from ..errors import EngineError, ModelFileError
 from ..gguf_checks import check_tokenizer
 from ..gguf_file import GGUFInfo, LongString, check_pair, read_gguf
@@ -49,7 +49,7 @@ def file_identity(path: Path) -> str:
     """Names a file's content cheaply: a hub blob's own sha256, else its size, mtime and the
     bytes at both ends (a changed or replaced file gets another identity)."""
     real = path.resolve()
-    if re.fullmatch(r"[0-9a-f]{64}", real.name):
+    if is_sha256(real.name):
         return real.name
     digest = hashlib.sha256()
     stat = real.stat()
