@@ -105,8 +105,7 @@ def typer_option(option: Option) -> typer.models.OptionInfo:
 
     def check(value: float | None) -> float | None:
         if value is not None and not option.allows(value):
-            shown = f"{value:g}" if isinstance(value, float) else str(value)
-            raise typer.BadParameter(f"must be {option.span}, not {shown}")
+            raise typer.BadParameter(option.refusal(value))
         return value
 
     metavar = option.metavar

@@ -129,6 +129,15 @@ class Option:
             return f"at least {self.shown(self.low)}"
         return f"{self.shown(self.low)} to {self.shown(self.high)}"
 
+    def refusal(self, value: float) -> str:
+        """What is wrong with a value outside the range: its ``span``, or, past a limit the
+        help leaves unsaid (a C int's), that limit."""
+        assert self.low is not None and self.high is not None
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        if value > self.high and self.high == INT32_MAX:
+            return f"must be at most {self.shown(self.high)}, not {shown}"
+        return f"must be {self.span}, not {shown}"
+
     def allows(self, value: float) -> bool:
         if self.low is None or self.high is None:
             return True
@@ -300,7 +309,7 @@ OPTIONS: dict[str, Option] = _table(
         high=2**32 - 2,  # llama.cpp's seed is a uint32; 2^32-1 means "random"
         env="LLAVA_SEED",
         settable=True,
-        help="Same seed, same answer (--json reports the seed used)",
+        help="Same seed, same answer (ask --json reports the seed it used)",
         default_text="random",
     ),
     Option(

@@ -76,7 +76,9 @@ def test_a_range_error_names_the_range_from_the_same_table() -> None:
         "Error: invalid value for '--top-p': must be 0 to 1, not 3 — see llava ask --help\n"
     )
     huge = llava("ask", "x.png", "--top-k", str(2**40))
-    assert huge.returncode == 2 and b"must be at least 0, not 1099511627776" in huge.stderr
+    assert (
+        huge.returncode == 2 and b"must be at most 2,147,483,647, not 1099511627776" in huge.stderr
+    )
 
 
 def complete(words: str) -> list[str]:

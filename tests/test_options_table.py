@@ -104,12 +104,16 @@ def test_each_range_is_checked_on_the_command_line_and_in_the_environment(
                 option.low,
                 option.high,
             )
-        for value in outside(option):
-            with pytest.raises(BadParameter, match=f"must be {option.span}, not"):
-                parsed(name, f"--{option.name}", value.replace(",", ""))
+        below, above = outside(option)
+        with pytest.raises(BadParameter, match=f"must be {option.span}, not"):
+            parsed(name, f"--{option.name}", below.replace(",", ""))
+        # past the top: the range, or (where the help leaves it unsaid) the C int's limit
+        top = f"must be (at most {option.shown(option.high)}|{option.span}), not"
+        with pytest.raises(BadParameter, match=top):
+            parsed(name, f"--{option.name}", above.replace(",", ""))
         if option.env:
-            monkeypatch.setenv(option.env, outside(option)[1].replace(",", ""))
-            with pytest.raises(BadParameter, match=f"must be {option.span}"):
+            monkeypatch.setenv(option.env, above.replace(",", ""))
+            with pytest.raises(BadParameter, match=top):
                 parsed(name)
             monkeypatch.delenv(option.env)
 
@@ -195,3 +199,10 @@ def test_another_command_can_take_any_number_of_the_table() -> None:
         info = number(option.name, "Its own help")
         assert info.envvar is None and info.help is not None
         assert info.help.startswith("Its own help") and option.span in info.help
+
+
+def test_a_number_past_a_c_int_names_that_limit() -> None:
+    """The help says "at least 1" for --max-tokens; 3e9 is refused naming the real limit."""
+    for name in SHARED:
+        with pytest.raises(BadParameter, match=r"must be at most 2,147,483,647, not 3000000000"):
+            parsed(name, "--max-tokens", "3000000000")
