@@ -235,9 +235,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax") from exc
 
 
-def settings(env: Environment | None = None) -> dict[str, str]:
+def settings() -> dict[str, str]:
     """``config.toml``, checked strictly: unknown keys and wrong types are errors."""
-    path = (env or environment()).config_file
+    path = environment().config_file
     if not os.path.lexists(path):
         return {}
     data = read_toml(path)

@@ -122,6 +122,9 @@ def test_a_changed_environment_is_seen_by_the_next_command_in_one_process(
     assert first.exit_code == second.exit_code == 0, first.stderr + second.stderr
     assert "of 1.0 GB (LLAVA_CACHE_SIZE)" in first.stdout
     assert "of 3.0 GB (LLAVA_CACHE_SIZE)" in second.stdout
+    monkeypatch.delenv("LLAVA_CACHE_SIZE")
+    unset = runner.invoke(app, ["cache", "info"])
+    assert "of 2.1 GB (the default; LLAVA_CACHE_SIZE sets it)" in unset.stdout, unset.stdout
 
 
 @pytest.mark.parametrize("value", ["nan", "12 parsecs", "2PiB"])

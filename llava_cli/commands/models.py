@@ -270,16 +270,14 @@ def _pulled(text: str) -> store.Pulled:
 def cache_info() -> int:
     from ..cache import PrefixCache
 
-    info = PrefixCache.default(environment()).info()
+    settings = environment()
+    info = PrefixCache.default(settings).info()
+    cap = "LLAVA_CACHE_SIZE" if settings.cache_size else "the default; LLAVA_CACHE_SIZE sets it"
     render.fields(
         [
             ("folder", str(info.folder)),
             ("entries", str(info.entries)),
-            (
-                "size",
-                f"{render.human_bytes(info.size)} of {render.human_bytes(info.cap)} "
-                "(LLAVA_CACHE_SIZE)",
-            ),
+            ("size", f"{render.human_bytes(info.size)} of {render.human_bytes(info.cap)} ({cap})"),
         ]
     )
     return EXIT_OK
@@ -288,7 +286,7 @@ def cache_info() -> int:
 def cache_clear() -> int:
     from ..cache import PrefixCache
 
-    gone = PrefixCache.default(environment()).clear()
+    gone = PrefixCache.default().clear()
     removed = plural(gone.entries, "saved prefix", "saved prefixes")
     render.info(f"removed {removed} ({render.human_bytes(gone.size)})")
     return EXIT_OK
