@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llava_cli.engine.model import quantize
 from llava_cli.synthetic import (
     ModelPair,
     TextShape,
@@ -77,7 +78,7 @@ def build(shape: Shape) -> ModelPair:
     started = time.perf_counter()
     f16 = folder / "text-f16.gguf"
     _write_text(f16, shape)
-    _quantize(f16, model)
+    quantize(f16, model, "Q4_K_M")
     f16.unlink()
     _write_mmproj(mmproj, shape)
     print(f"built the {shape.name} pair in {time.perf_counter() - started:.0f} s", file=sys.stderr)
@@ -120,18 +121,3 @@ def _write_mmproj(path: Path, s: Shape) -> None:
 
     weights = _random(np.random.default_rng(1), vision_tensor_shapes(s.vision))
     write_mmproj(path, weights, shape=s.vision)
-
-
-def _quantize(source: Path, target: Path) -> None:
-    import llama_cpp
-
-    from llava_cli.engine.native import init
-
-    init(verbose=False)  # llama.cpp's logs stay quiet
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed ({rc})")

@@ -111,7 +111,7 @@ def typer_option(option: Option) -> typer.models.OptionInfo:
     metavar = option.metavar
     if option.kind in (int, float):
         metavar = "N" if option.kind is int else "NUMBER"
-    flags = [f"--{option.name}", *([option.short] if option.short else [])]
+    flags = [option.flags, *([option.short] if option.short else [])]
     info: typer.models.OptionInfo = typer.Option(
         *flags,
         callback=check if option.bounded else None,

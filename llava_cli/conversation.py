@@ -43,6 +43,7 @@ def open_model(
             n_threads=opts.threads,
             gpu_layers=opts.gpu_layers,
             image_on_cpu=opts.image_on_cpu,
+            repack=opts.repack,
             verbose=opts.verbose,
         )
     )

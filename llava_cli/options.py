@@ -33,6 +33,7 @@ class RuntimeOptions:
     threads: int = 0  # 0: one per available CPU
     gpu_layers: int = -1  # -1: all layers, where the build supports offload
     image_on_cpu: bool = False
+    repack: bool | None = None  # None: what was measured faster for this build's CPU backend
     chat_format: str = "auto"  # "auto" | "gguf" | "llava"
     verbose: bool = False
     cache: bool = True  # keep and reuse image prefixes between runs (the prefix cache)
@@ -89,6 +90,7 @@ class Option:
     optional: bool = False  # None is a value (left unset): seed, max-tokens, ctx, model…
     repeated: bool = False  # may be given many times; the record holds a tuple (--stop)
     negated: bool = False  # a flag that turns its field off (--no-cache sets cache=False)
+    paired: bool = False  # a switch with both forms (--repack/--no-repack); unset is None
     settable: bool = False  # chat's /set changes it (and a saved chat keeps it)
     completion: str = ""  # "models": the shell completes model names for it
 
@@ -108,6 +110,11 @@ class Option:
     def param(self) -> str:
         """The command function's parameter name (``top_p``), as Typer and click know it."""
         return self.name.replace("-", "_")
+
+    @property
+    def flags(self) -> str:
+        """The long flag as help and the README spell it: ``--top-p``, ``--repack/--no-repack``."""
+        return f"--{self.name}/--no-{self.name}" if self.paired else f"--{self.name}"
 
     @property
     def field_name(self) -> str:
@@ -382,6 +389,19 @@ OPTIONS: dict[str, Option] = _table(
         record="runtime",
         env="LLAVA_IMAGE_ON_CPU",
         help="Keep the image encoder on the CPU",
+        panel=HARDWARE,
+    ),
+    Option(
+        name="repack",
+        kind=bool,
+        record="runtime",
+        paired=True,
+        optional=True,
+        env="LLAVA_REPACK",
+        help="Repack quantized weights for this CPU's matrix kernels as they load (llama.cpp's "
+        "--repack): faster prompts on AVX2 and Arm, slower and ~25% more memory on AVX-512 "
+        "(measured: README, Performance)",
+        default_text="off on an AVX-512 build, on elsewhere (llava doctor says which)",
         panel=HARDWARE,
     ),
     Option(

@@ -100,7 +100,7 @@ def options_table() -> str:
 
     rows = ["| option | env | default | range | |", "|---|---|---|---|---|"]
     for option in OPTIONS.values():
-        flags = ", ".join([*([option.short] if option.short else []), f"--{option.name}"])
+        flags = ", ".join([*([option.short] if option.short else []), option.flags])
         cells = [
             f"`{flags}`",
             f"`{option.env}`" if option.env else "",

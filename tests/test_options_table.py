@@ -55,7 +55,9 @@ def test_every_option_of_the_table_is_an_option_of_both_commands(name: str) -> N
         param = params[option.param]
         assert isinstance(param, TyperOption), option.name
         assert param.opts[0] == f"--{option.name}"
-        assert param.secondary_opts == []  # a flag is one flag, never --x/--no-x
+        # a flag is one flag, never --x/--no-x, unless the table pairs it (--repack/--no-repack)
+        paired = [f"--no-{option.name}"] if option.paired else []
+        assert param.secondary_opts == paired
         assert param.opts[1:] == ([option.short] if option.short else [])
         assert param.envvar == option.env
         assert param.default == (None if option.repeated else option.default)
@@ -181,6 +183,7 @@ PUBLISHED = {
     "threads": (0, "LLAVA_THREADS"),
     "gpu-layers": (-1, "LLAVA_GPU_LAYERS"),
     "image-on-cpu": (False, "LLAVA_IMAGE_ON_CPU"),
+    "repack": (None, "LLAVA_REPACK"),
     "no-cache": (False, "LLAVA_NO_CACHE"),
     "max-pixels": (100_000_000, "LLAVA_MAX_PIXELS"),
     "max-image-bytes": (256 * 1024 * 1024, "LLAVA_MAX_IMAGE_BYTES"),

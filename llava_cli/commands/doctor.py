@@ -34,6 +34,15 @@ def _free(path: Path) -> str:
         return f"unknown ({exc.strerror})"
 
 
+def _repacking(system: str) -> str:
+    """Whether llava repacks quantized weights by default on this build, and why."""
+    from ..engine.model import repack_default
+
+    if repack_default(system):
+        return "on by default (--no-repack turns it off)"
+    return "off by default: slower on AVX-512 builds, as measured (--repack turns it on)"
+
+
 def run(*, verbose: bool = False) -> int:
     from ..engine import backend_info, default_threads
 
@@ -47,6 +56,7 @@ def run(*, verbose: bool = False) -> int:
     _line("backend", f"{info['backend']} (GPU offload: {'yes' if info['gpu_offload'] else 'no'})")
     _line("cpu features", " ".join(info["cpu_features"]) or "none reported")
     _line("threads", default_threads())
+    _line("weight repacking", _repacking(info["system_info"]))
     _line("config dir", where.config_dir)
     _line("data dir", where.data_dir)
     _line("cache dir", where.cache_dir)

@@ -32,7 +32,23 @@ class LoadOptions:
     gpu_layers: int = -1  # -1: all layers, where the build supports offload
     image_on_cpu: bool = False
     flash_attn: bool | None = None  # None: let llama.cpp decide
+    repack: bool | None = None  # None: repack_default() for this build
     verbose: bool = False
+
+
+def system_info() -> str:
+    """llama.cpp's line of backends and the CPU features this build uses."""
+    return (llama_cpp.llama_print_system_info() or b"").decode("utf-8", "replace")
+
+
+def repack_default(info: str) -> bool:
+    """Whether to repack quantized weights for the CPU's matrix kernels (llama.cpp's
+    ``use_extra_bufts``), by the build's features (``system_info()``). Measured side by side
+    with llama-bench on one machine's AVX2 and AVX-512 builds (README, Performance): on AVX2
+    repacking speeds up the prompt; on AVX-512 ggml's own kernels beat the repacked ones and
+    repacking costs a quarter more memory. On Arm the repacked Q4_0/IQ4_NL kernels are what
+    llama.cpp recommends."""
+    return "AVX512 = 1" not in info
 
 
 def flash_attn_type(flag: bool | None) -> int:
@@ -73,6 +89,7 @@ class Engine:
         self.vocab: Any = None
         self.load_s = 0.0
         self.n_threads = opts.n_threads or default_threads()
+        self.repack = repack_default(system_info()) if opts.repack is None else opts.repack
         self.embeddings = EmbeddingCache()
 
     @classmethod
@@ -110,7 +127,7 @@ class Engine:
 
     def identity(self) -> str:
         """What a saved KV state depends on: both files, the build, and how images run."""
-        system = (llama_cpp.llama_print_system_info() or b"").decode("utf-8", "replace")
+        system = system_info()
         parts = [
             file_identity(self.opts.model),
             file_identity(self.opts.mmproj),
@@ -121,6 +138,7 @@ class Engine:
             f"flash_attn={self.opts.flash_attn}",
             f"n_batch={self.opts.n_batch}",
             f"image_on_cpu={self.opts.image_on_cpu}",
+            f"repack={self.repack}",  # repacked kernels round differently
         ]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -130,6 +148,7 @@ class Engine:
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = self.opts.gpu_layers if offload else 0
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+        mparams.use_extra_bufts = self.repack
         mparams.progress_callback = INTERRUPTS.progress_callback
         self.model = llama_cpp.llama_model_load_from_file(str(self.opts.model).encode(), mparams)
         if not self.model:
@@ -294,3 +313,15 @@ class EmbeddingCache:
         while self.nbytes > self.max_bytes and len(self.items) > 1:
             _, old = self.items.popitem(last=False)
             self.nbytes -= ctypes.sizeof(old)
+
+
+def quantize(source: Path, target: Path, ftype: str) -> None:
+    """Write ``source`` quantized as llama.cpp's ``LLAMA_FTYPE_MOSTLY_<ftype>`` ("Q4_K_M",
+    "Q4_0"): the benchmark's pair and the tests' repacked model."""
+    init(verbose=False)  # llama.cpp's logs stay quiet
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = default_threads()
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if rc != 0:
+        raise EngineError(f"llama.cpp could not quantize {source} to {ftype} (error {rc})")
