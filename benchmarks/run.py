@@ -12,15 +12,17 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import native
 from benchmarks.models import SHAPES, build, cache_dir
+from llava_cli.synthetic import ModelPair
 
 QUESTION = "Describe this picture in detail."
 FOLLOW_UP = "What else?"
@@ -83,16 +85,8 @@ llm.close()
 
 def peak_rss(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (MB) and stdout of a child process."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, rusage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:5]} failed ({proc.returncode})")
-    return wall, rusage.ru_maxrss / 1024, out.decode()
+    done = native.measure(cmd, env)
+    return done.wall_s, done.rss_mb, done.stdout
 
 
 def median(values: list[float]) -> float:
@@ -104,6 +98,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the small pair: a fast check")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--no-native", action="store_true", help="skip llama.cpp's own binaries (no build)"
+    )
     args = parser.parse_args()
     shape = SHAPES["quick" if args.quick else "full"]
     pair = build(shape)
@@ -118,6 +115,10 @@ def main() -> int:
            "--mmproj", str(pair.mmproj), "-p", QUESTION, "--max-tokens", n,
            "--temperature", "0", "--ctx", "2048", "--json"]  # fmt: skip
 
+    tools = None if args.no_native else native.build(cache_dir())
+    threads = str(len(os.sched_getaffinity(0)))  # llava's default: one per available CPU
+    # The same prompt as llama-mtmd-cli reads it: the vicuna format without a system prompt.
+    ask_equal = [*ask, "--system", "", "--no-cache", "--threads", threads]
     results: dict[str, list[float]] = {}
 
     def add(name: str, value: float) -> None:
@@ -145,6 +146,8 @@ def main() -> int:
         stock_chat = json.loads(peak_rss([py, "-c", STOCK, *base, "chat"], env)[2])
         add("stock_follow_up_s", stock_chat["follow_up_s"])
         add("stock_follow_up_ttft_s", stock_chat["follow_up_ttft_s"])
+        if tools is not None:
+            one_shot_against_native(tools, pair, image, ask_equal, env, int(n), add)
         cache_env = {**env, "LLAVA_HOME": str(work / f"cache-{i}")}
         first = json.loads(peak_rss(ask, cache_env)[2])["timings"]["ttft_s"]
         second = json.loads(peak_rss(ask, cache_env)[2])["timings"]["ttft_s"]
@@ -201,11 +204,107 @@ def main() -> int:
     for label, ours, theirs, target in rows:
         ratio = ours / theirs if theirs else float("nan")
         print(f"| {label} | {ours:.3g} | {theirs:.3g} | {ratio:.2f} | {target} |")
-    out = cache_dir() / f"results-{shape.name}.json"
-    out.write_text(json.dumps({"shape": shape.name, "runs": results, "median": m}, indent=2))
+    if tools is not None:
+        print_native_tables(m)
+        print_repack_table(pair, int(threads))
+    saved = cache_dir() / f"results-{shape.name}.json"
+    saved.write_text(json.dumps({"shape": shape.name, "runs": results, "median": m}, indent=2))
     print(f"\nbaselines: llama-cpp-python's Llava15ChatHandler; llama.cpp's own decode figure;"
-          f" the first run. JSON: {out}")  # fmt: skip
+          f" the first run. JSON: {saved}")  # fmt: skip
     return 0
+
+
+NATIVE = {  # llama-mtmd-cli's configurations; the best of them is the anchor
+    "default (repack on)": {"repack": True, "warmup": True},
+    "--no-repack": {"repack": False, "warmup": True},
+    "--no-repack --no-warmup": {"repack": False, "warmup": False},
+}
+PARTS = ("load_s", "image_encode_s", "prefill_s", "decode_s")
+
+
+def one_shot_against_native(
+    tools: native.Tools,
+    pair: ModelPair,
+    image: Path,
+    ask: list[str],
+    env: dict[str, str],
+    n: int,
+    add: Callable[[str, float], None],
+) -> None:
+    """One whole ``llava ask`` and one whole ``llama-mtmd-cli`` run per configuration, on the
+    same files, prompt format and answer length."""
+    done = native.measure(ask, env)
+    record = json.loads(done.stdout)
+    add("equal_wall_s", done.wall_s)
+    add("equal_rss_mb", done.rss_mb)
+    add("equal_prompt_tokens", record["usage"]["prompt_tokens"])
+    for part in PARTS:
+        add(f"equal_{part}", record["timings"][part])
+    threads = int(ask[ask.index("--threads") + 1])
+    for name, config in NATIVE.items():
+        run = native.run_mtmd_cli(
+            native.mtmd_cli_args(
+                tools, pair.model, pair.mmproj, image, QUESTION, n, threads=threads, ctx=2048,
+                **config,
+            )
+        )  # fmt: skip
+        add(f"native {name} wall_s", run.wall_s)
+        add(f"native {name} rss_mb", run.rss_mb)
+        add(f"native {name} prompt_tokens", run.prompt_tokens)
+        add(f"native {name} encode_s", run.encode_s)
+        add(f"native {name} prompt_s", run.prompt_s)
+        add(f"native {name} decode_s", run.decode_s)
+
+
+def print_native_tables(m: dict[str, float]) -> None:
+    best = min(NATIVE, key=lambda name: m[f"native {name} wall_s"])
+    b = f"native {best} "
+    print(f"\nllava against llama.cpp's own `llama-mtmd-cli` (best configuration: `{best}`), "
+          f"one-shot, whole process; prompts of {m['equal_prompt_tokens']:.0f} and "
+          f"{m[b + 'prompt_tokens']:.0f} tokens (llava with `--system \"\"`, the binary "
+          "with `--chat-template vicuna`: the same LLaVA-1.5 format)\n")  # fmt: skip
+    print("| measure | llava | llama-mtmd-cli | ratio | target |")
+    print("|---|---|---|---|---|")
+    for label, ours, theirs, target in (
+        ("one-shot wall, s", m["equal_wall_s"], m[b + "wall_s"], "≤ 1.10"),
+        ("peak RSS, MB", m["equal_rss_mb"], m[b + "rss_mb"], "≤ 1.05"),
+    ):
+        print(f"| {label} | {ours:.3g} | {theirs:.3g} | {ours / theirs:.2f} | {target} |")
+    native_work = m[b + "encode_s"] + m[b + "prompt_s"] + m[b + "decode_s"]
+    llava_work = sum(m[f"equal_{part}"] for part in PARTS[1:])
+    print("\nWhere the difference is (seconds; llava's own timings, llama.cpp's log for the "
+          "binary):\n")  # fmt: skip
+    print("| part | llava | llama-mtmd-cli | difference |")
+    print("|---|---|---|---|")
+    for label, ours, theirs in (
+        ("start-up, imports, load, image file, exit", m["equal_wall_s"] - llava_work,
+         m[b + "wall_s"] - native_work),
+        ("… of which the model load", m["equal_load_s"], float("nan")),
+        ("image encode (CLIP)", m["equal_image_encode_s"], m[b + "encode_s"]),
+        ("prefill (image and text tokens)", m["equal_prefill_s"], m[b + "prompt_s"]),
+        ("decode", m["equal_decode_s"], m[b + "decode_s"]),
+    ):  # fmt: skip
+        print(f"| {label} | {ours:.2f} | {theirs:.2f} | {ours - theirs:+.2f} |")
+    print("\n| llama-mtmd-cli configuration | wall, s | peak RSS, MB |\n|---|---|---|")
+    for name in NATIVE:
+        print(f"| `{name}` | {m[f'native {name} wall_s']:.2f} | "
+              f"{m[f'native {name} rss_mb']:.0f} |")  # fmt: skip
+
+
+def print_repack_table(pair: ModelPair, threads: int) -> None:
+    """llama-bench, repacking off and on, for each build this CPU can run: the measurement
+    behind --repack's default (engine.model.repack_default)."""
+    builds = {"this machine's flags": native.cmake_flags()}
+    if native.cmake_flags("--portable") != builds["this machine's flags"]:
+        builds["portable (AVX2)"] = native.cmake_flags("--portable")
+    print(f"\nCPU weight repacking, llama-bench on the bench model (pp512 and tg32 tokens/s, "
+          f"{threads} threads, 3 repetitions):\n")  # fmt: skip
+    print("| build | repack | prompt tok/s | decode tok/s |\n|---|---|---|---|")
+    for label, flags in builds.items():
+        tools = native.build(cache_dir(), flags)
+        for row in native.repack_bench(tools, pair.model, threads):
+            print(f"| {label} | {'on' if row.repack else 'off'} | {row.prompt_tps:.1f} | "
+                  f"{row.decode_tps:.1f} |")  # fmt: skip
 
 
 def _photo(path: Path) -> None:

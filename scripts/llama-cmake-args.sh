@@ -8,7 +8,14 @@
 # dies with SIGILL (`tilezero` in ggml_backend_amx_mul_mat). So every instruction set is spelled
 # out instead: AVX2, plus each AVX-512 and VNNI extension the CPU has. Elsewhere (macOS: Metal)
 # llama.cpp's defaults are right.
+#
+# `--portable` prints the AVX2 flags alone, whatever the CPU: `make bench` measures that build too.
 set -eu
+portable="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+if [ "${1:-}" = --portable ]; then
+  printf '%s\n' "$portable"
+  exit 0
+fi
 if [ -n "${CMAKE_ARGS:-}" ]; then
   printf '%s\n' "$CMAKE_ARGS"
   exit 0
@@ -20,7 +27,6 @@ case "$(uname -m)" in
   x86_64|amd64) ;;
   *) exit 0 ;;
 esac
-portable="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
 has() { case " $flags " in *" $1 "*) return 0 ;; esac; return 1; }
 # Each extension only where /proc/cpuinfo names it: AMD EPYC (Zen 4) has AVX-512 VNNI but not
