@@ -1,12 +1,18 @@
 """The Typer app: wires commands to their modules and maps errors to messages and exit codes.
 
 No logic lives here, and nothing heavy is imported at module level: ``llava --help`` must not
-load llama.cpp, numpy or Pillow.
+load llama.cpp, numpy or Pillow. Longer than our ~400 lines on purpose: the commands' own
+parameters are declared here, with their help, beside the one shortcut every run takes
+through Typer's value coercion (``_PlainValues``).
 """
 
 from __future__ import annotations
 
+import gc
+import re
 import sys
+from contextlib import suppress
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
@@ -26,6 +32,8 @@ from .options import CONVERSATION, GEN, OUTPUT, SETTINGS, model_fields
 from .slash import help_epilog
 from .templates import MEDIA_MARKER
 
+HELP_NAMES = ["-h", "--help"]
+
 app = typer.Typer(
     name="llava",
     cls=Group,
@@ -39,7 +47,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_show_locals=False,  # LLAVA_DEBUG tracebacks never print variables (tokens)
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    context_settings={"help_option_names": HELP_NAMES, "max_content_width": 100},
 )
 
 
@@ -376,6 +384,75 @@ def cache_clear() -> None:
     raise typer.Exit(guarded(command.cache_clear))
 
 
+_PLAIN_INT = re.compile(r"-?(?:0|[1-9][0-9]{0,14})")
+_PLAIN_FLOAT = re.compile(r"-?(?:0|[1-9][0-9]{0,14})(?:\.[0-9]{1,15})?")
+_NOT_PLAIN = object()
+
+
+class _PlainValues:
+    """Typer 0.29 turns every parameter's value into its type with a pydantic TypeAdapter,
+    built the first time the parameter is seen, even for a value left out: importing pydantic
+    and building some 30 adapters cost about 0.1 s of every run. Here a value left out, a
+    string for a string, strings for a list of strings, a number for a number (a default)
+    and a plainly written number (``4``, ``0.7``) become what that adapter would return;
+    anything else still goes to Typer's own adapter (``typer._coercion.build_runtime_param``),
+    built then, with its messages."""
+
+    def __init__(self, descriptor: Any) -> None:
+        self.descriptor = descriptor
+        self.typer_own: Any = None
+
+    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
+        plain = self._plain(value, many=param.multiple or param.nargs == -1)
+        if plain is not _NOT_PLAIN:
+            return plain
+        if self.typer_own is None:
+            from typer._coercion import build_runtime_param
+
+            self.typer_own = build_runtime_param(self.descriptor)
+        return self.typer_own.coerce(value, param=param, ctx=ctx)
+
+    def _plain(self, value: Any, *, many: bool) -> Any:
+        kind, info = self.descriptor.annotation, self.descriptor.parameter_info
+        if self.descriptor.file_annotation is not None or info.parser is not None:
+            return _NOT_PLAIN
+        if value is None:
+            return () if many else None
+        if many:
+            if kind == list[str] and isinstance(value, (list, tuple)):
+                return list(value) if all(type(v) is str for v in value) else _NOT_PLAIN
+            return _NOT_PLAIN
+        if info.min is not None or info.max is not None:
+            return _NOT_PLAIN
+        if kind is int and type(value) is int:  # a default
+            return value
+        if kind is float and type(value) in (int, float):
+            return float(value)
+        if type(value) is not str:
+            return _NOT_PLAIN
+        if kind is str:
+            return value
+        if kind is int and _PLAIN_INT.fullmatch(value):
+            return int(value)
+        if kind is float and _PLAIN_FLOAT.fullmatch(value):
+            return float(value)
+        return _NOT_PLAIN
+
+
+def with_plain_values(command: Any) -> Any:
+    """The click command Typer built for ``app``, its parameters (and its subcommands')
+    coerced by ``_PlainValues``. Left as it is where Typer's internals differ."""
+    params = list(getattr(command, "params", ()))
+    with suppress(AttributeError, TypeError):  # --help: made once, on first use; made now
+        params.append(command.get_help_option(SimpleNamespace(help_option_names=HELP_NAMES)))
+    for param in params:
+        if getattr(param, "_runtime_param", False) is None and hasattr(param, "type_descriptor"):
+            param._runtime_param = _PlainValues(param.type_descriptor)
+    for subcommand in getattr(command, "commands", {}).values():
+        with_plain_values(subcommand)
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. Usage errors are one line, like every other error."""
     from typer.exceptions import TyperException
@@ -385,8 +462,11 @@ def main(argv: list[str] | None = None) -> None:
     guard_standard_streams()
 
     def run_app() -> int:
+        # Typer's app(...) is get_command(app)(...) with its own excepthook, which never
+        # sees an error: guarded (below and in each command) catches them all.
+        command = with_plain_values(typer.main.get_command(app))
         try:
-            code = app(args=argv, prog_name="llava", standalone_mode=False)
+            code = command(args=argv, prog_name="llava", standalone_mode=False)
         except typer.Abort:  # Ctrl-D at a prompt Typer asked
             return EXIT_INTERRUPTED
         except TyperException as exc:
@@ -396,7 +476,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # Commands guard themselves; this also catches what fails while a command's module is
     # imported (a setting checked at import, a broken library), before its own guard.
-    sys.exit(guarded(run_app))
+    code = guarded(run_app)
+    # Python's exit would go over every object of the run looking for cycles (~30 ms on the
+    # tiny model, a tenth of a whole `ask`); frozen, they are left to the process's end.
+    # Everything else happens as before: threads joined, atexit handlers run, streams flushed.
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":
