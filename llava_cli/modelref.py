@@ -19,8 +19,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import hub, registry, store
+from . import registry, store
 from .config import paths
 from .digests import is_commit
 from .errors import ConfigError, DownloadError, ModelFileError, ModelNotAvailable, UsageError
@@ -28,6 +29,9 @@ from .gguf_file import check_model, read_gguf
 from .registry import FileSpec, Ref
 from .store import RepoCache
 from .templates import OWN_FORMATS, check_format_name
+
+if TYPE_CHECKING:
+    from . import hub  # imported where a pull needs it: naming local files must not load it
 
 QUANT_PREFERENCE = ("Q4_K_M", "Q8_0")
 MMPROJ_PREFERENCE = ("F16", "BF16", "Q8_0", "F32")
@@ -279,6 +283,8 @@ def plan(ref: Ref, progress: hub.Progress | None = None) -> tuple[Target, list[h
     The model's HEAD resolves a branch to its commit; the projector is then asked for at that
     same commit, so the two files always come from one version of the repo.
     """
+    from . import hub
+
     if ref.is_repo:
         listing = hub.list_files(ref.name, "main", progress)
         quant, model, mmproj = choose_files(ref, listing.sizes)
@@ -406,6 +412,8 @@ def plan_pull(ref: Ref, progress: hub.Progress | None = None) -> PullPlan:
 
 def fetch(planned: PullPlan, progress: hub.Progress) -> PullResult:
     """Download what the plan lacks (resumably, verified), link it and remember the pull."""
+    from . import hub
+
     target, cache = planned.target, planned.cache
     remotes = [f.remote for f in planned.files]
     missing = {f.remote.digest: f.remote for f in planned.files if f.left}
@@ -461,6 +469,8 @@ def kept_partials(ref: Ref) -> list[KeptPartial]:
 
 
 def _remember(target: Target, files: ModelFiles, digests: list[str] | None = None) -> None:
+    from . import hub
+
     stored = []
     pairs = ((target.model, files.model), (target.mmproj, files.mmproj))
     for i, (spec, path) in enumerate(pairs):
