@@ -136,23 +136,87 @@ def load(
     return _decode(source, stream, max_pixels)
 
 
+def load_in_background(
+    source: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+) -> Callable[[], PreparedImage]:
+    """``load(source)`` started on a thread, to run while a model loads (reading, Pillow's
+    decoders and llama.cpp's load all release the GIL). Call what it returns for the image,
+    or the ImageError ``load`` would have raised. Not for ``-``.
+
+    A TIFF (anything but the formats of ``_quiet_decoder``) is only read there, and decoded
+    by that call, on the caller's thread: libtiff writes to file descriptor 2, which ``load``
+    captures for the whole process while it decodes, and the loading thread's own lines
+    (progress, a failure) must not vanish into that capture. The other formats' decoders
+    write nothing there (checked over Pillow's test images), so on the thread only Python's
+    warnings and logging are kept quiet."""
+    import threading
+
+    outcome: list[tuple[PreparedImage | None, bytes | None, BaseException | None]] = []
+
+    def work() -> None:
+        try:
+            data = read_source(source, max_bytes=max_bytes)
+            if not _quiet_decoder(data):
+                outcome.append((None, data, None))
+                return
+            stream = io.BytesIO(data)
+            image = _quietly(
+                source,
+                lambda native: _decode_quietly(source, stream, max_pixels, native),
+                capture_native=False,
+            )
+            outcome.append((image, None, None))
+        except BaseException as exc:  # handed to the caller, raised there
+            outcome.append((None, None, exc))
+
+    thread = threading.Thread(target=work, name="llava-image", daemon=True)
+    thread.start()
+
+    def result() -> PreparedImage:
+        thread.join()
+        image, undecoded, failure = outcome[0]
+        if failure is not None:
+            raise failure
+        if undecoded is not None:
+            return _decode(source, io.BytesIO(undecoded), max_pixels)
+        assert image is not None
+        return image
+
+    return result
+
+
+def _quiet_decoder(data: bytes) -> bool:
+    """Whether ``data`` starts as a PNG, JPEG (MPO too), GIF, BMP or WebP does: formats whose
+    decoders never write to file descriptor 2. A TIFF, or anything else, is not."""
+    return data.startswith(
+        (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+    ) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
 def _decode(source: str, stream: io.BytesIO, max_pixels: int) -> PreparedImage:
     return _quietly(source, lambda native: _decode_quietly(source, stream, max_pixels, native))
 
 
-def _quietly(source: str, work: Callable[[_NativeStderr], _T]) -> _T:
+def _quietly(
+    source: str, work: Callable[[_NativeStderr], _T], *, capture_native: bool = True
+) -> _T:
     """``work`` with Pillow's and the native decoders' chatter kept off stderr, and any
     failure turned into one ImageError.
 
     Pillow reports oddities of a file (unknown TIFF tags, palette notes) through logging and
     warnings, libtiff straight to file descriptor 2; stderr is ours. Failures still raise and
-    become one ImageError line, with libtiff's last word as the reason where it has one."""
+    become one ImageError line, with libtiff's last word as the reason where it has one.
+    ``capture_native=False`` leaves file descriptor 2 alone (see load_in_background)."""
     import logging
     import warnings
 
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
     name = _shown(source)
-    with warnings.catch_warnings(), _native_stderr_captured() as native:
+    captured = _native_stderr_captured() if capture_native else _native_stderr_left()
+    with warnings.catch_warnings(), captured as native:
         warnings.simplefilter("ignore")
         try:
             return work(native)
@@ -335,6 +399,12 @@ def _native_stderr_captured() -> Iterator[_NativeStderr]:
                 os.close(saved)
             elif sink.fileno() != 2:
                 os.close(2)
+
+
+@contextmanager
+def _native_stderr_left() -> Iterator[_NativeStderr]:
+    """File descriptor 2 left as it is: nothing captured, so nothing to report."""
+    yield _NativeStderr(io.BytesIO())
 
 
 def _temporary_file_or_devnull() -> IO[bytes]:

@@ -24,7 +24,7 @@ from ..errors import (
     LlavaError,
     UsageError,
 )
-from ..images import PreparedImage, check, load, looks_like_image_path
+from ..images import PreparedImage, check, load, load_in_background, looks_like_image_path
 from ..modelref import ModelFiles
 from ..options import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -118,7 +118,25 @@ class _Runner:
     def image(self, source: str) -> PreparedImage:
         if source == "-" and self.stdin_image is not None:
             return self.stdin_image
+        if self.conversation is None and self.files is not None and source != "-":
+            return self._image_while_loading(source)
         return self.opts.load_image(source)
+
+    def _image_while_loading(self, source: str) -> PreparedImage:
+        """The first image decoded on a thread while the model loads (images.
+        load_in_background): the same image, or the same ImageError, as decoding it first.
+        When both fail, the image's error wins, as it did when the model was loaded only
+        after the image was decoded; on Ctrl-C the decoding is left behind."""
+        opts = self.opts
+        prepared = load_in_background(
+            source, max_pixels=opts.max_pixels, max_bytes=opts.max_image_bytes
+        )
+        try:
+            self.get()
+        except Exception:
+            prepared()  # raises the image's ImageError, if it has one
+            raise
+        return prepared()
 
     @property
     def labelled(self) -> bool:
@@ -321,6 +339,13 @@ def model_files(
     """The model's files; one not on disk is pulled first, announced (and asked about, on a
     terminal, when large), with progress on stderr; see commands.pull.files_for_run.
     ``offline``: ``--offline`` or ``HF_HUB_OFFLINE`` (``config.Environment.offline``)."""
+    from ..modelref import resolve_local
+
+    # Files named on the command line, or already on disk, need nothing of commands.pull
+    # (which brings the hub client, its TLS and sockets: ~20 ms of imports).
+    found = resolve_local(model, mmproj, offline=offline)
+    if isinstance(found, ModelFiles):
+        return found
     from .pull import files_for_run
 
     return files_for_run(model, mmproj, offline=offline, yes=yes)
