@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import registry, store
-from .config import paths
+from .config import Environment, environment, paths
 from .digests import is_commit
 from .errors import ConfigError, DownloadError, ModelFileError, ModelNotAvailable, UsageError
 from .gguf_file import check_model, read_gguf
@@ -87,10 +87,23 @@ def looks_like_path(ref: str) -> bool:
         return False
 
 
+_LOADED: list[tuple[Environment, registry.Registry]] = []  # the running command's
+
+
+def _registry() -> registry.Registry:
+    """``registry.load()``, parsed once per command (config.reading_once): resolving a model
+    asks for it up to three times (the default, the reference's format, its target). Outside
+    a command, each time."""
+    running = environment()  # the command's own record while it runs; a fresh one outside
+    if not (_LOADED and _LOADED[0][0] is running):
+        _LOADED[:] = [(running, registry.load())]
+    return _LOADED[0][1]
+
+
 def default_ref() -> str:
     from .config import settings
 
-    return settings().get("model") or registry.load().default
+    return settings().get("model") or _registry().default
 
 
 def resolve(
@@ -222,7 +235,7 @@ def local_target(ref: Ref, found: ModelFiles) -> Target:
 
 
 def registry_target(ref: Ref) -> Target:
-    spec = registry.load().get(ref.name)
+    spec = _registry().get(ref.name)
     quant, model = spec.quant(ref.quant)
     return Target(
         f"{spec.key}:{quant}",
@@ -336,7 +349,7 @@ def check_registry_format(ref: Ref) -> None:
     pulled or loaded (the built-in names come from llama.cpp, so this is not in registry)."""
     if ref.is_repo:
         return
-    spec = registry.load().get(ref.name)
+    spec = _registry().get(ref.name)
     if spec.chat_format in OWN_FORMATS:
         return
     from .engine import builtin_templates
@@ -446,7 +459,7 @@ class KeptPartial:
 
 def kept_partials(ref: Ref) -> list[KeptPartial]:
     """Partial downloads of this model's repo left on disk: a later pull resumes them."""
-    spec = None if ref.is_repo else registry.load().find(ref.name)
+    spec = None if ref.is_repo else _registry().find(ref.name)
     repo = ref.name if spec is None else spec.repo
     pins = {}
     if spec is not None:

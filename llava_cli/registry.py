@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Environment, environment, paths, read_toml
+from .config import paths, read_toml
 from .digests import is_sha256
 from .errors import ConfigError, UsageError
 from .text import escaped, unsafe_character
@@ -193,23 +193,8 @@ def user_file() -> Path:
     return paths().config_dir / "models.toml"
 
 
-# The registry parsed for the command that runs now (config.reading_once): resolving a model
-# asks for it up to three times (the default, the reference's format, its target).
-_LOADED: list[tuple[Environment, Registry]] = []
-
-
 def load() -> Registry:
-    """The built-in registry, with the user's file (if any) laid over it: read once per
-    command, like the environment; outside a command, read each time."""
-    running = environment()  # the command's own record while it runs; a fresh one outside
-    if _LOADED and _LOADED[0][0] is running:
-        return _LOADED[0][1]
-    loaded = _load()
-    _LOADED[:] = [(running, loaded)]
-    return loaded
-
-
-def _load() -> Registry:
+    """The built-in registry, with the user's file (if any) laid over it."""
     builtin = builtin_file()
     tables, default = _read(builtin)
     sources = dict.fromkeys(tables, builtin)
