@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 from .. import render, transcript
 from ..config import debug_enabled, environment, paths
-from ..errors import EXIT_OK, ContextOverflow, LlavaError, UsageError
+from ..errors import EXIT_OK, LlavaError, UsageError
 from ..images import PreparedImage, thumbnail
 from ..modelref import ModelFiles, looks_like_path
-from ..options import MAX_TOKEN_CHARS, SamplingParams
+from ..options import SamplingParams
 from ..slash import COMMANDS, canonical, help_lines, settings_of, split_words, with_setting
 from ..units import plural, rate
 from . import resume
@@ -42,12 +42,10 @@ from .ask import (
 )
 
 if TYPE_CHECKING:
-    from ..conversation import Conversation, Exchange
+    from ..conversation import Conversation
     from ..engine import Completion, Counters
 
 __all__ = ["COMMANDS", "Chat", "ChatOptions", "open_chat", "run"]
-
-ANSWER_ROOM = 256  # tokens kept free for the answer when the conversation must be shortened
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,59 +281,15 @@ class Chat:
         return sent
 
     def _make_room(self, prompt: str, images: list[PreparedImage]) -> None:
-        """Shorten the conversation from the oldest turn if the next one would not fit."""
-        conversation = self.conversation
-        n_ctx = conversation.loaded.session.n_ctx
-        alone = conversation.measure(prompt, images, history=False)
-        if alone >= n_ctx:  # say so before dropping anything
-            detach = " or /images clear to detach the waiting images," if images else ""
-            raise ContextOverflow(
-                f"this message needs {alone} tokens, and the context holds {n_ctx}",
-                f"shorten it,{detach} or restart with a larger --ctx",
-            )
-        room = min(self.sampling.max_tokens or ANSWER_ROOM, n_ctx // 4)
-        exchanges = conversation.exchanges()
+        """Shorten the conversation if the next turn would not fit (``room.make_room``: a
+        large part of the oldest text at once, images last), and say what was dropped."""
+        from .room import answer_room, make_room
 
-        def too_long(kept: list[Exchange]) -> bool:
-            """Longer than any context of ``n_ctx`` tokens can hold, whatever the tokens: no
-            need to render and tokenize it whole to find out (a loaded chat of 200,000 turns,
-            or one turn of 50 MB)."""
-            chars = sum(len(ex.prompt) + len(ex.answer or "") for ex in kept)
-            return chars > n_ctx * MAX_TOKEN_CHARS
-
-        need = None if too_long(exchanges) else conversation.measure(prompt, images)
-        if need is not None and need + room <= n_ctx:
-            return
-        # Keep the most recent exchanges that fit. Counted from the newest, doubling then
-        # bisecting, each measurement renders only what it keeps, and what fits is bounded by
-        # the context: a loaded chat of 200,000 turns costs as little as one of 200.
-        if not exchanges:
-            return
-
-        def fits(keep: int) -> bool:
-            kept = exchanges[len(exchanges) - keep :] if keep else []
-            if too_long(kept):
-                return False
-            conversation.replace(kept)
-            return conversation.measure(prompt, images) + room <= n_ctx
-
-        fitting, step = 0, 1  # ``fitting`` exchanges are known to fit
-        while step < len(exchanges) and fits(step):
-            fitting, step = step, step * 2
-        too_many = min(step, len(exchanges))  # keeping all of them does not fit (measured)
-        while too_many - fitting > 1:
-            middle = (fitting + too_many) // 2
-            if fits(middle):
-                fitting = middle
-            else:
-                too_many = middle
-        low = len(exchanges) - fitting  # exchanges dropped
-        conversation.replace(exchanges[low:])
-        n_images = sum(len(ex.images) for ex in exchanges[:low])
-        what = f" and {plural(n_images, 'image')}" if n_images else ""
-        messages = "the oldest message" if low == 1 else f"the {low} oldest messages"
-        needs = f"needs {need} of {n_ctx} tokens" if need else f"does not fit {n_ctx} tokens"
-        render.info(f"context: this turn {needs} plus room to answer; dropping {messages}{what}")
+        n_ctx = self.conversation.loaded.session.n_ctx
+        room = answer_room(self.sampling.max_tokens, n_ctx)
+        dropped = make_room(self.conversation, prompt, images, answer_room=room)
+        if dropped is not None:
+            render.info(dropped.notice())
 
     # -- commands ---------------------------------------------------------------------------
 
