@@ -27,9 +27,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llava_cli.synthetic import ModelPair
 
 FILLING_CTX = 2048
 ROOMY_CTX = 8192
@@ -73,12 +75,7 @@ loaded.close()
 """
 
 
-class Pair(Protocol):
-    model: Path
-    mmproj: Path
-
-
-def _turns(pair: Pair, image: Path, *, turns: int, fills: bool) -> dict[str, Any]:
+def _turns(pair: ModelPair, image: Path, *, turns: int, fills: bool) -> dict[str, Any]:
     n_ctx = FILLING_CTX if fills else ROOMY_CTX
     cmd = [sys.executable, "-c", TURNS, str(pair.model), str(pair.mmproj), str(image),
            FIRST_PROMPT, str(n_ctx), str(turns), str(MAX_TOKENS)]  # fmt: skip
@@ -90,7 +87,7 @@ def _turns(pair: Pair, image: Path, *, turns: int, fills: bool) -> dict[str, Any
     return result
 
 
-def measure(pair: Pair, image: Path, *, turns: int = 40) -> dict[str, Any]:
+def measure(pair: ModelPair, image: Path, *, turns: int = 40) -> dict[str, Any]:
     """The same ``turns`` chat turns (the first with ``image``) in a context that fills early
     and in one that never fills: mean time to first token of each, and their ratio (target:
     at most 1.5). ``follow_up_ratio`` leaves out the first turn (the image), the same in both."""
@@ -112,6 +109,8 @@ def measure(pair: Pair, image: Path, *, turns: int = 40) -> dict[str, Any]:
         "filling_mean_ttft_s": fill_mean,
         "roomy_mean_ttft_s": roomy_mean,
         "ratio": fill_mean / roomy_mean,
+        "filling_follow_up_ttft_s": fill_follow,
+        "roomy_follow_up_ttft_s": roomy_follow,
         "follow_up_ratio": fill_follow / roomy_follow,
         "filling_max_ttft_s": max(filling["ttft_s"]),
         "target": TARGET,
