@@ -144,18 +144,26 @@ def parse_log(log: str) -> dict[str, float]:
         found = re.findall(pattern, log)
         return float(found[-1]) if found else float("nan")
 
+    # Every image batch or slice encoded (a tiled image has several).
+    encodes = re.findall(r"(?:batch encoding done|slice encoded) in (\d+) ms", log)
+    encode_s = sum(float(ms) for ms in encodes) / 1000 if encodes else float("nan")
+    # llama.cpp's prompt clock starts at the first text decode and stops at the next
+    # synchronisation, which comes after the CLIP encode that follows it: the prompt
+    # figure holds the encode too, taken out here.
+    prompt_s = number(r"prompt eval time =\s+([\d.]+) ms") / 1000 - encode_s
     return {
         "prompt_tokens": number(r"prompt eval time =\s+[\d.]+ ms /\s+(\d+) tokens"),
-        "prompt_s": number(r"prompt eval time =\s+([\d.]+) ms") / 1000,
+        "prompt_s": prompt_s,
+        # n - 1 decode steps (the first token comes with the prompt), sampling left out
         "decode_s": number(r"\s eval time =\s+([\d.]+) ms /\s+\d+ runs") / 1000,
-        "encode_s": number(r"(?:batch encoding done|slice encoded) in (\d+) ms") / 1000,
+        "encode_s": encode_s,
     }
 
 
 @dataclass(frozen=True)
 class Process:
     wall_s: float
-    rss_mb: float  # the child's own peak resident set
+    rss_mb: float  # the child's own peak resident set, in MB (10^6 bytes)
     stdout: str
     stderr: str
 
@@ -174,7 +182,8 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> Process:
         log = err.read().decode("utf-8", "replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {log[-400:]}")
-    return Process(wall, rusage.ru_maxrss / 1024, out.decode("utf-8", "replace"), log)
+    rss_mb = rusage.ru_maxrss * 1024 / 1e6  # ru_maxrss: KiB on Linux
+    return Process(wall, rss_mb, out.decode("utf-8", "replace"), log)
 
 
 def run_mtmd_cli(args: list[str]) -> NativeRun:

@@ -303,12 +303,18 @@ def print_native_tables(m: dict[str, float]) -> None:
     for label, ours, theirs in (
         ("start-up, imports, load, image file, exit", m["equal_wall_s"] - llava_work,
          m[b + "wall_s"] - native_work),
-        ("… of which the model load", m["equal_load_s"], float("nan")),
         ("image encode (CLIP)", m["equal_image_encode_s"], m[b + "encode_s"]),
         ("prefill (image and text tokens)", m["equal_prefill_s"], m[b + "prompt_s"]),
         ("decode", m["equal_decode_s"], m[b + "decode_s"]),
     ):  # fmt: skip
         print(f"| {label} | {ours:.2f} | {theirs:.2f} | {ours - theirs:+.2f} |")
+    print(f"\nllava's model load alone: {m['equal_load_s']:.2f} s. The binary's prefill is "
+          "llama.cpp's prompt clock less the encode it also covers; its decode leaves out the "
+          "first token and sampling.")  # fmt: skip
+    ours_n, theirs_n = m["equal_prompt_tokens"], m[b + "prompt_tokens"]
+    if abs(ours_n - theirs_n) > 0.02 * theirs_n:
+        print(f"\nWARNING: the prompts differ by more than 2% ({ours_n:.0f} and "
+              f"{theirs_n:.0f} tokens): the comparison is not like for like")  # fmt: skip
     print("\n| llama-mtmd-cli configuration | wall, s | peak RSS, MB |\n|---|---|---|")
     for name in NATIVE:
         print(f"| `{name}` | {m[f'native {name} wall_s']:.2f} | "

@@ -24,7 +24,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, BinaryIO, TypeVar
 
@@ -136,56 +136,71 @@ def load(
     return _decode(source, stream, max_pixels)
 
 
-def load_in_background(
-    source: str,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-) -> Callable[[], PreparedImage]:
-    """``load(source)`` started on a thread, to run while a model loads (reading, Pillow's
-    decoders and llama.cpp's load all release the GIL). Call what it returns for the image,
-    or the ImageError ``load`` would have raised. Not for ``-``.
+class BackgroundLoad:
+    """``load(source)`` on a thread, to run while a model loads (reading, Pillow's decoders and
+    llama.cpp's load all release the GIL). Call it for the image, or the ImageError ``load``
+    would have raised; ``failed()`` says early that it will raise (a model load can stop
+    then). Not for ``-``.
 
     A TIFF (anything but the formats of ``_quiet_decoder``) is only read there, and decoded
-    by that call, on the caller's thread: libtiff writes to file descriptor 2, which ``load``
+    by the call, on the caller's thread: libtiff writes to file descriptor 2, which ``load``
     captures for the whole process while it decodes, and the loading thread's own lines
     (progress, a failure) must not vanish into that capture. The other formats' decoders
-    write nothing there (checked over Pillow's test images), so on the thread only Python's
-    warnings and logging are kept quiet."""
-    import threading
+    write nothing there (checked over Pillow's test images). Python's warnings filters are
+    not thread-safe to swap, so on the thread Pillow's warnings are ignored by one filter set
+    here, on the caller's thread, rather than by ``catch_warnings``."""
 
-    outcome: list[tuple[PreparedImage | None, bytes | None, BaseException | None]] = []
+    def __init__(
+        self,
+        source: str,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    ) -> None:
+        import threading
+        import warnings
 
-    def work() -> None:
+        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+        self.source, self.max_pixels, self.max_bytes = source, max_pixels, max_bytes
+        self._image: PreparedImage | None = None
+        self._undecoded: bytes | None = None
+        self._failure: BaseException | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="llava-image", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        source = self.source
         try:
-            data = read_source(source, max_bytes=max_bytes)
+            data = read_source(source, max_bytes=self.max_bytes)
             if not _quiet_decoder(data):
-                outcome.append((None, data, None))
+                self._undecoded = data
                 return
             stream = io.BytesIO(data)
-            image = _quietly(
+            del data  # only the stream holds the bytes, let go once decoded (as in load)
+            self._image = _quietly(
                 source,
-                lambda native: _decode_quietly(source, stream, max_pixels, native),
+                lambda native: _decode_quietly(source, stream, self.max_pixels, native),
                 capture_native=False,
             )
-            outcome.append((image, None, None))
         except BaseException as exc:  # handed to the caller, raised there
-            outcome.append((None, None, exc))
+            self._failure = exc
+        finally:
+            self._done.set()
 
-    thread = threading.Thread(target=work, name="llava-image", daemon=True)
-    thread.start()
+    def failed(self) -> bool:
+        """Whether it is already known to fail (the thread has finished with an error)."""
+        return self._done.is_set() and self._failure is not None
 
-    def result() -> PreparedImage:
-        thread.join()
-        image, undecoded, failure = outcome[0]
-        if failure is not None:
-            raise failure
-        if undecoded is not None:
-            return _decode(source, io.BytesIO(undecoded), max_pixels)
-        assert image is not None
-        return image
-
-    return result
+    def __call__(self) -> PreparedImage:
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        if self._undecoded is not None:
+            stream, self._undecoded = io.BytesIO(self._undecoded), None
+            return _decode(self.source, stream, self.max_pixels)
+        assert self._image is not None
+        return self._image
 
 
 def _quiet_decoder(data: bytes) -> bool:
@@ -209,15 +224,19 @@ def _quietly(
     Pillow reports oddities of a file (unknown TIFF tags, palette notes) through logging and
     warnings, libtiff straight to file descriptor 2; stderr is ours. Failures still raise and
     become one ImageError line, with libtiff's last word as the reason where it has one.
-    ``capture_native=False`` leaves file descriptor 2 alone (see load_in_background)."""
+    ``capture_native=False`` leaves file descriptor 2 alone (see BackgroundLoad)."""
     import logging
     import warnings
 
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
     name = _shown(source)
     captured = _native_stderr_captured() if capture_native else _native_stderr_left()
-    with warnings.catch_warnings(), captured as native:
-        warnings.simplefilter("ignore")
+    # off the main thread (capture_native=False) the filters are left as they are: swapping
+    # them is not thread-safe, and BackgroundLoad set one that ignores Pillow's warnings
+    quiet = warnings.catch_warnings() if capture_native else nullcontext()
+    with quiet, captured as native:
+        if capture_native:
+            warnings.simplefilter("ignore")
         try:
             return work(native)
         except ImageError:

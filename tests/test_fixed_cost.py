@@ -159,7 +159,7 @@ def test_an_image_loaded_in_the_background_is_the_one_load_gives(tmp_path: Path,
     path = tmp_path / f"picture.{fmt.lower()}"
     Image.new("RGB", (40, 30), (10, 200, 90)).save(path, format=fmt)
     assert images._quiet_decoder(path.read_bytes()) == (fmt != "TIFF")
-    assert images.load_in_background(str(path))() == images.load(str(path))
+    assert images.BackgroundLoad(str(path))() == images.load(str(path))
 
 
 def _failure(action: Any) -> str:
@@ -179,7 +179,7 @@ def test_a_background_load_fails_as_load_does(tmp_path: Path, case: str) -> None
     elif case == "too many pixels":
         limits = {"max_pixels": 100}
     expected = _failure(lambda: images.load(source, **limits))
-    assert _failure(images.load_in_background(source, **limits)) == expected
+    assert _failure(images.BackgroundLoad(source, **limits)) == expected
 
 
 def test_a_tiff_decoded_on_the_callers_thread_still_keeps_libtiff_quiet(
@@ -189,7 +189,7 @@ def test_a_tiff_decoded_on_the_callers_thread_still_keeps_libtiff_quiet(
     the cause, as with ``load``."""
     hopper = Path(__file__).parent / "pillow_images" / "hopper_webp.tif"
     expected = _failure(lambda: images.load(str(hopper)))
-    assert _failure(images.load_in_background(str(hopper))) == expected
+    assert _failure(images.BackgroundLoad(str(hopper))) == expected
     assert capfd.readouterr().err == ""
     assert "WEBP compression support is not configured" in expected
 
@@ -227,3 +227,44 @@ def test_a_tiff_is_answered_and_a_bad_model_still_fails_with_a_good_image(
     assert failed.returncode == 4 and failed.stdout == b""
     lines = failed.stderr.decode().splitlines()
     assert len(lines) == 1 and "cut-model.gguf" in lines[0], lines
+
+
+def test_the_whole_llama_cpp_package_leaves_llavas_log_routing_in_place(tmp_path: Path) -> None:
+    """Running llama_cpp's own __init__ late (a name only it defines) sets its own log
+    callback; llava's routing comes back: llama.cpp's lines stay off stderr and its last
+    error is still ours to quote."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import llava_cli.engine
+        import llama_cpp
+        from llava_cli.engine import native
+        native.init(False)
+        llama_cpp.Llama  # the package's real __init__ runs now
+        params = llama_cpp.llama_model_default_params()
+        assert not llama_cpp.llama_model_load_from_file(sys.argv[1].encode(), params)
+        print(native.LOGS.last_error())
+        """
+    )
+    missing = tmp_path / "missing.gguf"
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(missing)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.strip(), "llama.cpp's error reached llava's log routing"
+
+
+@pytest.mark.slow
+def test_a_load_stops_when_the_image_beside_it_has_failed(oracle: synthetic.ModelPair) -> None:
+    """What ask's runner relies on: a model load asked to give up fails at once (llama.cpp's
+    progress callback says stop), as it does on Ctrl-C."""
+    from llava_cli.engine.model import Engine, LoadOptions
+    from llava_cli.engine.native import INTERRUPTS
+    from llava_cli.errors import ModelFileError
+
+    with INTERRUPTS.loading_unless(lambda: True), pytest.raises(ModelFileError):
+        Engine.load(LoadOptions(model=oracle.model, mmproj=oracle.mmproj))
+    assert INTERRUPTS.give_up() is False  # left as it was: the next load goes ahead
+    Engine.load(LoadOptions(model=oracle.model, mmproj=oracle.mmproj)).close()

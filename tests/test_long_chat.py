@@ -243,3 +243,26 @@ def test_a_refused_or_stopped_turn_drops_nothing_and_undo_still_works(
     if turn.dropped:
         assert kept[0] == full[0] and kept[-1] == long_turn and len(kept) < len(full)
     assert [t.prompt for t in chat.as_saved().turns] == kept
+
+
+@pytest.mark.slow
+def test_making_room_preprocesses_each_waiting_image_once(
+    long_chat: Chat, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Measuring candidate histories counts a waiting image's cells many times; libmtmd's
+    preprocessing (resizing, tiling) runs once per image, the rest is remembered."""
+    from llava_cli.engine import session as session_module
+
+    calls: list[str] = []
+    real = session_module.image_chunks
+
+    def counted(mctx: object, image: object) -> object:
+        calls.append(getattr(image, "key", ""))
+        return real(mctx, image)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(session_module, "image_chunks", counted)
+    drive(long_chat, f"/image {images / 'green.png'}")
+    conversation = long_chat.conversation
+    for _ in range(5):
+        conversation.measure("What colour?", long_chat.pending)
+    assert len(calls) == 1

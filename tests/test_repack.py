@@ -64,7 +64,7 @@ def repacking_build() -> bool:
         ([], {"LLAVA_REPACK": "1"}, True),
         ([], {"LLAVA_REPACK": "0"}, False),
         (["--no-repack"], {"LLAVA_REPACK": "1"}, False),  # the flag wins over the environment
-        ([], {}, repack_default(system_info())),
+        ([], {}, None),  # the build's default: repack_default(system_info())
     ],
 )
 def test_the_switch_reaches_llama_cpp_and_the_answer_holds(
@@ -72,8 +72,10 @@ def test_the_switch_reaches_llama_cpp_and_the_answer_holds(
     images: Path,
     args: list[str],
     env: dict[str, str],
-    repacked: bool,
+    repacked: bool | None,
 ) -> None:
+    if repacked is None:
+        repacked = repack_default(system_info())
     if not repacking_build():
         pytest.skip("this llama.cpp build has no CPU repacking (REPACK = 1 missing)")
     done = llava(

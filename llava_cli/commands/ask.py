@@ -24,7 +24,7 @@ from ..errors import (
     LlavaError,
     UsageError,
 )
-from ..images import PreparedImage, check, load, load_in_background, looks_like_image_path
+from ..images import BackgroundLoad, PreparedImage, check, load, looks_like_image_path
 from ..modelref import ModelFiles
 from ..options import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -124,15 +124,19 @@ class _Runner:
 
     def _image_while_loading(self, source: str) -> PreparedImage:
         """The first image decoded on a thread while the model loads (images.
-        load_in_background): the same image, or the same ImageError, as decoding it first.
+        BackgroundLoad): the same image, or the same ImageError, as decoding it first.
         When both fail, the image's error wins, as it did when the model was loaded only
-        after the image was decoded; on Ctrl-C the decoding is left behind."""
+        after the image was decoded; a bad image stops the load as soon as it is known, so it
+        costs about what it did then. On Ctrl-C the decoding is left behind."""
+        from ..engine.native import INTERRUPTS
+
         opts = self.opts
-        prepared = load_in_background(
+        prepared = BackgroundLoad(
             source, max_pixels=opts.max_pixels, max_bytes=opts.max_image_bytes
         )
         try:
-            self.get()
+            with INTERRUPTS.loading_unless(prepared.failed):
+                self.get()
         except Exception:
             prepared()  # raises the image's ImageError, if it has one
             raise

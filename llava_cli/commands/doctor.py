@@ -39,8 +39,11 @@ def _repacking(system: str) -> str:
     from ..engine.model import repack_default
 
     if repack_default(system):
-        return "on by default (--no-repack turns it off)"
-    return "off by default: slower on AVX-512 builds, as measured (--repack turns it on)"
+        return "on by default (--no-repack or LLAVA_REPACK=0 turns it off)"
+    return (
+        "off by default: slower prompts on AVX-512 builds, as measured "
+        "(--repack or LLAVA_REPACK=1 turns it on)"
+    )
 
 
 def run(*, verbose: bool = False) -> int:

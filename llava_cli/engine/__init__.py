@@ -70,9 +70,19 @@ class _LlamaCppPackage(ModuleType):
             assert spec is not None and spec.origin is not None
             with open(spec.origin, encoding="utf-8") as source:
                 exec(compile(source.read(), spec.origin, "exec"), state)
+            _route_logs_back()
         if name in state:
             return state[name]
         raise AttributeError(f"module 'llama_cpp' has no attribute {name!r}")
+
+
+def _route_logs_back() -> None:
+    """The real ``__init__`` sets llama-cpp-python's own log callback (its ``_logger``), which
+    prints every llama.cpp line: llava's goes back, where it was already installed."""
+    native = sys.modules.get(f"{__name__}.native")
+    if native is not None and native.LOGS.installed:
+        native.LOGS.installed = False
+        native.init(native.LOGS.verbose)
 
 
 _VERSION_LINE = re.compile(r'^__version__ = "([^"\\]+)"$', re.MULTILINE)

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import Any
@@ -78,6 +78,10 @@ class _LogRouter:
         return self.recent[-1] if self.recent else ""
 
 
+def _never() -> bool:
+    return False
+
+
 class _Interrupts:
     def __init__(self) -> None:
         self.depth = 0
@@ -85,6 +89,7 @@ class _Interrupts:
         self.previous: Any = None
         self.abort_callback = llama_cpp.ggml_abort_callback(self._should_abort)
         self.progress_callback = llama_cpp.llama_progress_callback(self._keep_loading)
+        self.give_up: Callable[[], bool] = _never  # a model load stops when it says so
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -107,7 +112,17 @@ class _Interrupts:
         return self.pending
 
     def _keep_loading(self, _progress: float, _data: ctypes.c_void_p) -> bool:
-        return not self.pending
+        return not self.pending and not self.give_up()
+
+    @contextmanager
+    def loading_unless(self, give_up: Callable[[], bool]) -> Iterator[None]:
+        """A model loaded in here stops (fails) as soon as ``give_up()`` is true: the image
+        decoded beside it turned out bad, and its error is the one to say."""
+        self.give_up = give_up
+        try:
+            yield
+        finally:
+            self.give_up = _never
 
     @contextmanager
     def native(self) -> Iterator[None]:

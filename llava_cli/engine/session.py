@@ -83,6 +83,7 @@ class Session:
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = TokenBatch(self.ctx, self.n_batch, _SEQ)
         self.spans: list[Span] = []
+        self._image_costs: dict[str, int] = {}  # image key: cells, as preprocessing found
         self.counters = Counters()
         self._turn: Turn | None = None
         self._saved_logits: tuple[list[int | str], bytes] | None = None
@@ -149,13 +150,16 @@ class Session:
     def image_cost(self, image: Bitmap) -> int:
         """Context cells an image takes: known if it is in the cache, else from libmtmd's
         preprocessing (which resizes and tiles the image, but does not encode it)."""
-        if cached := self.image_tokens(image.key):
-            return cached
+        if cached := self.image_tokens(image.key) or self._image_costs.get(image.key):
+            return cached  # making room in a full chat measures the same images many times
         chunks = image_chunks(self.engine.mctx, image)
         try:
-            return int(mtmd.mtmd_helper_get_n_tokens(chunks))
+            cost = int(mtmd.mtmd_helper_get_n_tokens(chunks))
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
+        if len(self._image_costs) < 4096:
+            self._image_costs[image.key] = cost
+        return cost
 
     def _evaluate(self, prompt: str, images: Sequence[Bitmap], *, add_special: bool) -> None:
         self._turn = turn = Turn(started=time.perf_counter())
