@@ -91,6 +91,11 @@ def _source_of_value(message: str, argv: list[str]) -> str:
     # The type check's own words (pydantic's) in the words the range check uses
     message = re.sub(r"Input should be a valid integer\b.*", "must be a whole number", message)
     message = re.sub(r"Input should be a valid number\b.*", "must be a number", message)
+    message = re.sub(
+        r"Input should be a valid boolean\b.*",
+        "must be 1 or 0 (true/false, yes/no, on/off)",
+        message,
+    )
     found = re.search(r"'(--[\w-]+)' \(env var: '(\w+)'\)", message)
     if found is None:
         return message

@@ -155,7 +155,7 @@ def test_the_readme_table_is_the_table() -> None:
     table = readme.split(script.TABLE_BEGIN, 1)[1].split(script.TABLE_END, 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     for row, option in zip(rows, OPTIONS.values(), strict=True):
-        assert f"--{option.name}`" in row and (option.env is None or f"`{option.env}`" in row)
+        assert f"{option.flags}`" in row and (option.env is None or f"`{option.env}`" in row)
         assert not option.bounded or f"| {option.span} |" in row
 
 

@@ -109,3 +109,18 @@ def test_the_prefix_cache_keeps_repacked_and_plain_states_apart(
     assert reused("--no-repack") == 0  # another computation: nothing restored
     assert reused("--repack") > 0
     assert reused("--no-repack") > 0
+
+
+@pytest.mark.slow
+def test_a_switch_set_to_a_word_that_is_no_answer_is_one_line(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    done = llava(
+        "ask", images / "red.png", "-m", oracle.model, "--mmproj", oracle.mmproj, "-p", "Q",
+        env={"LLAVA_REPACK": "maybe"},
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == b""
+    assert done.stderr.decode() == (
+        "Error: invalid value for LLAVA_REPACK: must be 1 or 0 (true/false, yes/no, on/off) "
+        "— see llava ask --help\n"
+    )
