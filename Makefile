@@ -20,7 +20,7 @@ help:
 	@echo "make fmt       format with ruff"
 	@echo "make docs      regenerate docs/cli.md from the commands' --help (make lint checks it)"
 	@echo "make doctor    install if needed, then run llava doctor (offline self-test)"
-	@echo "make bench     llava against llama-cpp-python's Llava15ChatHandler (~10 min; bench-quick: ~1 min)"
+	@echo "make bench     llava against llama.cpp's own llama-mtmd-cli and llama-cpp-python's stock handler (~9 min; the first run builds llama.cpp's binaries, ~15 min more; bench-quick: a small pair)"
 	@echo "make clean     remove $(VENV) and caches"
 	@echo "system packages (Debian/Ubuntu): $(BUILD_PACKAGES) to build; $(TEST_PACKAGES) for the tests"
 

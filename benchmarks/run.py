@@ -228,7 +228,7 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for label, ours, theirs, target in rows:
         ratio = ours / theirs if theirs else float("nan")
-        print(f"| {label} | {ours:.3g} | {theirs:.3g} | {ratio:.2f} | {target} |")
+        print(f"| {label} | {ours:.4g} | {theirs:.4g} | {ratio:.2f} | {target} |")
     if tools is not None:
         print_native_tables(m, fixed)
         print_repack_table(pair, int(threads))
@@ -294,7 +294,7 @@ def print_native_tables(m: dict[str, float], fixed: dict[str, Any]) -> None:
         ("one-shot wall, s", m["equal_wall_s"], m[b + "wall_s"], "≤ 1.10"),
         ("peak RSS, MB", m["equal_rss_mb"], m[b + "rss_mb"], "≤ 1.05"),
     ):
-        print(f"| {label} | {ours:.3g} | {theirs:.3g} | {ours / theirs:.2f} | {target} |")
+        print(f"| {label} | {ours:.4g} | {theirs:.4g} | {ours / theirs:.2f} | {target} |")
     native_work = m[b + "encode_s"] + m[b + "prompt_s"] + m[b + "decode_s"]
     llava_work = sum(m[f"equal_{part}"] for part in PARTS[1:])
     print("\nWhere the difference is (seconds; llava's own timings, llama.cpp's log for the "
