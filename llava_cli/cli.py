@@ -241,18 +241,82 @@ def chat(
 @app.command(
     cls=Command,
     short_help="Check the installation: versions, backend, paths, an offline self-test.",
-    epilog="Examples:\n  llava doctor\n  llava doctor -v      (with llama.cpp's own logs)",
+    epilog="Examples:\n  llava doctor\n  llava doctor -v      (with llama.cpp's own logs)\n"
+    "  llava doctor --rpc 127.0.0.1:50052",
 )
 def doctor(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="llama.cpp logs on stderr.")
     ] = False,
+    rpc: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT[,…]",
+            help="Check these `llava rpc-server`s instead: reachable, protocol, devices, memory",
+        ),
+    ] = None,
 ) -> None:
     """Check the installation: versions, backend, paths, and an offline self-test that asks a
     tiny model built on the spot about a red and a blue image."""
     from .commands import doctor as command
 
+    if rpc is not None:
+        raise typer.Exit(guarded(lambda: command.check_rpc(rpc, verbose=verbose)))
     raise typer.Exit(guarded(lambda: command.run(verbose=verbose)))
+
+
+@app.command(
+    "rpc-server",
+    cls=Command,
+    short_help="Serve this machine's CPU or GPU to other llava clients (llama.cpp's RPC).",
+    epilog="Examples:\n"
+    "  llava rpc-server                      (127.0.0.1:50052)\n"
+    "  llava rpc-server --port 50053 --device CPU\n"
+    "  llava ask photo.jpg --rpc 127.0.0.1:50052 -p 'What is this?'   (the client)",
+)
+def rpc_server(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; not a loopback one only with --allow-remote")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 50052,
+    device: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="Device to serve (CPU, CUDA0, Metal…); default the best"),
+    ] = None,
+    threads: Annotated[int, typer.Option(min=0, max=512, help="CPU threads; 0 = one per CPU")] = 0,
+    cache: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DIR",
+            help="Where the server keeps tensors it was sent, so a restarted client does not "
+            "send them again. Default: rpc/ in llava's cache directory",
+        ),
+    ] = None,
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            help="Listen on a non-loopback --host. The protocol has no authentication or "
+            "encryption: only on a trusted network, or use an SSH tunnel"
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="llama.cpp logs on stderr.")
+    ] = False,
+) -> None:
+    """Serve one of this machine's devices over llama.cpp's RPC protocol until Ctrl-C, so a
+    llava client elsewhere (`--rpc HOST:PORT`) can put a model's layers on it. No
+    authentication, no encryption: keep it on 127.0.0.1 and reach it through an SSH tunnel,
+    or use --allow-remote on a network you trust."""
+    from .commands import rpc_server as command
+
+    raise typer.Exit(
+        guarded(
+            lambda: command.run(
+                host=host, port=port, device=device, threads=threads, cache=cache,
+                allow_remote=allow_remote, verbose=verbose,
+            )
+        )
+    )  # fmt: skip
 
 
 @app.command(

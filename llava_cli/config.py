@@ -218,7 +218,11 @@ def debug_enabled() -> bool:
     return environment().debug
 
 
-CONFIG_KEYS = {"model": "the model used when none is named (NAME[:QUANT], OWNER/REPO or a path)"}
+CONFIG_KEYS = {
+    "model": "the model used when none is named (NAME[:QUANT], OWNER/REPO or a path)",
+    "rpc": 'the llava rpc-servers to use when --rpc names none: ["HOST:PORT", …]',
+}
+LIST_KEYS = {"rpc"}  # lists of strings, handed on comma-joined
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -246,6 +250,12 @@ def settings() -> dict[str, str]:
             raise ConfigError(
                 f"{path}: unknown key {key!r}", "known keys: " + ", ".join(sorted(CONFIG_KEYS))
             )
-        if not isinstance(value, str) or not value.strip():
+        if key in LIST_KEYS and isinstance(value, list):
+            if not value or not all(isinstance(v, str) and v.strip() for v in value):
+                raise ConfigError(
+                    f"{path}: {key} must be a list of non-empty strings", CONFIG_KEYS[key]
+                )
+            data[key] = ",".join(value)
+        elif not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{path}: {key} must be a non-empty string", CONFIG_KEYS[key])
     return {key: str(value) for key, value in data.items()}

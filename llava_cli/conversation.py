@@ -11,8 +11,9 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DEFAULT_CTX
+from .config import DEFAULT_CTX, settings
 from .engine import Completion, Engine, LoadOptions, Session
+from .engine.rpc import endpoints, tensor_split
 from .errors import ContextOverflow
 from .images import PreparedImage
 from .options import LONG_TEXT_CHARS, MAX_TOKEN_CHARS, RuntimeOptions, SamplingParams
@@ -44,6 +45,8 @@ def open_model(
             gpu_layers=opts.gpu_layers,
             image_on_cpu=opts.image_on_cpu,
             repack=opts.repack,
+            rpc=tuple(endpoints(opts.rpc if opts.rpc is not None else settings().get("rpc"))),
+            tensor_split=tensor_split(opts.tensor_split),
             verbose=opts.verbose,
         )
     )

@@ -34,6 +34,8 @@ class RuntimeOptions:
     gpu_layers: int = -1  # -1: all layers, where the build supports offload
     image_on_cpu: bool = False
     repack: bool | None = None  # None: what was measured faster for this build's CPU backend
+    rpc: str | None = None  # llava rpc-server addresses, HOST:PORT[,HOST:PORT…]
+    tensor_split: str | None = None  # layers' weights over the devices, "3,1"
     chat_format: str = "auto"  # "auto" | "gguf" | "llava"
     verbose: bool = False
     cache: bool = True  # keep and reuse image prefixes between runs (the prefix cache)
@@ -389,6 +391,30 @@ OPTIONS: dict[str, Option] = _table(
         record="runtime",
         env="LLAVA_IMAGE_ON_CPU",
         help="Keep the image encoder on the CPU",
+        panel=HARDWARE,
+    ),
+    Option(
+        name="rpc",
+        kind=str,
+        record="runtime",
+        optional=True,
+        env="LLAVA_RPC",
+        metavar="HOST:PORT[,…]",
+        help="Put the model's layers on these `llava rpc-server`s' devices (as --gpu-layers "
+        "allows); the image encoder stays here. No authentication: see README, Beyond one "
+        "machine",
+        panel=HARDWARE,
+    ),
+    Option(
+        name="tensor-split",
+        kind=str,
+        record="runtime",
+        optional=True,
+        env="LLAVA_TENSOR_SPLIT",
+        metavar="N,N…",
+        help="How to share the layers over the devices, in their order (--verbose lists "
+        "them): 3,1 puts three quarters on the first",
+        default_text="by each device's free memory",
         panel=HARDWARE,
     ),
     Option(

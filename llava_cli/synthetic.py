@@ -312,13 +312,15 @@ def build_random(
     mmproj_embd: int = EMBD,
     projector_type: str | None = "mlp",
     context: int = CONTEXT,
+    layers: int = LAYERS,
 ) -> ModelPair:
     """A random pair. ``mmproj_embd`` != 64 or ``projector_type=None`` make a mismatched pair;
     ``context`` is the training context it claims."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab = build_vocab(extra_control=("<|im_start|>", "<|im_end|>"))
     n_vocab = len(vocab.tokens)
-    text = _random_weights(text_tensor_shapes(n_vocab), seed, 0.05)
+    shape = TextShape(context=context, layers=layers)
+    text = _random_weights(text_tensor_shapes(n_vocab, shape), seed, 0.05)
     # Every embedding carries a constant dim that the end-of-generation rows read negatively,
     # so random text runs to max_tokens instead of stopping at an arbitrary point.
     text["token_embd.weight"][:, 0] = 4.0
@@ -334,7 +336,7 @@ def build_random(
         text,
         chat_template=chat_template,
         name="llava-random",
-        shape=TextShape(context=context),
+        shape=shape,
     )
     write_mmproj(mmproj, vision, projector_type=projector_type)
     return ModelPair(model, mmproj)

@@ -9,23 +9,31 @@
 # out instead: AVX2, plus each AVX-512 and VNNI extension the CPU has. Elsewhere (macOS: Metal)
 # llama.cpp's defaults are right.
 #
+# Every build has llama.cpp's RPC backend (`llava rpc-server`, `--rpc`), unless the user's own
+# CMAKE_ARGS say otherwise about GGML_RPC.
+#
 # `--portable` prints the AVX2 flags alone, whatever the CPU: `make bench` measures that build too.
 set -eu
+rpc="-DGGML_RPC=ON"
 portable="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 if [ "${1:-}" = --portable ]; then
-  printf '%s\n' "$portable"
+  printf '%s\n' "$portable $rpc"
   exit 0
 fi
 if [ -n "${CMAKE_ARGS:-}" ]; then
-  printf '%s\n' "$CMAKE_ARGS"
+  case "$CMAKE_ARGS" in
+    *GGML_RPC*) printf '%s\n' "$CMAKE_ARGS" ;;
+    *) printf '%s\n' "$CMAKE_ARGS $rpc" ;;
+  esac
   exit 0
 fi
 if [ "$(uname -s)" != Linux ]; then
+  printf '%s\n' "$rpc"
   exit 0
 fi
 case "$(uname -m)" in
   x86_64|amd64) ;;
-  *) exit 0 ;;
+  *) printf '%s\n' "$rpc"; exit 0 ;;
 esac
 flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
 has() { case " $flags " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -40,4 +48,4 @@ if has avx512f && has avx512cd && has avx512dq && has avx512bw && has avx512vl; 
   has avx512_bf16 && args="$args -DGGML_AVX512_BF16=ON"
 fi
 has avx_vnni && args="$args -DGGML_AVX_VNNI=ON"
-printf '%s\n' "$args"
+printf '%s\n' "$args $rpc"

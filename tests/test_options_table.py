@@ -183,6 +183,8 @@ PUBLISHED = {
     "threads": (0, "LLAVA_THREADS"),
     "gpu-layers": (-1, "LLAVA_GPU_LAYERS"),
     "image-on-cpu": (False, "LLAVA_IMAGE_ON_CPU"),
+    "rpc": (None, "LLAVA_RPC"),
+    "tensor-split": (None, "LLAVA_TENSOR_SPLIT"),
     "repack": (None, "LLAVA_REPACK"),
     "no-cache": (False, "LLAVA_NO_CACHE"),
     "max-pixels": (100_000_000, "LLAVA_MAX_PIXELS"),

@@ -466,7 +466,9 @@ def test_the_config_file_names_the_default_model(served: Served, images: Path) -
     config.write_text('model = "colours"\nmodle = "typo"\n')
     bad = llava("ask", images / "red.png", env=offline)
     assert bad.returncode == 2
-    assert bad.stderr.decode() == (f"Error: {config}: unknown key 'modle' — known keys: model\n")
+    assert bad.stderr.decode() == (
+        f"Error: {config}: unknown key 'modle' — known keys: model, rpc\n"
+    )
 
 
 def test_rm_asks_on_a_terminal(served: Served) -> None:

@@ -498,4 +498,5 @@ def _record(runner: _Runner, prompt: str, parsed: Any) -> dict[str, Any]:
         "seed": completion.seed,
         "usage": asdict(completion.usage),
         "timings": {k: round(v, 4) for k, v in asdict(completion.timings).items()},
+        "devices": conversation.loaded.engine.devices,  # the text model's layers and bytes
     }

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .. import __version__, render
 from ..config import environment
+from ..errors import UsageError
+from ..units import human_bytes
 
 _LABELS = 18  # the longest label, "models (hub cache)": the values start after it and a space
 
@@ -46,6 +48,33 @@ def _repacking(system: str) -> str:
     )
 
 
+def _rpc_available() -> str:
+    from ..engine import rpc
+
+    if rpc.available():
+        return "available (llava rpc-server; --rpc HOST:PORT)"
+    return "not in this build (make install builds it with -DGGML_RPC=ON)"
+
+
+def check_rpc(servers: str, *, verbose: bool = False) -> int:
+    """``doctor --rpc``: each server reachable, through llama.cpp's handshake (its protocol
+    version checked there), with its devices and their memory."""
+    from ..engine import rpc
+    from ..engine.native import init
+
+    init(verbose)
+    wanted = rpc.endpoints(servers)
+    if not wanted:
+        raise UsageError("--rpc names no server", "give HOST:PORT, e.g. 127.0.0.1:50052")
+    for endpoint in wanted:
+        found = rpc.add_servers([endpoint])
+        shown = ", ".join(
+            f"{d.name} ({human_bytes(d.free)} free of {human_bytes(d.total)})" for d in found
+        )
+        _line(f"rpc {endpoint}", f"reachable, protocol compatible; {shown or 'no device'}")
+    return 0
+
+
 def run(*, verbose: bool = False) -> int:
     from ..engine import backend_info, default_threads
 
@@ -60,6 +89,7 @@ def run(*, verbose: bool = False) -> int:
     _line("cpu features", " ".join(info["cpu_features"]) or "none reported")
     _line("threads", default_threads())
     _line("weight repacking", _repacking(info["system_info"]))
+    _line("rpc", _rpc_available())
     _line("config dir", where.config_dir)
     _line("data dir", where.data_dir)
     _line("cache dir", where.cache_dir)

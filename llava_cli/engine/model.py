@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from ..gguf_checks import check_tokenizer
 from ..gguf_file import GGUFInfo, LongString, check_pair, read_gguf
 from ..templates import MEDIA_MARKER
 from ..units import human_bytes
-from .native import INTERRUPTS, LOGS, default_threads, init
+from .native import INTERRUPTS, LOGS, default_threads, init, local_gpu, max_devices
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class LoadOptions:
     image_on_cpu: bool = False
     flash_attn: bool | None = None  # None: let llama.cpp decide
     repack: bool | None = None  # None: repack_default() for this build
+    rpc: tuple[str, ...] = ()  # RPC servers (HOST:PORT) whose devices take layers
+    tensor_split: tuple[float, ...] = ()  # the layers' shares over the devices; () by memory
     verbose: bool = False
 
 
@@ -91,6 +94,8 @@ class Engine:
         self.n_threads = opts.n_threads or default_threads()
         self.repack = repack_default(system_info()) if opts.repack is None else opts.repack
         self.embeddings = EmbeddingCache()
+        self.devices: list[dict[str, Any]] = []  # where the text model's layers and bytes are
+        self._split: Any = None  # --tensor-split's C array, alive while llama.cpp may read it
 
     @classmethod
     def load(cls, opts: LoadOptions) -> Engine:
@@ -98,6 +103,10 @@ class Engine:
         mmproj_info = read_gguf(opts.mmproj, "mmproj")
         check_pair(model_info, mmproj_info)
         init(opts.verbose)
+        if opts.rpc:  # before any weight is read: a server that is not there fails here
+            from .rpc import add_servers
+
+            add_servers(opts.rpc)
         engine = cls(opts, model_info)
         try:
             with INTERRUPTS.native():
@@ -133,24 +142,39 @@ class Engine:
             file_identity(self.opts.mmproj),
             llama_cpp.__version__,
             system,  # backends and CPU features the build uses
-            f"gpu_offload={bool(llama_cpp.llama_supports_gpu_offload())}",
+            f"gpu_offload={self.offload}",
             f"gpu_layers={self.opts.gpu_layers}",
             f"flash_attn={self.opts.flash_attn}",
             f"n_batch={self.opts.n_batch}",
             f"image_on_cpu={self.opts.image_on_cpu}",
             f"repack={self.repack}",  # repacked kernels round differently
+            f"rpc={','.join(self.opts.rpc)}",  # other machines' devices compute other layers
+            f"tensor_split={self.opts.tensor_split}",
         ]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def _load(self) -> None:
         start = time.perf_counter()
-        offload = bool(llama_cpp.llama_supports_gpu_offload())
+        offload = self.offload
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = self.opts.gpu_layers if offload else 0
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
         mparams.use_extra_bufts = self.repack
+        if self.opts.tensor_split:
+            shares = self.opts.tensor_split
+            self._split = (ctypes.c_float * max_devices())(*shares)
+            mparams.tensor_split = self._split
         mparams.progress_callback = INTERRUPTS.progress_callback
-        self.model = llama_cpp.llama_model_load_from_file(str(self.opts.model).encode(), mparams)
+        LOGS.placement = []
+        try:
+            self.model = llama_cpp.llama_model_load_from_file(
+                str(self.opts.model).encode(), mparams
+            )
+            self.devices = placement(LOGS.placement, _rpc_buffers() if self.opts.rpc else None)
+        finally:
+            LOGS.placement = None
+        if self.opts.rpc:
+            LOGS.note("layers: " + "; ".join(_shown(d) for d in self.devices))
         if not self.model:
             INTERRUPTS.check()  # a Ctrl-C aborts loading through the progress callback
             raise ModelFileError(
@@ -159,7 +183,8 @@ class Engine:
             )
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         cparams = mtmd.mtmd_context_params_default()
-        cparams.use_gpu = offload and not self.opts.image_on_cpu
+        # the image encoder runs here: on a local GPU if there is one, never on an RPC server
+        cparams.use_gpu = offload and not self.opts.image_on_cpu and local_gpu()
         cparams.n_threads = self.n_threads
         cparams.print_timings = self.opts.verbose
         cparams.warmup = False
@@ -178,6 +203,12 @@ class Engine:
                 "use the vision projector (mmproj) that belongs to the model",
             )
         self.load_s = time.perf_counter() - start
+
+    @property
+    def offload(self) -> bool:
+        """Whether layers can leave the CPU: a GPU here, or RPC servers' devices. (llama.cpp's
+        llama_supports_gpu_offload says yes for any build with the RPC backend.)"""
+        return local_gpu() or bool(self.opts.rpc)
 
     @property
     def n_embd(self) -> int:
@@ -271,7 +302,7 @@ class Engine:
         Offloaded layers keep their cache on the GPU, whose allocator fails cleanly."""
         from ..memory import available_bytes, context_bytes_at_least
 
-        if self.opts.gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload():
+        if self.opts.gpu_layers != 0 and self.offload:
             return
         need = context_bytes_at_least(self.model_info, n_ctx, self.opts.n_batch)
         free = available_bytes()
@@ -313,6 +344,49 @@ class EmbeddingCache:
         while self.nbytes > self.max_bytes and len(self.items) > 1:
             _, old = self.items.popitem(last=False)
             self.nbytes -= ctypes.sizeof(old)
+
+
+_LAYER = re.compile(r"layer\s+\d+ assigned to device (\S+?),")
+_BUFFER = re.compile(r"(\S+) model buffer size =\s+([\d.]+) MiB")
+
+
+def placement(lines: Sequence[str], buffers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Each device's share of the text model, from llama.cpp's load log: its layers and its
+    weights' bytes. ``buffers`` names the device of a buffer where its name does not: an RPC
+    buffer is ``RPC<i>[host:port]``, the i-th device of that server, whatever ggml calls the
+    device; the CPU's are ``CPU_Mapped``, ``CPU_REPACK``."""
+    buffers = buffers or {}
+    found: dict[str, dict[str, Any]] = {}
+
+    def device(name: str) -> dict[str, Any]:
+        return found.setdefault(name, {"device": name, "layers": 0, "bytes": 0})
+
+    for line in lines:
+        if layer := _LAYER.search(line):
+            device(layer.group(1))["layers"] += 1
+        elif buffer := _BUFFER.search(line):
+            name = buffers.get(buffer.group(1)) or buffer.group(1).split("[", 1)[0]
+            name = "CPU" if name.startswith("CPU") else name
+            device(name)["bytes"] += round(float(buffer.group(2)) * (1 << 20))
+    return list(found.values())
+
+
+def _shown(device: dict[str, Any]) -> str:
+    return f"{device['device']} {device['layers']} layers, {human_bytes(device['bytes'])}"
+
+
+def _rpc_buffers() -> dict[str, str]:
+    """``RPC<i>[host:port]`` (a weights buffer's name): the name ggml gave that device."""
+    from .rpc import devices
+
+    seen: dict[str, int] = {}
+    names = {}
+    for device in devices():
+        if device.name.startswith("RPC"):
+            index = seen.get(device.description, 0)
+            seen[device.description] = index + 1
+            names[f"RPC{index}[{device.description}]"] = device.name
+    return names
 
 
 def quantize(source: Path, target: Path, ftype: str) -> None:

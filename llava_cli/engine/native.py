@@ -35,6 +35,9 @@ from ..errors import EXIT_RUNTIME
 from ..text import escaped
 
 _LOG_DEBUG, _LOG_WARN, _LOG_CONT = 1, 3, 5  # ggml_log_level
+# Debug lines --verbose shows all the same: an RPC server's line per graph it computed (with
+# GGML_RPC_DEBUG set, as `llava rpc-server -v` does)
+SHOWN_DEBUG = ("[graph_compute]",)
 
 
 class _LogRouter:
@@ -43,6 +46,7 @@ class _LogRouter:
         self.debug = False  # LLAVA_DEBUG: llama.cpp's debug lines too (set by init)
         self._level = 0
         self.recent: deque[str] = deque(maxlen=64)
+        self.placement: list[str] | None = None  # while a model loads: where its parts went
         self.callback = llama_cpp.llama_log_callback(self._on_log)
         self.installed = False
 
@@ -51,12 +55,18 @@ class _LogRouter:
             if level != _LOG_CONT:
                 self._level = level
             message = text.decode("utf-8", errors="replace") if text else ""
-            if self.verbose and (self._level != _LOG_DEBUG or self.debug):
+            if self.verbose and (
+                self._level != _LOG_DEBUG or self.debug or message.startswith(SHOWN_DEBUG)
+            ):
                 # GGUF metadata (a model's name, its template) is quoted in these lines
                 sys.stderr.write(escaped(message, keep="\n\t"))
                 sys.stderr.flush()
             if self._level >= _LOG_WARN and message.strip():
                 self.recent.append(message.strip())
+            if self.placement is not None and (
+                "assigned to device" in message or "model buffer size" in message
+            ):
+                self.placement.append(message)
         except BaseException:  # never let an exception escape into C
             INTERRUPTS.pending = True
 
@@ -152,6 +162,7 @@ class _Aborts:
         self.callback = self.callback_type(self._on_abort)
         self.first = threading.Lock()  # several threads can fail at once: one line
         self.installed = False
+        self.rpc_servers: list[str] = []  # registered RPC servers: an abort in ggml-rpc names them
         # the user's own, read before llava first sets it (once per process)
         self.users_setting = environment().ggml_no_backtrace
 
@@ -183,6 +194,12 @@ class _Aborts:
             f"Error: llama.cpp stopped on a failed internal check ({check}) — the model or "
             "projector may be damaged or unsupported: try another GGUF, or see --verbose\n"
         )
+        if where.startswith("ggml-rpc") and self.rpc_servers:  # the network, not the model
+            servers = ", ".join(self.rpc_servers)
+            line = (
+                f"Error: lost the RPC server {servers} ({check}) — check that `llava "
+                "rpc-server` still runs there, and the network or SSH tunnel\n"
+            )
         with suppress(BaseException):
             sys.stdout.flush()  # what the answer printed so far stays
         try:
@@ -210,6 +227,30 @@ def init(verbose: bool) -> None:
         LOGS.installed = True
 
 
+def local_gpu() -> bool:
+    """Whether this machine has a GPU for ggml (an RPC server's device does not count)."""
+    by_type = llama_cpp.llama_cpp._lib.ggml_backend_dev_by_type
+    by_type.restype, by_type.argtypes = ctypes.c_void_p, [ctypes.c_int]
+    reg_of = llama_cpp.llama_cpp._lib.ggml_backend_dev_backend_reg
+    reg_of.restype, reg_of.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    for kind in (1, 2):  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU: the first of each type
+        device = by_type(kind)
+        if device and not _is_rpc(reg_of(device)):
+            return True
+    return False
+
+
+def _is_rpc(registry: int | None) -> bool:
+    name = llama_cpp.llama_cpp._lib.ggml_backend_reg_name
+    name.restype, name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    return bool(registry) and (name(registry) or b"").startswith(b"RPC")
+
+
+def max_devices() -> int:
+    """How many devices a model's layers can be shared over (llama_max_devices)."""
+    return int(llama_cpp.llama_max_devices())
+
+
 def backend_info() -> dict[str, Any]:
     """What this llama.cpp build can do, for ``llava doctor`` and the chat header."""
     init(LOGS.verbose)
@@ -230,7 +271,7 @@ def backend_info() -> dict[str, Any]:
     return {
         "llama_cpp_python": llama_cpp.__version__,
         "backend": backends[0],
-        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "gpu_offload": local_gpu(),
         "system_info": system.strip(),
         "cpu_features": sections.get("CPU", []),
     }
