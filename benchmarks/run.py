@@ -8,14 +8,18 @@ targets, and writes the numbers as JSON beside the models.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +129,7 @@ def main() -> int:
     def add(name: str, value: float) -> None:
         results.setdefault(name, []).append(value)
 
-    for i in range(args.runs):
+    def run_once(i: int) -> None:
         print(f"run {i + 1} of {args.runs}", file=sys.stderr)
         wall, rss, out = peak_rss([*ask, "--no-cache"], env)
         record = json.loads(out)
@@ -149,11 +153,18 @@ def main() -> int:
         add("stock_follow_up_ttft_s", stock_chat["follow_up_ttft_s"])
         if tools is not None:
             one_shot_against_native(tools, pair, image, ask_equal, env, int(n), add)
+        if server is not None:  # the same one-shot, its layers on a loopback RPC server
+            add("rpc_ask_wall_s", peak_rss([*ask, "--no-cache", "--rpc", server], env)[0])
         cache_env = {**env, "LLAVA_HOME": str(work / f"cache-{i}")}
         first = json.loads(peak_rss(ask, cache_env)[2])["timings"]["ttft_s"]
         second = json.loads(peak_rss(ask, cache_env)[2])["timings"]["ttft_s"]
         add("cache_first_ttft_s", first)
         add("cache_second_ttft_s", second)
+
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(rpc_server(env)) if rpc_available() else None
+        for i in range(args.runs):
+            run_once(i)
     for _ in range(5):
         add("help_s", peak_rss([py, "-m", "llava_cli", "--help"], env)[0])
     print("long chat: 40 turns, twice", file=sys.stderr)
@@ -198,6 +209,18 @@ def main() -> int:
         ),
         ("peak RSS, MB (one-shot)", m["ask_rss_mb"], m["stock_rss_mb"], ""),
         ("`llava --help`, s", m["help_s"], 0.25, "≤ 0.25 s"),
+        *(
+            [
+                (
+                    "one-shot `ask` through a loopback RPC server ÷ local, wall",
+                    m["rpc_ask_wall_s"],
+                    m["ask_wall_s"],
+                    "",
+                )
+            ]
+            if "rpc_ask_wall_s" in m
+            else []
+        ),
         (
             f"long chat, 40 turns: mean first token, context filling early ({long['drops']} "
             "drops) ÷ never full",
@@ -279,6 +302,33 @@ def one_shot_against_native(
         add(f"native {name} encode_s", run.encode_s)
         add(f"native {name} prompt_s", run.prompt_s)
         add(f"native {name} decode_s", run.decode_s)
+
+
+@contextlib.contextmanager
+def rpc_server(env: dict[str, str]) -> Iterator[str]:
+    """`llava rpc-server` on a free loopback port, for the bench's RPC row."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "llava_cli", "rpc-server", "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+
+
+def rpc_available() -> bool:
+    from llava_cli.engine import rpc
+
+    return rpc.available()
 
 
 def print_native_tables(m: dict[str, float], fixed: dict[str, Any]) -> None:
