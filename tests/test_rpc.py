@@ -4,12 +4,14 @@ devices for good, and they must not outlive the server in a test worker."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -253,3 +255,94 @@ def test_config_toml_names_servers_and_the_flag_wins(
     done = llava(*ask)
     assert done.returncode == 1 and f"no RPC server answers at {endpoint}" in done.stderr.decode()
     assert llava(*ask, "--rpc", "").stdout == b"red\n"
+
+
+def test_a_server_of_another_protocol_version_is_one_line(
+    oracle: synthetic.ModelPair, images: Path
+) -> None:
+    """A stand-in for a server of another llava (llama.cpp) version: it answers the HELLO as
+    ggml-rpc.h lays it out (rpc_msg_hello_rsp: major, minor, patch, padding, 24 bytes of
+    connection capabilities), with major version 6 where this build speaks 7."""
+    import struct
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                request = b""
+                while len(request) < 1 + 8 + 24:  # cmd, size, the request's capabilities
+                    if not (part := conn.recv(64)):
+                        break
+                    request += part
+                if request[:1] == bytes([14]):  # RPC_CMD_HELLO
+                    conn.sendall(struct.pack("<Q", 28) + bytes([6, 0, 0, 0]) + bytes(24))
+                    while conn.recv(64):  # until the client hangs up
+                        pass
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        done = llava(
+            "ask", images / "red.png", "-m", oracle.model, "--mmproj", oracle.mmproj,
+            "-p", "Q", "--rpc", f"127.0.0.1:{port}",
+        )  # fmt: skip
+    finally:
+        listener.close()
+    assert done.returncode == 1 and done.stdout == b""
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"Error: the RPC server at 127.0.0.1:{port} speaks another "), lines
+    assert "6.0.0" in lines[0], lines
+
+
+@needs_rpc
+@pytest.mark.skipif(sys.platform != "linux", reason="keepalive is set through /proc/self/fd")
+def test_connections_to_a_server_give_up_on_a_vanished_peer(
+    oracle: synthetic.ModelPair, tmp_path: Path
+) -> None:
+    """ggml's client sets no timeout; llava turns on keepalive and TCP_USER_TIMEOUT on its
+    connections, so a server host that vanishes silently ends the wait within seconds."""
+    script = textwrap.dedent(
+        """
+        import os, socket, sys
+        from pathlib import Path
+        from llava_cli.engine.model import Engine, LoadOptions
+        model, mmproj = Path(sys.argv[2]), Path(sys.argv[3])
+        engine = Engine.load(LoadOptions(model=model, mmproj=mmproj, rpc=(sys.argv[1],)))
+        host, port = sys.argv[1].rsplit(":", 1)
+        found = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                sock = socket.socket(fileno=os.dup(int(name)))
+            except OSError:
+                continue
+            with sock:
+                try:
+                    if sock.getpeername()[:2] != (host, int(port)):
+                        continue
+                except OSError:
+                    continue
+                found.append((
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                ))
+        print(found)
+        """
+    )
+    with rpc_server(tmp_path) as (endpoint, _):
+        done = subprocess.run(
+            [sys.executable, "-c", script, endpoint, str(oracle.model), str(oracle.mmproj)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    found = ast.literal_eval(done.stdout)  # a list of (keepalive, user timeout) per connection
+    assert found and all(keepalive and timeout == 30_000 for keepalive, timeout in found), found

@@ -174,6 +174,10 @@ class Engine:
         finally:
             LOGS.placement = None
         if self.opts.rpc:
+            from .rpc import keep_alive
+
+            for endpoint in self.opts.rpc:  # its connection now lives as long as the model
+                keep_alive(endpoint)
             LOGS.note("layers: " + "; ".join(_shown(d) for d in self.devices))
         if not self.model:
             INTERRUPTS.check()  # a Ctrl-C aborts loading through the progress callback

@@ -200,6 +200,13 @@ class _Aborts:
                 f"Error: lost the RPC server {servers} ({check}) — check that `llava "
                 "rpc-server` still runs there, and the network or SSH tunnel\n"
             )
+            if "handshake failed" in what:
+                said = " ".join(LOGS.recent[-1].split()) if LOGS.recent else check
+                line = (
+                    f"Error: the RPC server at {what.rsplit(' ', 1)[-1].strip()} speaks another "
+                    f"protocol version ({escaped(said)[:200]}) — run the same llava version on "
+                    "every machine\n"
+                )
         with suppress(BaseException):
             sys.stdout.flush()  # what the answer printed so far stays
         try:

@@ -23,7 +23,7 @@ from typing import Any
 
 import llama_cpp
 
-from ..errors import EngineError, UsageError
+from ..errors import EXIT_INTERRUPTED, EngineError, UsageError
 from .native import ABORTS, LOGS, init
 
 DEFAULT_PORT = 50052
@@ -214,13 +214,62 @@ def add_servers(servers: Sequence[str]) -> list[Device]:
         if endpoint in _registered:
             continue
         check_reachable(endpoint)
+        ABORTS.rpc_servers.append(endpoint)  # ggml aborts on a failed handshake: name it
         registry = add(endpoint.encode())
         if not registry:
             raise EngineError(f"the RPC server at {endpoint} offers no device", "")
         register(registry)
         _registered[endpoint] = int(registry)
-        ABORTS.rpc_servers.append(endpoint)
     return [d for d in devices() if d.name.startswith("RPC") and d.description in servers]
+
+
+# A server that vanishes without closing its connections (a host switched off, a cable or
+# tunnel cut) would leave ggml's client waiting in recv() for good: it sets no timeout. TCP
+# keepalive probes are answered by the peer's kernel even while it computes for minutes, so
+# they fail only when the peer is gone: about IDLE + INTERVAL * COUNT seconds after it went.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
+USER_TIMEOUT_MS = 30_000  # data sent and never acknowledged: the peer is gone
+
+
+def keep_alive(endpoint: str) -> int:
+    """Turn on keepalive and TCP_USER_TIMEOUT on ggml's connections to ``endpoint``, found
+    among this process's file descriptors (Linux only; elsewhere ggml's defaults stay). ggml
+    keeps a connection while buffers on the server use it: call once the model is loaded.
+    How many connections were set."""
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.is_dir():
+        return 0
+    host, port = parse_endpoint(endpoint)
+    try:
+        wanted = {info[4][:2] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError:
+        return 0
+    done = 0
+    for entry in fd_dir.iterdir():
+        try:
+            fd = int(entry.name)
+            kind = os.readlink(entry)
+        except (ValueError, OSError):
+            continue
+        if not kind.startswith("socket:"):
+            continue
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with sock:
+            try:
+                if sock.type != socket.SOCK_STREAM or sock.getpeername()[:2] not in wanted:
+                    continue
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+                done += 1
+            except OSError:
+                continue
+    return done
 
 
 def local_device(wanted: str | None) -> Device:
@@ -282,5 +331,12 @@ def serve(host: str, port: int, device: Device, threads: int, cache: Path | None
     with _native_stdout(LOGS.verbose):
         thread = threading.Thread(target=run, name="llava-rpc-server", daemon=True)
         thread.start()
-        while thread.is_alive():
-            thread.join(0.2)
+        try:
+            while thread.is_alive():
+                thread.join(0.2)
+        except KeyboardInterrupt:
+            # ggml's server loop cannot be stopped, and tearing the process down around it
+            # can abort in its C++ destructors: leave at once, as Ctrl-C asked
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
