@@ -276,14 +276,20 @@ def doctor(
 )
 def rpc_server(
     host: Annotated[
-        str, typer.Option(help="Address to listen on; not a loopback one only with --allow-remote")
+        str,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Address to listen on; one that is not loopback only with --allow-remote",
+        ),
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 50052,
+    port: Annotated[int, typer.Option(metavar="N", min=1, max=65535, help="TCP port")] = 50052,
     device: Annotated[
         str | None,
         typer.Option(metavar="NAME", help="Device to serve (CPU, CUDA0, Metal…); default the best"),
     ] = None,
-    threads: Annotated[int, typer.Option(min=0, max=512, help="CPU threads; 0 = one per CPU")] = 0,
+    threads: Annotated[
+        int, typer.Option(metavar="N", min=0, max=512, help="CPU threads; 0 = one per CPU")
+    ] = 0,
     cache: Annotated[
         str | None,
         typer.Option(
@@ -295,8 +301,9 @@ def rpc_server(
     allow_remote: Annotated[
         bool,
         typer.Option(
+            "--allow-remote",
             help="Listen on a non-loopback --host. The protocol has no authentication or "
-            "encryption: only on a trusted network, or use an SSH tunnel"
+            "encryption: only on a trusted network, or use an SSH tunnel",
         ),
     ] = False,
     verbose: Annotated[

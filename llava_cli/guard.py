@@ -96,6 +96,10 @@ def _source_of_value(message: str, argv: list[str]) -> str:
         "must be 1 or 0 (true/false, yes/no, on/off)",
         message,
     )
+    message = re.sub(
+        r"Input should be greater than or equal to (\S+)", r"must be at least \1", message
+    )
+    message = re.sub(r"Input should be less than or equal to (\S+)", r"must be at most \1", message)
     found = re.search(r"'(--[\w-]+)' \(env var: '(\w+)'\)", message)
     if found is None:
         return message

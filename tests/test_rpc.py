@@ -186,6 +186,32 @@ def test_a_chat_keeps_its_cache_on_the_server_across_turns(
     stats = re.findall(r"evaluated (\d+) text and (\d+) image tokens", done.stderr.decode())
     assert len(stats) == 2, done.stderr.decode()
     assert int(stats[1][1]) == 0  # the second turn evaluated no image: the KV cache stayed
+    assert int(stats[1][0]) < int(stats[0][0])  # and only its own text
+
+
+@needs_rpc
+def test_the_prefix_cache_keeps_remote_and_local_states_apart(
+    oracle: synthetic.ModelPair, images: Path, tmp_path: Path
+) -> None:
+    """A state computed with the layers on an RPC server is never restored into a local run,
+    nor the other way round; the same setting reuses its own."""
+    ask = [
+        "ask", images / "red.png", "-m", oracle.model, "--mmproj", oracle.mmproj,
+        "-p", "What colour?", "--json",
+    ]  # fmt: skip
+
+    def cached(*args: str) -> int:
+        done = llava(*ask, *args)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        record = json.loads(done.stdout)
+        assert record["answer"] == "red"
+        return int(record["usage"]["cached_tokens"])
+
+    with rpc_server(tmp_path) as (endpoint, _):
+        assert cached() == 0
+        assert cached("--rpc", endpoint) == 0  # another computation: nothing restored
+        assert cached("--rpc", endpoint) > 0
+        assert cached() > 0
 
 
 @needs_rpc
@@ -346,3 +372,17 @@ def test_connections_to_a_server_give_up_on_a_vanished_peer(
     assert done.returncode == 0, done.stderr
     found = ast.literal_eval(done.stdout)  # a list of (keepalive, user timeout) per connection
     assert found and all(keepalive and timeout == 30_000 for keepalive, timeout in found), found
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--port", "0"], "--port': must be at least 1"),
+        (["--port", "70000"], "--port': must be at most 65535"),
+        (["--port", "x"], "--port': must be a whole number"),
+    ],
+)
+def test_a_port_out_of_range_is_one_line(args: list[str], said: str) -> None:
+    done = llava("rpc-server", *args)
+    assert done.returncode == 2 and done.stdout == b""
+    assert said in done.stderr.decode() and len(done.stderr.splitlines()) == 1
