@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from llava_cli import synthetic
-from llava_cli.engine.model import quantize, repack_default, system_info
+from llava_cli.engine.model import quantize, repack_default
+from llava_cli.engine.native import system_info
 
 from .conftest import llava
 

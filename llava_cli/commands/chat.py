@@ -111,6 +111,8 @@ def open_chat(opts: ChatOptions) -> Chat:
         loaded.session.on_progress = render.status  # encoding an image, reading the prompt
     warn_if_no_thinking(opts, loaded.fmt)
     backend = backend_info()["backend"]
+    if servers := loaded.engine.opts.rpc:  # the layers are over there
+        backend += f" + RPC {', '.join(servers)}"
     render.info(
         f"llava chat · {files.name} · context {loaded.session.n_ctx} tokens · {backend}"
         " — /help for commands, Ctrl-D to quit"

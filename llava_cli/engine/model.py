@@ -21,7 +21,16 @@ from ..gguf_checks import check_tokenizer
 from ..gguf_file import GGUFInfo, LongString, check_pair, read_gguf
 from ..templates import MEDIA_MARKER
 from ..units import human_bytes
-from .native import INTERRUPTS, LOGS, default_threads, init, local_gpu, max_devices
+from .native import (
+    INTERRUPTS,
+    LOGS,
+    default_threads,
+    init,
+    local_gpu,
+    max_devices,
+    system_info,
+)
+from .rpc import add_servers, buffer_devices, keep_alive
 
 
 @dataclass(frozen=True)
@@ -37,11 +46,6 @@ class LoadOptions:
     rpc: tuple[str, ...] = ()  # RPC servers (HOST:PORT) whose devices take layers
     tensor_split: tuple[float, ...] = ()  # the layers' shares over the devices; () by memory
     verbose: bool = False
-
-
-def system_info() -> str:
-    """llama.cpp's line of backends and the CPU features this build uses."""
-    return (llama_cpp.llama_print_system_info() or b"").decode("utf-8", "replace")
 
 
 def repack_default(info: str) -> bool:
@@ -104,8 +108,6 @@ class Engine:
         check_pair(model_info, mmproj_info)
         init(opts.verbose)
         if opts.rpc:  # before any weight is read: a server that is not there fails here
-            from .rpc import add_servers
-
             add_servers(opts.rpc)
         engine = cls(opts, model_info)
         try:
@@ -170,12 +172,10 @@ class Engine:
             self.model = llama_cpp.llama_model_load_from_file(
                 str(self.opts.model).encode(), mparams
             )
-            self.devices = placement(LOGS.placement, _rpc_buffers() if self.opts.rpc else None)
+            self.devices = placement(LOGS.placement, buffer_devices() if self.opts.rpc else None)
         finally:
             LOGS.placement = None
         if self.opts.rpc:
-            from .rpc import keep_alive
-
             for endpoint in self.opts.rpc:  # its connection now lives as long as the model
                 keep_alive(endpoint)
             LOGS.note("layers: " + "; ".join(_shown(d) for d in self.devices))
@@ -377,20 +377,6 @@ def placement(lines: Sequence[str], buffers: dict[str, str] | None = None) -> li
 
 def _shown(device: dict[str, Any]) -> str:
     return f"{device['device']} {device['layers']} layers, {human_bytes(device['bytes'])}"
-
-
-def _rpc_buffers() -> dict[str, str]:
-    """``RPC<i>[host:port]`` (a weights buffer's name): the name ggml gave that device."""
-    from .rpc import devices
-
-    seen: dict[str, int] = {}
-    names = {}
-    for device in devices():
-        if device.name.startswith("RPC"):
-            index = seen.get(device.description, 0)
-            seen[device.description] = index + 1
-            names[f"RPC{index}[{device.description}]"] = device.name
-    return names
 
 
 def quantize(source: Path, target: Path, ftype: str) -> None:

@@ -234,23 +234,31 @@ def init(verbose: bool) -> None:
         LOGS.installed = True
 
 
+def ggml_function(name: str, restype: Any, argtypes: list[Any]) -> Any:
+    """A function of libggml (its backend registry), reached through libllama, which links it
+    and whose bindings llama-cpp-python does not wrap."""
+    function = getattr(llama_cpp.llama_cpp._lib, name)
+    function.restype = restype
+    function.argtypes = argtypes
+    return function
+
+
+def system_info() -> str:
+    """llama.cpp's line of backends and the CPU features this build uses."""
+    return (llama_cpp.llama_print_system_info() or b"").decode("utf-8", "replace")
+
+
 def local_gpu() -> bool:
     """Whether this machine has a GPU for ggml (an RPC server's device does not count)."""
-    by_type = llama_cpp.llama_cpp._lib.ggml_backend_dev_by_type
-    by_type.restype, by_type.argtypes = ctypes.c_void_p, [ctypes.c_int]
-    reg_of = llama_cpp.llama_cpp._lib.ggml_backend_dev_backend_reg
-    reg_of.restype, reg_of.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    by_type = ggml_function("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int])
+    reg_of = ggml_function("ggml_backend_dev_backend_reg", ctypes.c_void_p, [ctypes.c_void_p])
+    reg_name = ggml_function("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p])
     for kind in (1, 2):  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU: the first of each type
         device = by_type(kind)
-        if device and not _is_rpc(reg_of(device)):
+        registry = reg_of(device) if device else None
+        if registry and not (reg_name(registry) or b"").startswith(b"RPC"):
             return True
     return False
-
-
-def _is_rpc(registry: int | None) -> bool:
-    name = llama_cpp.llama_cpp._lib.ggml_backend_reg_name
-    name.restype, name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-    return bool(registry) and (name(registry) or b"").startswith(b"RPC")
 
 
 def max_devices() -> int:
@@ -261,7 +269,7 @@ def max_devices() -> int:
 def backend_info() -> dict[str, Any]:
     """What this llama.cpp build can do, for ``llava doctor`` and the chat header."""
     init(LOGS.verbose)
-    system = (llama_cpp.llama_print_system_info() or b"").decode("utf-8", errors="replace")
+    system = system_info()
     # "CUDA : ARCHS = 890 | … | CPU : SSE3 = 1 | AVX2 = 1 | …": one section per backend.
     sections: dict[str, list[str]] = {}
     current = "CPU"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import math
 import os
 import socket
 import sys
@@ -19,12 +20,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import llama_cpp
 
 from ..errors import EXIT_INTERRUPTED, EngineError, UsageError
-from .native import ABORTS, LOGS, init
+from .native import ABORTS, LOGS, ggml_function, init, max_devices
 
 DEFAULT_PORT = 50052
 CONNECT_TIMEOUT_S = 5.0  # a server that does not answer within this is not there
@@ -44,17 +42,9 @@ _START_SERVER = ctypes.CFUNCTYPE(
 _registered: dict[str, int] = {}  # endpoint: its registry, once per process
 
 
-def _ggml(name: str, restype: Any, argtypes: list[Any]) -> Any:
-    """A function of libggml, reached through libllama (which links it)."""
-    function = getattr(llama_cpp.llama_cpp._lib, name)
-    function.restype = restype
-    function.argtypes = argtypes
-    return function
-
-
 def _rpc_registry() -> int | None:
     init(LOGS.verbose)  # as the command set it
-    by_name = _ggml("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p])
+    by_name = ggml_function("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p])
     return by_name(b"RPC") or None
 
 
@@ -76,7 +66,7 @@ def require() -> int:
 
 def _proc(name: str) -> int:
     registry = require()
-    get = _ggml(
+    get = ggml_function(
         "ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]
     )
     address = get(registry, name.encode())
@@ -98,12 +88,12 @@ class Device:
 def devices() -> list[Device]:
     """Every device ggml knows in this process, RPC servers' included once added."""
     init(LOGS.verbose)  # as the command set it
-    count = _ggml("ggml_backend_dev_count", ctypes.c_size_t, [])
-    get = _ggml("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t])
-    name = _ggml("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p])
-    text = _ggml("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p])
-    kind = _ggml("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p])
-    memory = _ggml(
+    count = ggml_function("ggml_backend_dev_count", ctypes.c_size_t, [])
+    get = ggml_function("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t])
+    name = ggml_function("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p])
+    text = ggml_function("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p])
+    kind = ggml_function("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p])
+    memory = ggml_function(
         "ggml_backend_dev_memory",
         None,
         [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)],
@@ -124,6 +114,19 @@ def devices() -> list[Device]:
             )
         )
     return found
+
+
+def buffer_devices() -> dict[str, str]:
+    """A weights buffer's name, ``RPC<i>[host:port]`` (the i-th device of that server): the
+    name ggml gave that device (RPC0, RPC1… across all servers)."""
+    seen: dict[str, int] = {}
+    names = {}
+    for device in devices():
+        if device.name.startswith("RPC"):
+            index = seen.get(device.description, 0)
+            seen[device.description] = index + 1
+            names[f"RPC{index}[{device.description}]"] = device.name
+    return names
 
 
 def parse_endpoint(text: str, *, what: str = "--rpc") -> tuple[str, int]:
@@ -155,10 +158,6 @@ def tensor_split(text: str | None) -> tuple[float, ...]:
     """``--tensor-split 3,1``: each device's share of the layers, in the devices' order."""
     if not text:
         return ()
-    import math
-
-    from .native import max_devices
-
     try:
         shares = tuple(float(part) for part in text.split(","))
     except ValueError:
@@ -209,7 +208,7 @@ def add_servers(servers: Sequence[str]) -> list[Device]:
     if not servers:
         return []
     add = _ADD_SERVER(_proc("ggml_backend_rpc_add_server"))
-    register = _ggml("ggml_backend_register", None, [ctypes.c_void_p])
+    register = ggml_function("ggml_backend_register", None, [ctypes.c_void_p])
     for endpoint in servers:
         if endpoint in _registered:
             continue
